@@ -106,7 +106,8 @@ def _base() -> ml_collections.ConfigDict:
   f.logit_normal_mean = 0.0
   f.logit_normal_std = 1.0
   f.p_drop_text = 0.1
-  f.p_drop_memory = 0.05
+  f.p_drop_memory = 0.1
+  f.p_i2v = 0.1  # train the I2MSV first-shot path (start image through the I2V channels)
 
   # ---------------------------------------------------------------- optimisation
   c.optim = o = ml_collections.ConfigDict()

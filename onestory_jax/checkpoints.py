@@ -1,0 +1,117 @@
+"""Checkpoints: orbax managers for training state (+ grain iterator + config), and the parameter-only export.
+
+* Training checkpoints live in ``WORKDIR/checkpoints/<step>/`` with three items: ``state`` (the TrainState,
+  restored straight into its sharded layout), ``data`` (the grain iterator state, so the next batch after resume
+  is the identical one) and ``config`` (JSON). Saves are asynchronous and atomic (orbax writes to a temporary
+  directory and renames it when complete), so an interrupted run never leaves a half-written step behind.
+* An exported checkpoint (``DIR/config.json`` + ``DIR/params/``) holds only the model parameters; the demo
+  checkpoint shipped in ``onestory_jax/assets/demo_checkpoint`` is one. Only orbax and JSON are ever loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_checkpoint")
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter, config) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(json.loads(config.to_json()))))
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None) -> Any:
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  return mngr.restore(step, args=ocp.args.Composite(**items)).state
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+  """A config from its JSON form (lists become tuples again)."""
+  def fix(x):
+    if isinstance(x, dict):
+      return {k: fix(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return tuple(fix(v) for v in x)
+    return x
+  return ml_collections.ConfigDict(fix(d))
+
+
+def _manager(workdir: str) -> tuple[ocp.CheckpointManager, int]:
+  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(path):
+    raise ValueError(f"--workdir={workdir}: no checkpoints directory at {path}")
+  mngr = ocp.CheckpointManager(path)
+  step = mngr.latest_step()
+  if step is None:
+    raise ValueError(f"--workdir={workdir}: {path} holds no finished checkpoint")
+  return mngr, step
+
+
+def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved with the latest checkpoint of ``workdir``."""
+  mngr, step = _manager(workdir)
+  cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  mngr.close()
+  return config_from_dict(cfg)
+
+
+def export_params(workdir: str, out_dir: str) -> None:
+  """Writes the latest parameters of ``workdir`` (no optimiser state) and its config to ``out_dir``."""
+  from onestory_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  config = load_config_from_workdir(workdir)
+  tr = trainer_lib.Trainer(config)
+  mngr, step = _manager(workdir)
+  state = restore_checkpoint(mngr, step, tr.abstract_state)
+  mngr.close()
+  os.makedirs(out_dir, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(os.path.abspath(out_dir), "params"), state.params, force=True)
+  ckptr.wait_until_finished()
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  with open(os.path.join(out_dir, "step.txt"), "w") as f:
+    f.write(f"{step}\n")
+
+
+def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
+  """(System, params, encoder params) from a training workdir or an exported checkpoint (default: the demo)."""
+  from onestory_jax import next_shot  # pylint: disable=g-import-not-at-top
+  from onestory_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  path = path or DEMO_CHECKPOINT
+  if os.path.exists(os.path.join(path, "config.json")):
+    with open(os.path.join(path, "config.json")) as f:
+      config = config_from_dict(json.load(f))
+    system = next_shot.make_system(config)
+    abstract = jax.eval_shape(lambda: jax.tree.map(lambda x: x, _unboxed_init(system)))
+    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract)
+  else:
+    if path == DEMO_CHECKPOINT:
+      raise ValueError(f"the shipped demo checkpoint is missing at {DEMO_CHECKPOINT}; pass --workdir")
+    config = load_config_from_workdir(path)
+    tr = trainer_lib.Trainer(config)
+    mngr, step = _manager(path)
+    params = restore_checkpoint(mngr, step, tr.abstract_state).params
+    mngr.close()
+    system = tr.system
+  return system, params, system.encoder_params(jax.random.key(0))
+
+
+def _unboxed_init(system) -> Any:
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.meta.unbox(system.init_params(jax.random.key(0)))

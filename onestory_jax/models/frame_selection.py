@@ -1,0 +1,129 @@
+"""Frame Selection (paper Sec. 4.2, Eqs. 3-6 and 11).
+
+Scores every latent frame of the global memory ``M`` (Eq. 2) against the current caption and keeps the ``K_sel``
+most relevant ones:
+
+* Eq. 3: ``Q' = Attn(Q, phi_T(t_i), phi_T(t_i))`` — ``m`` learnable queries read the projected caption.
+* Eq. 4: ``M_1 = phi_V(M)``, ``Q'' = Attn(Q', M_1, M_1)`` — the queries read the projected memory. ``phi_V`` is
+  two stride-2 convolutions per latent frame (spatial tokens / 16), then a linear map to the model width ``D``.
+* Eq. 5: ``s = phi_P(M_1) Q''^T``, ``S = mean_q s`` — ``phi_P`` mean-pools a frame's tokens and projects it; the
+  dot product is scaled by ``1/sqrt(D)`` (design notes). ``S`` is a raw score regressed onto labels in [-1, 1].
+* Eq. 6: ``M_hat = TopK(M, S, K_sel)`` — hard top-K over the RAW latent memory (:func:`select_top_k`).
+* Eq. 11: ``L_sel = 1/F sum_r (S_r - y_r)^2`` over the valid memory frames (:func:`selector_loss`).
+
+Memory is padded to a static number of frames; ``memory_mask`` marks the real ones. Padded frames are never keys,
+never selected and never in the loss.
+"""
+from __future__ import annotations
+
+import math
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e9
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, dtype) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+class CrossAttentionBlock(nn.Module):
+  """Pre-norm residual cross-attention followed by a pre-norm residual MLP: ``q + Attn(LN(q), kv, kv)``."""
+  dim: int
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q: jax.Array, kv: jax.Array, kv_mask: jax.Array | None = None) -> jax.Array:
+    h = nn.LayerNorm(dtype=jnp.float32, name="norm_q")(q)
+    kvn = nn.LayerNorm(dtype=jnp.float32, name="norm_kv")(kv)
+    heads = self.num_heads
+    qh = einops.rearrange(_dense(self.dim, ("embed", "heads"), "to_q", self.dtype)(h), "b l (h d) -> b l h d", h=heads)
+    kh = einops.rearrange(_dense(self.dim, ("embed", "heads"), "to_k", self.dtype)(kvn), "b l (h d) -> b l h d",
+                          h=heads)
+    vh = einops.rearrange(_dense(self.dim, ("embed", "heads"), "to_v", self.dtype)(kvn), "b l (h d) -> b l h d",
+                          h=heads)
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, implementation="xla")
+    out = einops.rearrange(out, "b l h d -> b l (h d)")
+    q = q + _dense(self.dim, ("heads", "embed"), "to_out", self.dtype)(out)
+    h = nn.LayerNorm(dtype=jnp.float32, name="norm_mlp")(q)
+    h = _dense(4 * self.dim, ("embed", "mlp"), "mlp_in", self.dtype)(h)
+    h = _dense(self.dim, ("mlp", "embed"), "mlp_out", self.dtype)(jax.nn.gelu(h))
+    return q + h
+
+
+class MemoryProjector(nn.Module):
+  """``phi_V``: two stride-2 3x3 convolutions per latent frame, then a linear map to ``D`` (Eq. 4)."""
+  dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, memory: jax.Array) -> jax.Array:
+    b, f = memory.shape[:2]
+    x = einops.rearrange(memory, "b f h w c -> (b f) h w c").astype(self.dtype)
+    for i in range(2):
+      x = nn.Conv(self.dim, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name=f"conv_{i}",
+                  kernel_init=nn.with_logical_partitioning(
+                      nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))(x)
+      x = jax.nn.silu(x)
+    x = _dense(self.dim, ("conv_out", "embed"), "proj", self.dtype)(x)
+    return einops.rearrange(x, "(b f) h w d -> b f (h w) d", b=b, f=f)
+
+
+class FrameSelection(nn.Module):
+  """Scores memory frames against the caption (Eqs. 3-5). Returns ``S`` [B, F] (float32)."""
+  dim: int
+  num_queries: int
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text: jax.Array, text_mask: jax.Array | None, memory: jax.Array,
+               memory_mask: jax.Array) -> jax.Array:
+    """text [B, Lt, Dt]; text_mask [B, Lt] bool or None; memory [B, F, h, w, C]; memory_mask [B, F] bool."""
+    b, f = memory.shape[:2]
+    queries = self.param("queries", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("queries", "embed")),
+                         (self.num_queries, self.dim))
+    q = jnp.broadcast_to(queries.astype(self.dtype), (b, self.num_queries, self.dim))
+    text_p = _dense(self.dim, ("embed", "embed"), "phi_t", self.dtype)(text)  # phi_T
+    q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="caption_attn")(q, text_p, text_mask)  # Eq. 3
+
+    m1 = MemoryProjector(self.dim, self.dtype, name="phi_v")(memory)  # [B, F, n, D]
+    n = m1.shape[2]
+    m1 = nn.with_logical_constraint(m1, ("batch", "frames", None, "embed"))
+    kv = einops.rearrange(m1, "b f n d -> b (f n) d")
+    kv_mask = jnp.repeat(memory_mask, n, axis=1)
+    q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="memory_attn")(q, kv, kv_mask)  # Eq. 4
+
+    frame_emb = _dense(self.dim, ("embed", "embed"), "phi_p", self.dtype)(jnp.mean(m1, axis=2))  # phi_P: [B, F, D]
+    s = jnp.einsum("bfd,bqd->bfq", frame_emb.astype(jnp.float32), q.astype(jnp.float32)) / math.sqrt(self.dim)
+    return jnp.mean(s, axis=-1)  # Eq. 5, S = F_mean(s)
+
+
+def select_top_k(scores: jax.Array, memory_mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Eq. 6: indices of the ``k`` best valid frames, best first, and whether each pick is a real frame.
+
+  With fewer than ``k`` valid frames the remaining picks are marked invalid (their index is arbitrary).
+  Ties resolve to the lower frame index, so the result is deterministic.
+  """
+  masked = jnp.where(memory_mask, scores.astype(jnp.float32), _NEG)
+  _, idx = jax.lax.top_k(masked, k)
+  valid = jnp.take_along_axis(memory_mask, idx, axis=1)
+  return idx, valid
+
+
+def selector_loss(scores: jax.Array, labels: jax.Array, memory_mask: jax.Array) -> jax.Array:
+  """Eq. 11: mean over valid frames of ``(S_r - y_r)^2``, then mean over the examples that have memory."""
+  m = memory_mask.astype(jnp.float32)
+  per_example = jnp.sum(m * jnp.square(scores.astype(jnp.float32) - labels), axis=1)
+  count = jnp.sum(m, axis=1)
+  has = (count > 0).astype(jnp.float32)
+  per_example = per_example / jnp.maximum(count, 1.0)
+  return jnp.sum(per_example * has) / jnp.maximum(jnp.sum(has), 1.0)

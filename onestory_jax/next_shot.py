@@ -1,0 +1,223 @@
+"""Next-shot generation (paper Eq. 1): the pieces shared by training and sampling.
+
+``S_i = G(E, {S_j}_{j<i}, T, C_i)``. A :class:`System` bundles the trainable :class:`OneStory` module with the
+frozen codec ``E`` and the I2V image encoder, and exposes the conditioning path as small pure functions:
+
+1. the caption through ``T``;
+2. Frame Selection over the memory bank (Eqs. 3-6), or a forced choice (the decoupled-conditioning warm-up);
+3. the Adaptive Conditioner's context tokens (Eq. 7);
+4. the I2V inputs: first-frame latent + mask channels, and image tokens for the image cross-attention;
+5. the DiT velocity on ``[noise; context]`` (Eq. 8).
+
+Memory banks are padded to a static number of latent frames with a mask, and every memory frame carries its
+temporal RoPE position (its index in the history minus the history length: negative, before the current shot).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from onestory_jax.data import tokenizer as tokenizer_lib
+from onestory_jax.models import codec as codec_lib
+from onestory_jax.models import frame_selection as fs
+from onestory_jax.models import image_encoder as image_encoder_lib
+from onestory_jax.models import onestory as onestory_lib
+
+IMAGE_CONDITIONS = ("none", "top_memory_frame", "last_frame")
+
+
+@flax.struct.dataclass
+class Condition:
+  """Everything the DiT needs for one shot besides the noisy latent (all arrays, so it crosses jit)."""
+  text: jax.Array  # [B, Lt, Dt] caption embedding
+  null_text: jax.Array  # [B, Lt, Dt] empty-caption embedding (classifier-free guidance)
+  scores: jax.Array  # [B, F] Frame Selection scores (Eq. 5)
+  indices: jax.Array  # [B, K] selected memory frames, best first
+  valid: jax.Array  # [B, K]
+  context: dict  # tokens / positions / mask / levels (Eq. 7)
+  image: jax.Array  # [B, Li, Di] image tokens (zeros when absent)
+  channels: jax.Array  # [B, F_lat, h, w, mask + C] I2V mask + first-frame latent channels
+
+
+def make_tokenizer(config) -> tokenizer_lib.CaptionTokenizer:
+  name = config.text_encoder.name
+  if name == "t5":
+    return tokenizer_lib.storyworld_tokenizer(config.data.text_len)
+  raise ValueError(f"config.text_encoder.name: unknown text encoder {name!r}; available: 't5'")
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+  """The OneStory model plus its frozen codec, image encoder and tokenizer, for one config."""
+  config: ml_collections.FrozenConfigDict
+  model: onestory_lib.OneStory
+  codec: Any
+  image_encoder: Any
+  tokenizer: tokenizer_lib.CaptionTokenizer
+  latent_shape: tuple[int, int, int, int]  # (F, h, w, C) of one shot
+
+  @property
+  def frames_per_shot(self) -> int:
+    return self.config.data.frames_per_shot
+
+  @property
+  def image_condition(self) -> str:
+    return self.config.conditioner.image_condition
+
+  # ------------------------------------------------------------------ parameters
+  def dummy_inputs(self, batch: int, memory_frames: int) -> tuple:
+    f, h, w, c = self.latent_shape
+    d = self.config.data
+    in_ch = self.model.latent_channels + (self.model.mask_channels + c if self.config.model.i2v else 0)
+    return (jnp.zeros((batch, d.text_len), jnp.int32),
+            jnp.zeros((batch, memory_frames, h, w, c), jnp.float32),
+            jnp.ones((batch, memory_frames), bool),
+            jnp.zeros((batch, memory_frames), jnp.float32),
+            jnp.zeros((batch, f, h, w, in_ch), jnp.float32),
+            jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, self.image_encoder.num_tokens(d.height, d.width),
+                       self.image_encoder.token_dim(d.height, d.width)), jnp.float32))
+
+  def init_params(self, rng: jax.Array) -> Any:
+    """Boxed (logically partitioned) parameters; use under :func:`sharding.use_mesh`."""
+    return self.model.init(rng, *self.dummy_inputs(1, self.latent_shape[0]))["params"]
+
+  def encoder_params(self, rng: jax.Array) -> dict:
+    r1, r2 = jax.random.split(rng)
+    return {"codec": self.codec.init(r1), "image_encoder": self.image_encoder.init(r2)}
+
+  # ------------------------------------------------------------------ pixels and latents
+  def encode_shots(self, enc: dict, frames_uint8: jax.Array) -> jax.Array:
+    """uint8 [..., T, H, W, 3] -> latents [..., F, h, w, C]."""
+    lead = frames_uint8.shape[:-4]
+    video = codec_lib.to_unit(frames_uint8.reshape((-1,) + frames_uint8.shape[-4:]))
+    lat = self.codec.encode(enc["codec"], video)
+    return lat.reshape(lead + lat.shape[1:])
+
+  def decode_shots(self, enc: dict, latents: jax.Array) -> jax.Array:
+    """latents [B, F, h, w, C] -> float video [B, T, H, W, 3] in [-1, 1]."""
+    return self.codec.decode(enc["codec"], latents)
+
+  def first_frame_channels(self, enc: dict, first_frame: jax.Array, present: jax.Array) -> jax.Array:
+    """Wan2.1-I2V channel path: [mask, latent of (first frame, zeros...)]; all zeros where not ``present``.
+
+    first_frame: float [B, H, W, 3] in [-1, 1]; present: bool [B].
+    """
+    b = first_frame.shape[0]
+    t = self.frames_per_shot
+    f, h, w, _ = self.latent_shape
+    p = present.astype(jnp.float32)
+    video = jnp.zeros((b, t) + first_frame.shape[1:], jnp.float32).at[:, 0].set(first_frame)
+    lat = self.codec.encode(enc["codec"], video) * p[:, None, None, None, None]
+    pixel_mask = jnp.zeros((b, t), jnp.float32).at[:, 0].set(p)
+    mask = self.codec.frame_mask(pixel_mask, (h, w))
+    return jnp.concatenate([mask, lat], axis=-1)
+
+  def image_tokens(self, enc: dict, image: jax.Array, present: jax.Array) -> jax.Array:
+    """Image tokens of float images [B, H, W, 3], zeroed where not ``present`` (T2MSV shot 1)."""
+    tok = self.image_encoder.encode(enc["image_encoder"], image)
+    return tok * present.astype(tok.dtype)[:, None, None]
+
+  # ------------------------------------------------------------------ conditioning
+  def condition(self, params: Any, enc: dict, tokens: jax.Array, memory: jax.Array, memory_mask: jax.Array,
+                memory_time: jax.Array, *, forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                start_image: jax.Array | None = None, start_present: jax.Array | None = None) -> Condition:
+    """Builds the condition of the next shot.
+
+    Args:
+      params: OneStory parameters.
+      enc: frozen encoder parameters (:meth:`encoder_params`).
+      tokens: int32 [B, Lt] the current caption C_i (all padding = the null caption).
+      memory: [B, F, h, w, C] raw latent memory M (Eq. 2), padded; memory_mask: bool [B, F].
+      memory_time: float [B, F] temporal RoPE position of each memory frame.
+      forced: optional (use [B] bool, indices [B, K], valid [B, K]): where ``use``, these frames replace the
+        selector's top-K (the decoupled-conditioning warm-up of paper Sec. 4.4).
+      start_image: optional float [B, H, W, 3] first-frame condition (I2MSV); start_present: bool [B].
+    """
+    c = self.config
+    apply = self.model.apply
+    pv = {"params": params}
+    text = apply(pv, tokens, method="encode_text")
+    null_text = apply(pv, jnp.zeros_like(tokens), method="encode_text")
+    scores = apply(pv, text, tokens != 0, memory, memory_mask, method="score_memory")
+    idx, valid = fs.select_top_k(jax.lax.stop_gradient(scores), memory_mask, c.selection.k_sel)
+    if forced is not None:
+      use, f_idx, f_valid = forced
+      idx = jnp.where(use[:, None], f_idx, idx)
+      valid = jnp.where(use[:, None], f_valid, valid)
+    frames = jnp.take_along_axis(memory, idx[:, :, None, None, None], axis=1)
+    frame_time = jnp.take_along_axis(memory_time, idx, axis=1)
+    context = apply(pv, frames, valid, frame_time, method="build_context")
+
+    b = tokens.shape[0]
+    d = c.data
+    if start_image is None:
+      start_image = jnp.zeros((b, d.height, d.width, 3), jnp.float32)
+      start_present = jnp.zeros((b,), bool)
+    image = start_image
+    image_present = start_present
+    if self.image_condition != "none":
+      if self.image_condition == "top_memory_frame":
+        ref, ref_valid = frames[:, :1], valid[:, 0]
+      else:  # last_frame: the latest valid memory frame
+        last = jnp.maximum(jnp.sum(memory_mask, axis=1) - 1, 0)
+        ref = jnp.take_along_axis(memory, last[:, None, None, None, None], axis=1)
+        ref_valid = jnp.any(memory_mask, axis=1)
+      ref_pixels = self.decode_shots(enc, ref)[:, 0]
+      use_ref = ref_valid & ~start_present
+      image = jnp.where(use_ref[:, None, None, None], ref_pixels, start_image)
+      image_present = start_present | use_ref
+    else:
+      image_present = start_present
+    image_tok = self.image_tokens(enc, image, image_present)
+    channels = self.first_frame_channels(enc, start_image, start_present)
+    return Condition(text=text, null_text=null_text, scores=scores, indices=idx, valid=valid, context=context,
+                     image=image_tok, channels=channels)
+
+  def velocity(self, params: Any, cond: Condition, x_t: jax.Array, t: jax.Array, *,
+               null_text: bool = False) -> jax.Array:
+    """DiT velocity for noisy latents ``x_t`` [B, F, h, w, C] at flow time ``t`` [B] in [0, 1]."""
+    x = jnp.concatenate([x_t, cond.channels.astype(x_t.dtype)], axis=-1) if self.config.model.i2v else x_t
+    text = cond.null_text if null_text else cond.text
+    image = cond.image if self.config.model.i2v else None
+    return self.model.apply({"params": params}, x, t * 1000.0, text, image, cond.context, method="velocity")
+
+
+def history_time(memory_mask: jax.Array) -> jax.Array:
+  """Temporal RoPE positions of memory frames: ``index - (number of valid frames)``, i.e. -F..-1."""
+  f = memory_mask.shape[1]
+  n = jnp.sum(memory_mask.astype(jnp.int32), axis=1, keepdims=True)
+  return (jnp.arange(f, dtype=jnp.int32)[None, :] - n).astype(jnp.float32)
+
+
+def make_system(config: ml_collections.ConfigDict) -> System:
+  frozen = ml_collections.FrozenConfigDict(config)
+  if frozen.conditioner.image_condition not in IMAGE_CONDITIONS:
+    raise ValueError(f"config.conditioner.image_condition must be one of {IMAGE_CONDITIONS}, "
+                     f"got {frozen.conditioner.image_condition!r}")
+  d = frozen.data
+  codec = codec_lib.make_codec(frozen)
+  image_encoder = image_encoder_lib.make_image_encoder(frozen)
+  tokenizer = make_tokenizer(frozen)
+  latent_shape = tuple(codec.latent_shape(d.frames_per_shot, d.height, d.width))
+  model = onestory_lib.OneStory(
+      config=frozen, latent_hw=latent_shape[1:3], latent_channels=codec.latent_channels,
+      mask_channels=codec.mask_channels, vocab_size=tokenizer.vocab_size,
+      image_dim=image_encoder.token_dim(d.height, d.width))
+  return System(config=frozen, model=model, codec=codec, image_encoder=image_encoder, tokenizer=tokenizer,
+                latent_shape=latent_shape)
+
+
+def unbox(tree: Any) -> Any:
+  return nn.meta.unbox(tree)
+
+
+def to_numpy(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)

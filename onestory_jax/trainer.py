@@ -1,0 +1,265 @@
+"""OneStory training (paper Sec. 4.4): triplets, decoupled conditioning, L_shot + λ L_sel.
+
+One jitted, explicitly sharded step over a mesh from config. Each batch is a 3-shot triplet (memory shot 0,
+memory shot 1, target) from the grain pipeline:
+
+* L_shot (Eq. 10): rectified flow on the target shot's latents, conditioned on the target caption only and on
+  the context tokens of the selected memory frames.
+* L_sel (Eq. 11): MSE of the Frame Selection scores against the per-frame pseudo-labels; total
+  ``L = L_shot + λ L_sel`` (Eq. 12).
+* Decoupled conditioning: during the first ``warmup_fraction_dc`` of the steps the context comes from ``K_sel``
+  frames sampled uniformly from the real first shot instead of the selector's top-K (the data pipeline feeds only
+  synthetic triplets then). L_sel is on throughout.
+* Classifier-free guidance dropout: the caption is replaced by the null (all-padding) caption with
+  ``p_drop_text``; the memory is emptied with ``p_drop_memory``. With ``p_i2v`` the target is trained as an I2MSV
+  first shot instead: no memory, its own first frame through the I2V channel path and image tokens.
+
+State is a :class:`TrainState`; checkpoints (orbax, asynchronous) hold it, the grain iterator and the config, so
+re-running the same command resumes exactly.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from onestory_jax import checkpoints
+from onestory_jax import next_shot
+from onestory_jax import rectified_flow as rf
+from onestory_jax import sharding
+from onestory_jax.data import pipeline
+from onestory_jax.models import codec as codec_lib
+from onestory_jax.models import frame_selection as fs
+
+NEW_MODULES = ("frame_selection", "adaptive_conditioner")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+# ---------------------------------------------------------------------------- optimiser
+def param_groups(params: Any, config) -> Any:
+  """'new' for the OneStory modules, 'frozen' for config.optim.frozen, 'pretrained' for the rest."""
+  frozen = set(config.optim.frozen)
+  unknown = frozen - set(params.keys())
+  if unknown:
+    raise ValueError(f"config.optim.frozen names unknown modules {sorted(unknown)}; have {sorted(params.keys())}")
+
+  def group(name):
+    return "frozen" if name in frozen else ("new" if name in NEW_MODULES else "pretrained")
+
+  return {k: jax.tree.map(lambda _, g=group(k): g, v) for k, v in params.items()}
+
+
+def learning_rate(config, base_lr: float) -> optax.Schedule:
+  o = config.optim
+  return optax.warmup_cosine_decay_schedule(0.0, base_lr, max(o.warmup_steps, 1),
+                                            max(config.num_train_steps, o.warmup_steps + 1), base_lr * 0.1)
+
+
+def make_optimizer(config, params: Any) -> optax.GradientTransformation:
+  o = config.optim
+
+  def adamw(lr):
+    return optax.adamw(learning_rate(config, lr), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.multi_transform({"new": adamw(o.lr), "pretrained": adamw(o.pretrained_lr),
+                             "frozen": optax.set_to_zero()}, param_groups(params, config)))
+
+
+# ---------------------------------------------------------------------------- loss
+def dc_warmup_steps(config) -> int:
+  return int(round(config.warmup_fraction_dc * config.num_train_steps))
+
+
+def uniform_first_shot_choice(rng: jax.Array, real_first: jax.Array, frames_per_shot: int, k: int):
+  """K frames drawn uniformly without replacement from the real first shot (the DC warm-up choice)."""
+  frame_mask = jnp.repeat(real_first, frames_per_shot, axis=1)  # [B, F]
+  u = jax.random.uniform(rng, frame_mask.shape)
+  _, idx = jax.lax.top_k(jnp.where(frame_mask, u, -1.0), k)
+  return idx, jnp.take_along_axis(frame_mask, idx, axis=1)
+
+
+def loss_fn(params, system: next_shot.System, enc: dict, batch: dict, rng: jax.Array, step: jax.Array):
+  c = system.config
+  f_lat = system.latent_shape[0]
+  lat = system.encode_shots(enc, batch["frames"])  # [B, 3, F, h, w, C]
+  b = lat.shape[0]
+  memory = lat[:, :2].reshape((b, 2 * f_lat) + lat.shape[3:])
+  x0 = lat[:, 2]
+  r_text, r_mem, r_i2v, r_warm, r_t, r_noise = jax.random.split(rng, 6)
+
+  i2v = jax.random.uniform(r_i2v, (b,)) < c.flow.p_i2v
+  keep_memory = (jax.random.uniform(r_mem, (b,)) >= c.flow.p_drop_memory) & ~i2v
+  memory_mask = jnp.broadcast_to(keep_memory[:, None], (b, 2 * f_lat))
+  memory_time = next_shot.history_time(jnp.ones_like(memory_mask))
+  tokens = jnp.where((jax.random.uniform(r_text, (b,)) < c.flow.p_drop_text)[:, None], 0, batch["tokens"])
+
+  warm = step < dc_warmup_steps(c)
+  f_idx, f_valid = uniform_first_shot_choice(r_warm, batch["real_first"], f_lat, c.selection.k_sel)
+  forced = (jnp.broadcast_to(warm, (b,)), f_idx, f_valid & keep_memory[:, None])
+
+  first = codec_lib.to_unit(batch["frames"][:, 2, 0])
+  cond = system.condition(params, enc, tokens, memory, memory_mask, memory_time, forced=forced,
+                          start_image=first, start_present=i2v)
+
+  t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std,
+                     shift=c.flow.timestep_shift)
+  noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
+  v = system.velocity(params, cond, rf.interpolate(x0, noise, t), t)
+  l_shot = rf.flow_loss(v, x0, noise)
+  labels = jnp.repeat(batch["sel_labels"], f_lat, axis=1)
+  l_sel = fs.selector_loss(cond.scores, labels, memory_mask)
+  loss = l_shot + c.selection.lambda_sel * l_sel
+  metrics = {"loss": loss, "l_shot": l_shot, "l_sel": l_sel,
+             "context_tokens": jnp.mean(jnp.sum(cond.context["mask"], axis=1).astype(jnp.float32))}
+  return loss, metrics
+
+
+def train_step(state: TrainState, batch: dict, *, system: next_shot.System, enc: dict,
+               tx: optax.GradientTransformation):
+  rng, step_rng = jax.random.split(state.rng)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, metrics), grads = grad_fn(state.params, system, enc, batch, step_rng, state.step)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+
+# ---------------------------------------------------------------------------- setup
+class Trainer:
+  """Builds the mesh, the sharded state, the data iterator and the compiled step for one config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
+    self.config = config
+    self.workdir = workdir
+    self.system = next_shot.make_system(config)
+    self.mesh = sharding.make_mesh(config)
+    gb = config.data.batch_size
+    div = sharding.batch_divisor(self.mesh, config)
+    if gb % div or gb % jax.process_count():
+      raise ValueError(f"config.data.batch_size={gb} must be divisible by the batch mesh axes ({div}) and the "
+                       f"process count ({jax.process_count()})")
+    self.enc = self.system.encoder_params(jax.random.key(0))
+    with sharding.use_mesh(self.mesh, config):
+      self.state_shardings, self.abstract_state = self._abstract_state()
+      self.tx = make_optimizer(config, self.abstract_state.params)
+      self.batch_sharding = sharding.batch_sharding(self.mesh, config)
+      step = functools.partial(train_step, system=self.system, enc=self.enc, tx=self.tx)
+      self._step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                           out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                           donate_argnums=(0,))
+
+  def _init_fn(self, rng):
+    r_init, r_state = jax.random.split(rng)
+    params = self.system.init_params(r_init)
+    tx = make_optimizer(self.config, nn.meta.unbox(params))
+    opt_state = tx.init(nn.meta.unbox(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=r_state)
+
+  def _abstract_state(self):
+    boxed = jax.eval_shape(self._init_fn, jax.random.key(self.config.seed))
+    shardings = sharding.logical_to_shardings(boxed, self.mesh, self.config)
+    shardings = shardings.replace(rng=sharding.replicated(self.mesh), step=sharding.replicated(self.mesh))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    return shardings, abstract
+
+  def init_state(self) -> TrainState:
+    """Parameters and optimiser state initialised directly in their sharded layout."""
+    with sharding.use_mesh(self.mesh, self.config):
+      init = jax.jit(lambda r: nn.meta.unbox(self._init_fn(r)), out_shardings=self.state_shardings)
+      return init(jax.random.key(self.config.seed))
+
+  def step(self, state: TrainState, local_batch: dict) -> tuple[TrainState, dict]:
+    batch = sharding.host_local_to_global(local_batch, self.mesh, self.config)
+    with sharding.use_mesh(self.mesh, self.config):
+      return self._step(state, batch)
+
+  def dataset(self):
+    return pipeline.make_train_dataset(self.config, warmup_steps=dc_warmup_steps(self.config),
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+# ---------------------------------------------------------------------------- loop
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains ``config.num_train_steps`` steps, resuming from ``workdir`` if it holds a checkpoint."""
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  data_iter = iter(trainer.dataset())
+  mngr = checkpoints.checkpoint_manager(workdir, config)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = checkpoints.restore_checkpoint(mngr, latest, trainer.abstract_state, data_iter)
+    logging.info("Resumed from step %d in %s", latest, workdir)
+  else:
+    state = trainer.init_state()
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+  start = int(jax.device_get(state.step))
+  total = config.num_train_steps
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=config.log_every_steps)
+  hooks = [report]
+  if config.sample_every_steps and jax.process_index() == 0:
+    from onestory_jax import sampler  # pylint: disable=g-import-not-at-top
+    hooks.append(periodic_actions.PeriodicCallback(
+        every_steps=config.sample_every_steps,
+        callback_fn=lambda step, t, **_: sampler.write_training_samples(
+            trainer, state_ref[0].params, writer, step)))
+  state_ref = [state]
+  t_last, s_last = time.time(), start
+  metrics_acc = []
+  for step in range(start + 1, total + 1):
+    batch = next(data_iter)
+    state, metrics = trainer.step(state, batch)
+    state_ref[0] = state
+    metrics_acc.append(metrics)
+    for h in hooks:
+      h(step)
+    if step % config.log_every_steps == 0 or step == total:
+      m = jax.device_get(metrics_acc)
+      scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+      now = time.time()
+      scalars["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
+      scalars["lr"] = float(learning_rate(config, config.optim.lr)(step))
+      scalars["dc_warmup"] = float(step <= dc_warmup_steps(config))
+      writer.write_scalars(step, scalars)
+      t_last, s_last, metrics_acc = now, step, []
+    if step % config.checkpoint_every_steps == 0 or step == total:
+      checkpoints.save_checkpoint(mngr, step, state, data_iter, config)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.flush()
+  return state
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
