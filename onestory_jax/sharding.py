@@ -80,3 +80,9 @@ def host_local_to_global(batch: dict, mesh: Mesh, config) -> dict:
   sharding = batch_sharding(mesh, config)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def strip_boxes(tree: Any) -> Any:
+  """Removes Flax partitioning metadata without applying sharding constraints (safe on abstract values)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)

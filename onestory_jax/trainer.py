@@ -173,8 +173,8 @@ class Trainer:
   def _init_fn(self, rng):
     r_init, r_state = jax.random.split(rng)
     params = self.system.init_params(r_init)
-    tx = make_optimizer(self.config, nn.meta.unbox(params))
-    opt_state = tx.init(nn.meta.unbox(params))
+    plain = sharding.strip_boxes(params)
+    opt_state = make_optimizer(self.config, plain).init(plain)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=r_state)
 
   def _abstract_state(self):
@@ -182,13 +182,13 @@ class Trainer:
     shardings = sharding.logical_to_shardings(boxed, self.mesh, self.config)
     shardings = shardings.replace(rng=sharding.replicated(self.mesh), step=sharding.replicated(self.mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            nn.meta.unbox(boxed), shardings)
+                            sharding.strip_boxes(boxed), shardings)
     return shardings, abstract
 
   def init_state(self) -> TrainState:
     """Parameters and optimiser state initialised directly in their sharded layout."""
     with sharding.use_mesh(self.mesh, self.config):
-      init = jax.jit(lambda r: nn.meta.unbox(self._init_fn(r)), out_shardings=self.state_shardings)
+      init = jax.jit(lambda r: sharding.strip_boxes(self._init_fn(r)), out_shardings=self.state_shardings)
       return init(jax.random.key(self.config.seed))
 
   def step(self, state: TrainState, local_batch: dict) -> tuple[TrainState, dict]:

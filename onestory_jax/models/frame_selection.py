@@ -92,7 +92,7 @@ class FrameSelection(nn.Module):
     queries = self.param("queries", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("queries", "embed")),
                          (self.num_queries, self.dim))
     q = jnp.broadcast_to(queries.astype(self.dtype), (b, self.num_queries, self.dim))
-    text_p = _dense(self.dim, ("embed", "embed"), "phi_t", self.dtype)(text)  # phi_T
+    text_p = _dense(self.dim, (None, "embed"), "phi_t", self.dtype)(text)  # phi_T
     q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="caption_attn")(q, text_p, text_mask)  # Eq. 3
 
     m1 = MemoryProjector(self.dim, self.dtype, name="phi_v")(memory)  # [B, F, n, D]
@@ -102,7 +102,7 @@ class FrameSelection(nn.Module):
     kv_mask = jnp.repeat(memory_mask, n, axis=1)
     q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="memory_attn")(q, kv, kv_mask)  # Eq. 4
 
-    frame_emb = _dense(self.dim, ("embed", "embed"), "phi_p", self.dtype)(jnp.mean(m1, axis=2))  # phi_P: [B, F, D]
+    frame_emb = _dense(self.dim, (None, "embed"), "phi_p", self.dtype)(jnp.mean(m1, axis=2))  # phi_P: [B, F, D]
     s = jnp.einsum("bfd,bqd->bfq", frame_emb.astype(jnp.float32), q.astype(jnp.float32)) / math.sqrt(self.dim)
     return jnp.mean(s, axis=-1)  # Eq. 5, S = F_mean(s)
 

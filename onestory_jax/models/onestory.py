@@ -42,7 +42,7 @@ class OneStory(nn.Module):
         kernels=tuple(tuple(k) for k in c.conditioner.kernels), patch=tuple(c.model.patch_size), dim=c.model.dim,
         budget=self.budget, dtype=dtype)
     in_ch = self.latent_channels + (self.mask_channels + self.latent_channels if c.model.i2v else 0)
-    self.dit = wan_dit.make_dit(c.model, in_channels=in_ch, out_channels=self.latent_channels,
+    self.dit = wan_dit.make_dit(c, in_channels=in_ch, out_channels=self.latent_channels,
                                 text_dim=te.text_dim(c), image_dim=self.image_dim if c.model.i2v else None)
 
   @property

@@ -1,0 +1,82 @@
+r"""Benchmarks the OneStory train step on this machine.
+
+  python -m onestory_jax.benchmark --config=configs/onestory.py:demo [--steps=20]
+
+Prints (as JSON) the compiled train step's time, DiT tokens per second (noise + context tokens), the FLOPs of
+one step from XLA's cost analysis, the achieved FLOP/s, and this machine's measured float32 matmul FLOP/s
+(a 2048^3 matmul, best of several runs), so the step's efficiency can be read against what the hardware does.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from onestory_jax import trainer as trainer_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/onestory.py:demo", "Configuration.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after one warm-up step).")
+
+
+def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Measured dense matmul throughput of the default device."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = np.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def benchmark_train_step(config, steps: int) -> dict:
+  tr = trainer_lib.Trainer(config)
+  state = tr.init_state()
+  it = iter(tr.dataset())
+  batches = [next(it) for _ in range(min(steps, 4) + 1)]
+  from onestory_jax import sharding  # pylint: disable=g-import-not-at-top
+  gbatch = sharding.host_local_to_global(batches[0], tr.mesh, config)
+  with sharding.use_mesh(tr.mesh, config):
+    compiled = tr._step.lower(state, gbatch).compile()  # pylint: disable=protected-access
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  state, m = tr.step(state, batches[0])
+  jax.block_until_ready(m)
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, m = tr.step(state, batches[1 + i % (len(batches) - 1)])
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  step_time = float(np.median(times))
+  f, h, w, _ = tr.system.latent_shape
+  p = config.model.patch_size
+  noise_tokens = (f // p[0]) * (h // p[1]) * (w // p[2])
+  ctx_tokens = tr.system.model.budget
+  tokens = config.data.batch_size * (noise_tokens + ctx_tokens)
+  return {"config": config.variant, "devices": jax.device_count(), "global_batch": config.data.batch_size,
+          "noise_tokens_per_shot": noise_tokens, "context_tokens_per_shot": ctx_tokens,
+          "step_time_s": step_time, "steps_per_s": 1.0 / step_time, "tokens_per_s": tokens / step_time,
+          "step_flops": flops, "achieved_flops_per_s": flops / step_time}
+
+
+def main(argv):
+  del argv
+  out = benchmark_train_step(_CONFIG.value, _STEPS.value)
+  peak = matmul_flops_per_sec()
+  out["matmul_flops_per_s"] = peak
+  out["fraction_of_matmul"] = out["achieved_flops_per_s"] / peak
+  print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
