@@ -128,7 +128,6 @@ def _base() -> ml_collections.ConfigDict:
   sm.steps = 20
   sm.shift = 1.0
   sm.guidance = 3.0
-  sm.max_shots = 6
 
   # ---------------------------------------------------------------- execution
   c.mesh = ml_collections.ConfigDict()
@@ -177,7 +176,6 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample_every_steps = 0
   c.checkpoint_every_steps = 5
   c.sample.steps = 4
-  c.sample.max_shots = 3
   return c
 
 

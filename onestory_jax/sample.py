@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 
 from onestory_jax import checkpoints
+from onestory_jax import logs
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
 
@@ -27,11 +28,12 @@ flags.mark_flags_as_required(["story", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
   system, params, enc = checkpoints.load_for_sampling(_WORKDIR.value)
   sm = system.config.sample
-  story = story_lib.load_story(_STORY.value, max_shots=sm.max_shots)
+  story = story_lib.load_story(_STORY.value)
   seed = _SEED.value if _SEED.value is not None else (story.seed if story.seed is not None else 0)
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=sm.max_shots, steps=sm.steps, shift=sm.shift,
+  gen = sampler.ShotGenerator(system, params, enc, max_shots=len(story.shots), steps=sm.steps, shift=sm.shift,
                               guidance=sm.guidance)
   manifest = sampler.generate_story(gen, story, _OUT.value, seed=seed, memory=_MEMORY.value, resume=_RESUME.value)
   logging.info("Wrote %d shots to %s", len(manifest["shots"]), _OUT.value)

@@ -11,6 +11,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from onestory_jax import logs
 from onestory_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration (configs/onestory.py:variant).",
@@ -22,7 +23,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  jax.distributed.initialize() if _multi_host() else None
+  logs.quiet_libraries()
+  if _multi_host():
+    jax.distributed.initialize()
   logging.info("JAX devices: %s", jax.devices())
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -228,7 +228,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         callback_fn=lambda step, t, **_: sampler.write_training_samples(
             trainer, state_ref[0].params, writer, step)))
   state_ref = [state]
-  t_last, s_last = time.time(), start
   metrics_acc = []
   for step in range(start + 1, total + 1):
     batch = next(data_iter)
@@ -240,12 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if step % config.log_every_steps == 0 or step == total:
       m = jax.device_get(metrics_acc)
       scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-      now = time.time()
-      scalars["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
       scalars["lr"] = float(learning_rate(config, config.optim.lr)(step))
       scalars["dc_warmup"] = float(step <= dc_warmup_steps(config))
       writer.write_scalars(step, scalars)
-      t_last, s_last, metrics_acc = now, step, []
+      metrics_acc = []
     if step % config.checkpoint_every_steps == 0 or step == total:
       checkpoints.save_checkpoint(mngr, step, state, data_iter, config)
   mngr.wait_until_finished()

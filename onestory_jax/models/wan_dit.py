@@ -1,0 +1,589 @@
+"""The Wan2.1 video diffusion transformer (DiT) in Flax Linen, with OneStory context tokens.
+
+Semantics follow the Wan2.1 DiT as published in diffusers' ``WanTransformer3DModel``; the
+module tree and parameter names mirror diffusers' (``.`` becomes ``_``; Flax leaf names
+``kernel`` / ``bias`` / ``scale``) so that released checkpoints can be loaded into it.
+Data are channels-last: latents ``[B, F, H, W, C]``.
+
+Forward pass (one shot):
+
+1. ``patch_embedding``: a Conv3d with kernel = stride = patch, written as a patchify reshape
+   plus one einsum; tokens in (f, h, w) raster order.
+2. ``condition_embedder``: sinusoidal timestep features -> ``temb`` (time MLP) ->
+   ``timestep_proj`` = Linear(SiLU(temb)) giving 6 modulation vectors per sample; caption
+   tokens through a GELU(tanh) MLP; for I2V, CLIP image tokens through LN-MLP-LN.
+3. ``blocks_i``: adaLN-modulated self-attention with 3D RoPE (``rope.py``) and RMS q/k norms,
+   cross-attention to text (+ decoupled image cross-attention for I2V), modulated GELU FFN.
+4. Head: adaLN with ``temb`` then ``proj_out`` and unpatchify.
+
+OneStory (arXiv 2512.07802, Sec. 4.3, Eq. 8) conditions the next shot by token
+concatenation ``X = concat([N, C])``: the noise tokens N of the current shot are followed by
+context tokens C produced by the Adaptive Conditioner (Eq. 7) from the selected memory
+frames. Here the context tokens arrive already embedded to ``dim`` with float RoPE positions,
+a key-padding mask and their own timestep (clean, t = 0, by default). They join
+self-attention (masked where padded) and the text/image cross-attention, are modulated with
+their own timestep, and are dropped before the head. Without context the model is exactly
+Wan2.1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from onestory_jax.models import rope
+
+Array = jax.Array
+Dtype = Any
+
+BLD = ("batch", "length", "embed")
+BLHD = ("batch", "length", "heads", "kv")
+REMAT_POLICIES = ("none", "full", "dots")
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+
+def _as_dtype(d: Dtype, field: str) -> jnp.dtype:
+  try:
+    return jnp.dtype(d)
+  except TypeError as e:
+    raise ValueError(f"model.{field}: expected a dtype name such as 'float32' or 'bfloat16'; got {d!r}") from e
+
+
+def _triple(patch: Any, field: str = "patch_size") -> tuple[int, int, int]:
+  p = tuple(int(v) for v in patch)
+  if len(p) != 3 or min(p) < 1:
+    raise ValueError(f"{field}: expected three positive ints (pt, ph, pw); got {patch!r}")
+  return p
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def patchify(x: Array, patch: tuple[int, int, int]) -> Array:
+  """``[B, F, H, W, C]`` -> ``[B, N, pt*ph*pw*C]``; tokens in (f, h, w) raster order.
+
+  Each token's features are ordered (pt, ph, pw, c), the layout of both the patch-embedding
+  kernel and ``proj_out``.
+  """
+  pt, ph, pw = _triple(patch, "patchify: patch")
+  if x.ndim != 5:
+    raise ValueError(f"patchify: x must have shape [B, F, H, W, C]; got {x.shape}")
+  _, f, h, w, _ = x.shape
+  if f % pt or h % ph or w % pw:
+    raise ValueError(f"patchify: (F, H, W) = {(f, h, w)} must be divisible by patch {(pt, ph, pw)}")
+  return einops.rearrange(
+      x, "b (f pt) (h ph) (w pw) c -> b (f h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: Array, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Array:
+  """Inverse of :func:`patchify`: ``[B, f*h*w, pt*ph*pw*C]`` -> ``[B, f*pt, h*ph, w*pw, C]``."""
+  pt, ph, pw = _triple(patch, "unpatchify: patch")
+  f, h, w = grid
+  if tokens.ndim != 3 or tokens.shape[1] != f * h * w or tokens.shape[2] % (pt * ph * pw):
+    raise ValueError(
+        f"unpatchify: tokens must have shape [B, {f * h * w}, pt*ph*pw*C] for grid {grid} and "
+        f"patch {(pt, ph, pw)}; got {tokens.shape}")
+  return einops.rearrange(
+      tokens, "b (f h w) (pt ph pw c) -> b (f pt) (h ph) (w pw) c",
+      f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal features of timesteps ``t`` [B] -> ``[B, dim]`` float32, ordered [cos, sin].
+
+  ``freqs = exp(-ln(max_period) * arange(dim // 2) / (dim // 2))`` (no frequency shift).
+  """
+  if dim % 2:
+    raise ValueError(f"timestep_embedding: dim (freq_dim) must be even; got {dim}")
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None,
+              implementation: str | None = None) -> Array:
+  """Scaled dot-product attention, ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D].
+
+  Args:
+    key_mask: optional ``[B, Lk]`` bool, False = padding key (ignored by every query).
+    implementation: passed to ``jax.nn.dot_product_attention`` (None picks automatically,
+      'xla', 'cudnn'); the one place to plug in other attention kernels.
+  """
+  mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Dtype,
+           param_dtype: Dtype, kernel_init: Any = _xavier) -> nn.Dense:
+  return nn.Dense(
+      features, name=name, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(_zeros, (axes[1],)))
+
+
+def _layer_norm(eps: float, affine: bool, param_dtype: Dtype, axis: str | None = "embed",
+                name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm computed in float32 (diffusers' FP32LayerNorm)."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_bias=affine, use_scale=affine,
+      use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(_ones, (axis,)),
+      bias_init=nn.with_logical_partitioning(_zeros, (axis,)))
+
+
+def _rms_norm(eps: float, param_dtype: Dtype, name: str) -> nn.RMSNorm:
+  """RMSNorm over the full projected width (across heads), computed in float32."""
+  return nn.RMSNorm(
+      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(_ones, ("heads",)))
+
+
+# ----------------------------------------------------------------------------- submodules
+
+
+class PatchEmbed(nn.Module):
+  """Conv3d with kernel = stride = patch, as patchify + einsum; kernel ``(pt, ph, pw, C_in, dim)``."""
+  dim: int
+  patch: tuple[int, int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    pt, ph, pw = self.patch
+    c_in = x.shape[-1]
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4),
+            (None, None, None, "conv_in", "embed")),
+        (pt, ph, pw, c_in, self.dim), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(_zeros, ("embed",)), (self.dim,),
+                      self.param_dtype)
+    tokens = patchify(x.astype(self.dtype), self.patch)
+    out = jnp.einsum("bnk,kd->bnd", tokens, kernel.reshape(-1, self.dim).astype(self.dtype))
+    return out + bias.astype(self.dtype)
+
+
+class TwoLayerMLP(nn.Module):
+  """``linear_2(act(linear_1(x)))``: diffusers' TimestepEmbedding / PixArtAlphaTextProjection."""
+  hidden: int
+  features: int
+  activation: str  # 'silu' | 'gelu_tanh'
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.normal(self.init_std)
+    x = _dense(self.hidden, (None, "mlp"), "linear_1", self.dtype, self.param_dtype, init)(x)
+    x = nn.silu(x) if self.activation == "silu" else nn.gelu(x, approximate=True)
+    return _dense(self.features, ("mlp", "embed"), "linear_2", self.dtype, self.param_dtype, init)(x)
+
+
+class GeluProj(nn.Module):
+  """diffusers' ``GELU`` activation module: ``gelu(proj(x))``."""
+  features: int
+  approximate: bool
+  in_axis: str | None = "embed"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = _dense(self.features, (self.in_axis, "mlp"), "proj", self.dtype, self.param_dtype)(x)
+    return nn.gelu(x, approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+  """diffusers' FeedForward: ``net_2(gelu(net_0.proj(x)))`` (net_1 is dropout, absent here)."""
+  hidden: int
+  features: int
+  approximate: bool
+  in_axis: str | None = "embed"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = GeluProj(self.hidden, self.approximate, self.in_axis, self.dtype, self.param_dtype,
+                 name="net_0")(x)
+    return _dense(self.features, ("mlp", "embed"), "net_2", self.dtype, self.param_dtype)(x)
+
+
+class ImageEmbedder(nn.Module):
+  """I2V image tokens: LayerNorm -> FeedForward(mult 1, exact GELU) -> LayerNorm (eps 1e-5)."""
+  dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: Array) -> Array:
+    x = _layer_norm(1e-5, True, self.param_dtype, None, "norm1")(image).astype(self.dtype)
+    x = FeedForward(image.shape[-1], self.dim, False, None, self.dtype, self.param_dtype,
+                    name="ff")(x)
+    return _layer_norm(1e-5, True, self.param_dtype, "embed", "norm2")(x).astype(self.dtype)
+
+
+class ConditionEmbedder(nn.Module):
+  """Timestep, text and (I2V) image embeddings.
+
+  Returns ``(temb [T, dim], timestep_proj [T, 6, dim], text [B, Lt, dim], image or None)``,
+  the timestep parts in float32 (modulation is precision sensitive).
+  """
+  dim: int
+  freq_dim: int
+  has_image: bool
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, timestep: Array, text: Array, image: Array | None):
+    t_feat = timestep_embedding(timestep, self.freq_dim)
+    temb = TwoLayerMLP(self.dim, self.dim, "silu", dtype=jnp.float32,
+                       param_dtype=self.param_dtype, name="time_embedder")(t_feat)
+    t_proj = _dense(6 * self.dim, ("embed", "mlp"), "time_proj", jnp.float32,
+                    self.param_dtype)(nn.silu(temb))
+    t_proj = t_proj.reshape(t_proj.shape[0], 6, self.dim)
+    text_e = TwoLayerMLP(self.dim, self.dim, "gelu_tanh", dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="text_embedder")(text.astype(self.dtype))
+    image_e = None
+    if self.has_image:
+      image_e = ImageEmbedder(self.dim, self.dtype, self.param_dtype, name="image_embedder")(image)
+    return temb, t_proj, text_e, image_e
+
+
+class SelfAttention(nn.Module):
+  """``attn1``: q/k/v projections, RMS q/k norm across heads, 3D RoPE, masked attention."""
+  dim: int
+  num_heads: int
+  eps: float
+  qk_norm: bool
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None) -> Array:
+    dense = lambda n, ax=("embed", "heads"): _dense(self.dim, ax, n, self.dtype, self.param_dtype)
+    q, k, v = dense("to_q")(x), dense("to_k")(x), dense("to_v")(x)
+    if self.qk_norm:
+      q = _rms_norm(self.eps, self.param_dtype, "norm_q")(q).astype(self.dtype)
+      k = _rms_norm(self.eps, self.param_dtype, "norm_k")(k).astype(self.dtype)
+    split = lambda a: nn.with_logical_constraint(
+        einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), BLHD)
+    q, k, v = split(q), split(k), split(v)
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    o = attention(q, k, v, key_mask, self.attention_impl)
+    o = einops.rearrange(o, "b l h d -> b l (h d)")
+    return dense("to_out_0", ("heads", "embed"))(o)
+
+
+class CrossAttention(nn.Module):
+  """``attn2``: queries from the sequence, keys/values from text (+ image tokens for I2V, Wan's
+  decoupled cross-attention: the two attention outputs are summed). No RoPE."""
+  dim: int
+  num_heads: int
+  eps: float
+  qk_norm: bool
+  has_image: bool
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, text: Array, image: Array | None,
+               text_mask: Array | None) -> Array:
+    dense = lambda n, ax=("embed", "heads"): _dense(self.dim, ax, n, self.dtype, self.param_dtype)
+    norm = lambda n, a: (_rms_norm(self.eps, self.param_dtype, n)(a).astype(self.dtype)
+                         if self.qk_norm else a)
+    split = lambda a: nn.with_logical_constraint(
+        einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), BLHD)
+    q = split(norm("norm_q", dense("to_q")(x)))
+    k = split(norm("norm_k", dense("to_k")(text)))
+    v = split(dense("to_v")(text))
+    o = attention(q, k, v, text_mask, self.attention_impl)
+    if self.has_image:
+      k_img = split(norm("norm_added_k", dense("add_k_proj")(image)))
+      v_img = split(dense("add_v_proj")(image))
+      o = o + attention(q, k_img, v_img, None, self.attention_impl)
+    o = einops.rearrange(o, "b l h d -> b l (h d)")
+    return dense("to_out_0", ("heads", "embed"))(o)
+
+
+class WanBlock(nn.Module):
+  """One Wan transformer block with per-token (noise / context) adaLN modulation.
+
+  ``t_proj`` [B, 6, dim] modulates noise tokens; ``t_proj_ctx`` (or None) modulates the
+  tokens where ``is_ctx`` [L] is True. With ``scanned`` the call returns ``(x, None)`` for
+  ``nn.scan``.
+  """
+  dim: int
+  ffn_dim: int
+  num_heads: int
+  eps: float
+  qk_norm: bool
+  cross_attn_norm: bool
+  has_image: bool
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scanned: bool = False
+
+  @nn.compact
+  def __call__(self, x, t_proj, t_proj_ctx, is_ctx, cos, sin, self_mask, text, image, text_mask):
+    table = self.param(
+        "scale_shift_table",
+        nn.with_logical_partitioning(nn.initializers.normal(self.dim ** -0.5), (None, None, "embed")),
+        (1, 6, self.dim), self.param_dtype)
+
+    def mod(i: int) -> Array:
+      """Modulation vector i, [B, 1, dim] (all-noise) or [B, L, dim] (per token), float32."""
+      m = table[:, i].astype(jnp.float32) + t_proj[:, i]
+      if t_proj_ctx is None:
+        return m[:, None]
+      mc = table[:, i].astype(jnp.float32) + t_proj_ctx[:, i]
+      return jnp.where(is_ctx[None, :, None], mc[:, None], m[:, None])
+
+    def residual(x: Array, y: Array, gate: Array) -> Array:
+      return (x.astype(jnp.float32) + y.astype(jnp.float32) * gate).astype(x.dtype)
+
+    norm1 = _layer_norm(self.eps, False, self.param_dtype, name="norm1")
+    h = (norm1(x) * (1.0 + mod(1)) + mod(0)).astype(self.dtype)
+    attn = SelfAttention(self.dim, self.num_heads, self.eps, self.qk_norm, self.attention_impl,
+                         self.dtype, self.param_dtype, name="attn1")
+    x = residual(x, attn(h, cos, sin, self_mask), mod(2))
+
+    if self.cross_attn_norm:
+      h = _layer_norm(self.eps, True, self.param_dtype, name="norm2")(x).astype(self.dtype)
+    else:
+      h = x
+    cross = CrossAttention(self.dim, self.num_heads, self.eps, self.qk_norm, self.has_image,
+                           self.attention_impl, self.dtype, self.param_dtype, name="attn2")
+    x = x + cross(h, text, image, text_mask).astype(x.dtype)
+
+    norm3 = _layer_norm(self.eps, False, self.param_dtype, name="norm3")
+    h = (norm3(x) * (1.0 + mod(4)) + mod(3)).astype(self.dtype)
+    ffn = FeedForward(self.ffn_dim, self.dim, True, "embed", self.dtype, self.param_dtype,
+                      name="ffn")
+    x = nn.with_logical_constraint(residual(x, ffn(h), mod(5)), BLD)
+    return (x, None) if self.scanned else x
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class WanTransformer3D(nn.Module):
+  """Wan2.1 DiT (diffusers ``WanTransformer3DModel`` semantics) + OneStory context tokens.
+
+  Attributes mirror ``config.model`` (see ``configs/onestory.py``); ``image_dim`` set means
+  an I2V model with image cross-attention. ``attention_impl`` is forwarded to
+  :func:`attention`.
+  """
+  in_channels: int
+  out_channels: int
+  text_dim: int
+  image_dim: int | None = None
+  dim: int = 128
+  ffn_dim: int = 512
+  num_heads: int = 4
+  num_layers: int = 4
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  freq_dim: int = 256
+  eps: float = 1e-6
+  qk_norm: bool = True
+  cross_attn_norm: bool = True
+  rope_theta: float = 10000.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, in_channels: int, out_channels: int, text_dim: int,
+                  image_dim: int | None = None, **overrides: Any) -> "WanTransformer3D":
+    """Builds the DiT from ``config.model`` (fields as in ``configs/onestory.py``)."""
+    fields = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "freq_dim", "eps",
+              "qk_norm", "cross_attn_norm", "rope_theta", "dtype", "param_dtype",
+              "scan_layers", "remat")
+    kw = {}
+    for f in fields:
+      if f not in model_cfg:
+        raise ValueError(f"config.model.{f} is missing; expected the fields of configs/onestory.py")
+      kw[f] = model_cfg[f]
+    kw["patch_size"] = _triple(kw["patch_size"], "config.model.patch_size")
+    kw["dtype"] = _as_dtype(kw["dtype"], "dtype")
+    kw["param_dtype"] = _as_dtype(kw["param_dtype"], "param_dtype")
+    kw.update(overrides)
+    return cls(in_channels=in_channels, out_channels=out_channels, text_dim=text_dim,
+               image_dim=image_dim, **kw)
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  def _check_attributes(self) -> None:
+    if self.dim % self.num_heads:
+      raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+    rope.rope_split(self.head_dim)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {REMAT_POLICIES}; got {self.remat!r}")
+    _triple(self.patch_size, "model.patch_size")
+    if self.num_layers < 1:
+      raise ValueError(f"model.num_layers must be >= 1; got {self.num_layers}")
+
+  def _check_inputs(self, x, timestep, text, image, text_mask, context, context_pos,
+                    context_mask, context_timestep) -> None:
+    if x.ndim != 5 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"x: expected [B, F, H, W, {self.in_channels}]; got {x.shape}")
+    b = x.shape[0]
+    pt, ph, pw = self.patch_size
+    if x.shape[1] % pt or x.shape[2] % ph or x.shape[3] % pw:
+      raise ValueError(f"x: (F, H, W) = {x.shape[1:4]} must be divisible by patch_size {self.patch_size}")
+    if timestep.shape != (b,):
+      raise ValueError(f"timestep: expected shape [B] = ({b},); got {timestep.shape}")
+    if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.text_dim:
+      raise ValueError(f"text: expected [B, Lt, {self.text_dim}] with B = {b}; got {text.shape}")
+    if text_mask is not None and text_mask.shape != text.shape[:2]:
+      raise ValueError(f"text_mask: expected [B, Lt] = {text.shape[:2]}; got {text_mask.shape}")
+    if self.image_dim is None and image is not None:
+      raise ValueError("image: this DiT has no image cross-attention (image_dim=None); pass image=None")
+    if self.image_dim is not None:
+      if image is None:
+        raise ValueError("image: required by an I2V DiT (image_dim set); pass zeros for 'no image'")
+      if image.ndim != 3 or image.shape[0] != b or image.shape[-1] != self.image_dim:
+        raise ValueError(f"image: expected [B, Li, {self.image_dim}] with B = {b}; got {image.shape}")
+    if context is None:
+      if any(a is not None for a in (context_pos, context_mask, context_timestep)):
+        raise ValueError("context_pos/context_mask/context_timestep given without context")
+      return
+    if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.dim:
+      raise ValueError(f"context: expected [B, Nc, {self.dim}] with B = {b}; got {context.shape}")
+    nc = context.shape[1]
+    if context_pos is None or context_pos.shape != (b, nc, 3):
+      raise ValueError(f"context_pos: expected [B, Nc, 3] = ({b}, {nc}, 3); got "
+                       f"{None if context_pos is None else context_pos.shape}")
+    if context_mask is not None and context_mask.shape != (b, nc):
+      raise ValueError(f"context_mask: expected [B, Nc] = ({b}, {nc}); got {context_mask.shape}")
+    if context_timestep is not None and context_timestep.shape != (b,):
+      raise ValueError(f"context_timestep: expected [B] = ({b},); got {context_timestep.shape}")
+
+  def _blocks(self):
+    """The block stack: unrolled ``blocks_i`` or one scanned ``blocks`` module."""
+    cls = WanBlock
+    if self.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if self.remat == "dots" else None)
+      cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan_layers)
+    kw = dict(dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads, eps=self.eps,
+              qk_norm=self.qk_norm, cross_attn_norm=self.cross_attn_norm,
+              has_image=self.image_dim is not None, attention_impl=self.attention_impl,
+              dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      scanned = nn.scan(
+          cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast,) * 9, length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      block = scanned(scanned=True, name="blocks", **kw)
+      return lambda x, *args: block(x, *args)[0]
+    blocks = [cls(name=f"blocks_{i}", **kw) for i in range(self.num_layers)]
+
+    def run(x, *args):
+      for blk in blocks:
+        x = blk(x, *args)
+      return x
+    return run
+
+  @nn.compact
+  def __call__(self, x: Array, timestep: Array, text: Array, image: Array | None = None, *,
+               text_mask: Array | None = None, context: Array | None = None,
+               context_pos: Array | None = None, context_mask: Array | None = None,
+               context_timestep: Array | None = None, deterministic: bool = True) -> Array:
+    """Predicts the flow-matching velocity of the noise latents.
+
+    Args:
+      x: latents ``[B, F, H, W, in_channels]``.
+      timestep: ``[B]`` in [0, 1000].
+      text: caption embeddings ``[B, Lt, text_dim]`` (Wan zero-pads them and masks nothing).
+      image: ``[B, Li, image_dim]`` CLIP tokens, required iff ``image_dim`` is set.
+      text_mask: optional ``[B, Lt]`` bool key mask for the text (None = Wan semantics).
+      context: OneStory context tokens ``[B, Nc, dim]`` (Eq. 8), already patch-embedded.
+      context_pos: ``[B, Nc, 3]`` float RoPE positions (t, h, w) of the context tokens.
+      context_mask: ``[B, Nc]`` bool, False = padding; default all valid.
+      context_timestep: ``[B]`` timestep of the context tokens; default 0 (clean).
+      deterministic: accepted for a uniform model interface; Wan2.1 has no dropout, so the
+        output does not depend on it.
+
+    Returns:
+      ``[B, F, H, W, out_channels]``.
+    """
+    del deterministic  # Wan2.1 has no dropout layers.
+    self._check_attributes()
+    x, timestep, text = jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text)
+    self._check_inputs(x, timestep, text, image, text_mask, context, context_pos,
+                       context_mask, context_timestep)
+    b, f, h, w, _ = x.shape
+    pt, ph, pw = self.patch_size
+    grid = (f // pt, h // ph, w // pw)
+    n = grid[0] * grid[1] * grid[2]
+
+    tokens = PatchEmbed(self.dim, self.patch_size, self.dtype, self.param_dtype,
+                        name="patch_embedding")(x)
+    tokens = nn.with_logical_constraint(tokens, BLD)
+
+    times = timestep.astype(jnp.float32)
+    if context is not None:
+      ctx_t = (jnp.zeros((b,), jnp.float32) if context_timestep is None
+               else context_timestep.astype(jnp.float32))
+      times = jnp.concatenate([times, ctx_t])
+    temb, t_proj, text_e, image_e = ConditionEmbedder(
+        self.dim, self.freq_dim, self.image_dim is not None, self.dtype, self.param_dtype,
+        name="condition_embedder")(times, text, image)
+    temb, t_proj_ctx, t_proj = temb[:b], t_proj[b:], t_proj[:b]
+
+    pos = jnp.broadcast_to(rope.grid_positions(*grid)[None], (b, n, 3))
+    if context is None:
+      t_proj_ctx, is_ctx, self_mask, seq = None, None, None, tokens
+    else:
+      nc = context.shape[1]
+      seq = jnp.concatenate([tokens, context.astype(self.dtype)], axis=1)
+      seq = nn.with_logical_constraint(seq, BLD)
+      pos = jnp.concatenate([pos, context_pos.astype(jnp.float32)], axis=1)
+      is_ctx = jnp.arange(n + nc) >= n
+      ctx_valid = (jnp.ones((b, nc), bool) if context_mask is None else context_mask.astype(bool))
+      self_mask = jnp.concatenate([jnp.ones((b, n), bool), ctx_valid], axis=1)
+    cos, sin = rope.rope_angles(pos, self.head_dim, self.rope_theta)
+
+    seq = self._blocks()(seq, t_proj, t_proj_ctx, is_ctx, cos, sin, self_mask, text_e, image_e,
+                         text_mask)
+
+    out = seq[:, :n]  # context outputs are discarded (Eq. 8)
+    table = self.param(
+        "scale_shift_table",
+        nn.with_logical_partitioning(nn.initializers.normal(self.dim ** -0.5), (None, None, "embed")),
+        (1, 2, self.dim), self.param_dtype)
+    mod = table.astype(jnp.float32) + temb[:, None]
+    norm_out = _layer_norm(self.eps, False, self.param_dtype, name="norm_out")
+    out = (norm_out(out) * (1.0 + mod[:, 1:2]) + mod[:, 0:1]).astype(self.dtype)
+    out = _dense(self.out_channels * pt * ph * pw, ("embed", "conv_out"), "proj_out", self.dtype,
+                 self.param_dtype, _zeros)(out)
+    return unpatchify(out, grid, self.patch_size)
+
+
+def make_dit(config: Any, in_channels: int, out_channels: int, text_dim: int,
+             image_dim: int | None = None, **overrides: Any) -> WanTransformer3D:
+  """Builds the DiT from a full experiment config (reads ``config.model``)."""
+  if "model" not in config:
+    raise ValueError("make_dit: config has no 'model' section (see configs/onestory.py)")
+  return WanTransformer3D.from_config(config.model, in_channels, out_channels, text_dim,
+                                      image_dim, **overrides)
