@@ -177,13 +177,23 @@ def write_training_samples(trainer, params: Any, writer, step: int) -> None:
   cfg = storyworld.StoryWorldConfig(height=d.height, width=d.width, frames_per_shot=d.frames_per_shot,
                                     min_shots=3, max_shots=3)
   story = storyworld.generate_story(1234, "recall", cfg, num_shots=3)
-  gen = ShotGenerator(s, params, trainer.enc, max_shots=3, steps=s.config.sample.steps,
-                      shift=s.config.sample.shift, guidance=s.config.sample.guidance)
-  shots, mem = [], []
-  for i, shot in enumerate(story["shots"]):
-    lat, _ = gen(shot["caption"], mem, seed=i)
-    mem.append(lat)
-    shots.append(gen.decode(lat))
+  gen = getattr(trainer, "_sample_generator", None)
+  if gen is None:  # compiled once, then reused with the current parameters
+    gen = ShotGenerator(s, params, trainer.enc, max_shots=3, steps=s.config.sample.steps,
+                        shift=s.config.sample.shift, guidance=s.config.sample.guidance)
+    trainer._sample_generator = gen  # pylint: disable=protected-access
+  gen.params = params
+  rows = {}
+  for memory in MEMORY_MODES:
+    shots, mem = [], []
+    for i, shot in enumerate(story["shots"]):
+      lat, _ = gen(shot["caption"], mem if memory == "full" else [], seed=i)
+      mem.append(lat)
+      shots.append(gen.decode(lat))
+    rows[memory] = shots
   truth = storyworld.render_story(story)
-  sheet = video_io.contact_sheet(shots + truth, [sh["caption"] for sh in story["shots"]] + ["(ground truth)"] * 3)
+  captions = [sh["caption"] for sh in story["shots"]]
+  sheet = video_io.contact_sheet(rows["full"] + rows["none"] + truth,
+                                 [f"memory: {c}" for c in captions] + [f"no memory: {c}" for c in captions]
+                                 + ["ground truth"] * 3)
   writer.write_images(step, {"samples/recall_story": sheet[None]})
