@@ -40,7 +40,7 @@ def _base() -> ml_collections.ConfigDict:
   d.batch_size = 8  # global batch
   d.worker_count = 0  # grain worker processes (0 = in-process)
   d.shuffle_seed = 0
-  d.text_len = 32  # caption tokens (padded)
+  d.text_len = 40  # caption tokens (padded)
   # Shot inflation (paper Sec. 4.4): probability that a sample is an inflated 2-shot
   # triplet (forced to 1 during the decoupled-conditioning warm-up); among inflated
   # samples the probability of cross-video insertion (else an augmented first shot) and of
@@ -159,7 +159,6 @@ def _base() -> ml_collections.ConfigDict:
 
 def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.batch_size = 8
-  c.data.text_len = 24
   c.text_encoder.d_model = 32
   c.text_encoder.num_layers = 1
   c.text_encoder.num_heads = 2

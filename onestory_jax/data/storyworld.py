@@ -296,9 +296,14 @@ def caption_for_shot(story: dict[str, Any], index: int) -> str:
   Grammar: ``<subject> <verb> <action> [together] in <place>, <framing> view.`` where
   the subject lists the shot's characters ("a red round character" at the first shot
   of the story, "a new red round character" when introduced later, "the same first
-  character" when it comes back alone, "the first character" in a group, ordinals in
-  order of introduction) and the place is "a green place" / "a new green place" at
-  first sight and "the place from shot K" afterwards (K counts from 1).
+  red round character" when it comes back alone, "the first red round character" in a
+  group, ordinals in order of introduction) and the place is "a green place" / "a new
+  green place" at first sight and "the green place from shot K" afterwards (K counts
+  from 1).
+
+  Back-references repeat only the coarse description (hue bin and kind), as the paper's
+  rewritten captions do ("the same man, now ..."): it tells Frame Selection which
+  memory frames matter, while the exact colour and size still come only from memory.
   """
   shots = story["shots"]
   by_id = {c["id"]: c for c in story["characters"]}
@@ -315,20 +320,21 @@ def caption_for_shot(story: dict[str, Any], index: int) -> str:
   article = "a" if index == 0 else "a new"
   phrases = []
   for c in ids:
+    ch = by_id[c]
+    coarse = f"{ch['color_name']} {ch['kind']}"
     if c in introduced:
       ordinal = ORDINALS[introduced.index(c)]
-      phrases.append(f"the same {ordinal} character" if len(ids) == 1
-                     else f"the {ordinal} character")
+      phrases.append(f"the same {ordinal} {coarse} character" if len(ids) == 1
+                     else f"the {ordinal} {coarse} character")
     else:
-      ch = by_id[c]
-      phrases.append(f"{article} {ch['color_name']} {ch['kind']} character")
+      phrases.append(f"{article} {coarse} character")
   if len(ids) == 1:
     verb = f"moves {shot['action']}"
   else:
     verb = f"move {shot['action']} together"
   env = shot["environment"]
   if env in first_env_shot:
-    place = f"the place from shot {first_env_shot[env] + 1}"
+    place = f"the {env_by_id[env]['color_name']} place from shot {first_env_shot[env] + 1}"
   else:
     place = f"{article} {env_by_id[env]['color_name']} place"
   subject = phrases[0] if len(phrases) == 1 else (
