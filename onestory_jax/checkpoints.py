@@ -115,3 +115,21 @@ def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
 def _unboxed_init(system) -> Any:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return nn.meta.unbox(system.init_params(jax.random.key(0)))
+
+
+def main(argv):
+  """``python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR``: parameter-only export."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) != 2 or argv[1] != "export":
+    raise app.UsageError("usage: python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR")
+  export_params(flags.FLAGS.workdir, flags.FLAGS.out)
+  print(f"Exported {flags.FLAGS.workdir} to {flags.FLAGS.out}")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
+  _flags.DEFINE_string("workdir", None, "Training workdir to export (its latest checkpoint).")
+  _flags.DEFINE_string("out", None, "Output directory (config.json + params/).")
+  _flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)

@@ -19,7 +19,7 @@ STEPS = 4
 
 def _config(**kw):
   return load_config("tiny", num_train_steps=STEPS, checkpoint_every_steps=2, log_every_steps=2,
-                     warmup_fraction_dc=0.5, **kw)
+                     sample_every_steps=4, warmup_fraction_dc=0.5, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +87,10 @@ def test_bad_config_errors():
     trainer_lib.Trainer(load_config("tiny", **{"mesh.shape": (3, -1, 1, 1)}))
 
 
-def _story(tmp_path, n=3):
+def _story(tmp_path, n=3, pattern="recall"):
   from onestory_jax.data import storyworld
   cfg = storyworld.StoryWorldConfig(height=32, width=32, frames_per_shot=8)
-  s = storyworld.generate_story(7, "recall", cfg, num_shots=n)
+  s = storyworld.generate_story(7, pattern, cfg, num_shots=n)
   path = tmp_path / "story.json"
   path.write_text(json.dumps(s))
   return story_lib.load_story(str(path))
@@ -162,3 +162,31 @@ def test_interrupted_story_resumes_where_it_stopped(trained, tmp_path, monkeypat
   for a, b in zip(video_io.load_frames_npz(os.path.join(out, "frames.npz")),
                   video_io.load_frames_npz(str(tmp_path / "full" / "frames.npz"))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_export_then_sample_matches_workdir(trained, tmp_path):
+  workdir, _ = trained
+  out = str(tmp_path / "export")
+  checkpoints.export_params(workdir, out)
+  assert sorted(os.listdir(out)) == ["config.json", "params", "step.txt"]
+  story = _story(tmp_path, n=2, pattern="consistency")
+  m_work = sampler.generate_story(_generator(workdir), story, str(tmp_path / "w"), seed=1)
+  m_exp = sampler.generate_story(_generator(out), story, str(tmp_path / "e"), seed=1)
+  assert m_work["shots"] == m_exp["shots"]
+  for a, b in zip(video_io.load_frames_npz(str(tmp_path / "w" / "frames.npz")),
+                  video_io.load_frames_npz(str(tmp_path / "e" / "frames.npz"))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_memory_ablation_reports_both_modes(trained):
+  from onestory_jax import memory_ablation
+  workdir, _ = trained
+  out = memory_ablation.run(workdir, "recall", num_stories=1, out=None)
+  for mode in ("full", "none"):
+    assert 0.0 <= out[mode]["character_consistency"] <= 1.0
+    assert set(out[mode]) == set(memory_ablation.METRICS)
+
+
+def test_missing_checkpoint_errors(tmp_path):
+  with pytest.raises(ValueError, match="no checkpoints directory"):
+    checkpoints.load_for_sampling(str(tmp_path))
