@@ -102,6 +102,8 @@ def _base() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- rectified flow
   c.flow = f = ml_collections.ConfigDict()
+  # 'x': the DiT predicts x_0 (the demo: its 384-value tokens exceed the width 128); 'v': velocity (Wan weights).
+  f.prediction = "x"
   f.timestep_shift = 1.0  # SD3-style shift of training timesteps
   f.logit_normal_mean = 0.0
   f.logit_normal_std = 1.0

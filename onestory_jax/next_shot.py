@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from onestory_jax import rectified_flow as rf
 from onestory_jax.data import tokenizer as tokenizer_lib
 from onestory_jax.models import codec as codec_lib
 from onestory_jax.models import frame_selection as fs
@@ -187,7 +188,8 @@ class System:
     x = jnp.concatenate([x_t, cond.channels.astype(x_t.dtype)], axis=-1) if self.config.model.i2v else x_t
     text = cond.null_text if null_text else cond.text
     image = cond.image if self.config.model.i2v else None
-    return self.model.apply({"params": params}, x, t * 1000.0, text, image, cond.context, method="velocity")
+    out = self.model.apply({"params": params}, x, t * 1000.0, text, image, cond.context, method="velocity")
+    return rf.output_to_velocity(out, x_t, t, self.config.flow.prediction)
 
 
 def history_time(memory_mask: jax.Array) -> jax.Array:
