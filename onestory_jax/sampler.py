@@ -15,6 +15,7 @@ the new shot's latents join the memory bank (no decode/encode round trip; design
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from typing import Any, Sequence
@@ -164,9 +165,9 @@ def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: st
 
 
 def _save_latents(path: str, latents: Sequence[np.ndarray]) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **{f"shot_{i}": np.asarray(x) for i, x in enumerate(latents)})
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez(buf, **{f"shot_{i}": np.asarray(x) for i, x in enumerate(latents)})
+  video_io.atomic_write_bytes(path, buf.getvalue())
 
 
 def write_training_samples(trainer, params: Any, writer, step: int) -> None:

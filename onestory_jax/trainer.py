@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp

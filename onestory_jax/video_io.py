@@ -48,6 +48,9 @@ def _atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

@@ -1,5 +1,4 @@
 """Adaptive Conditioner (paper Eqs. 7-8): budget allocation, packing, RoPE positions of context tokens."""
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -55,7 +55,7 @@ def test_start_image_resolved_relative_to_story_dir(tmp_path, monkeypatch):
   sub = tmp_path / "stories"
   sub.mkdir()
   _image(sub / "frame.png", 4, 4)
-  path = _write(sub, {"shots": [{"caption": "x"}], "start_image": "frame.png"})
+  _write(sub, {"shots": [{"caption": "x"}], "start_image": "frame.png"})
   monkeypatch.chdir(tmp_path)  # the working directory does not matter
   story = story_lib.load_story(os.path.join("stories", "story.json"))
   assert story.start_image == str(sub / "frame.png")

@@ -190,3 +190,21 @@ def test_memory_ablation_reports_both_modes(trained):
 def test_missing_checkpoint_errors(tmp_path):
   with pytest.raises(ValueError, match="no checkpoints directory"):
     checkpoints.load_for_sampling(str(tmp_path))
+
+
+def test_i2msv_start_image_enters_shot_one(trained, tmp_path):
+  workdir, _ = trained
+  gen = _generator(workdir)
+  story = _story(tmp_path)
+  from onestory_jax.data import storyworld
+  start = storyworld.render_shot(story.raw, 0)[0]
+  video_io.save_png(str(tmp_path / "start.png"), start)
+  raw = dict(story.raw, start_image="start.png")
+  (tmp_path / "i2v.json").write_text(json.dumps(raw))
+  i2v = story_lib.load_story(str(tmp_path / "i2v.json"))
+  m = sampler.generate_story(gen, i2v, str(tmp_path / "i2v"), seed=3)
+  t = sampler.generate_story(gen, story, str(tmp_path / "t2v"), seed=3)
+  assert m["start_image"].endswith("start.png") and t["start_image"] is None
+  fi = video_io.load_frames_npz(str(tmp_path / "i2v" / "frames.npz"))
+  ft = video_io.load_frames_npz(str(tmp_path / "t2v" / "frames.npz"))
+  assert not np.array_equal(fi[0], ft[0])  # same seed, the start image changes shot 1
