@@ -122,7 +122,7 @@ def _base() -> ml_collections.ConfigDict:
   o.warmup_steps = 100
   o.frozen = ()  # top-level parameter collections that are not trained
 
-  c.num_train_steps = 3000
+  c.num_train_steps = 4000
   c.warmup_fraction_dc = 0.2  # decoupled-conditioning warm-up (paper Sec. 4.4)
 
   # ---------------------------------------------------------------- sampling

@@ -9,8 +9,7 @@ frozen codec ``E`` and the I2V image encoder, and exposes the conditioning path 
 4. the I2V inputs: first-frame latent + mask channels, and image tokens for the image cross-attention;
 5. the DiT velocity on ``[noise; context]`` (Eq. 8).
 
-Memory banks are padded to a static number of latent frames with a mask, and every memory frame carries its
-temporal RoPE position (its index in the history minus the history length: negative, before the current shot).
+Memory banks are chronological and padded to a static number of latent frames with a mask.
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from onestory_jax import rectified_flow as rf
 from onestory_jax.data import tokenizer as tokenizer_lib
+from onestory_jax.models import adaptive_conditioner as ac
 from onestory_jax.models import codec as codec_lib
 from onestory_jax.models import frame_selection as fs
 from onestory_jax.models import image_encoder as image_encoder_lib
@@ -80,7 +80,6 @@ class System:
     return (jnp.zeros((batch, d.text_len), jnp.int32),
             jnp.zeros((batch, memory_frames, h, w, c), jnp.float32),
             jnp.ones((batch, memory_frames), bool),
-            jnp.zeros((batch, memory_frames), jnp.float32),
             jnp.zeros((batch, f, h, w, in_ch), jnp.float32),
             jnp.zeros((batch,), jnp.float32),
             jnp.zeros((batch, self.image_encoder.num_tokens(d.height, d.width),
@@ -128,7 +127,7 @@ class System:
 
   # ------------------------------------------------------------------ conditioning
   def condition(self, params: Any, enc: dict, tokens: jax.Array, memory: jax.Array, memory_mask: jax.Array,
-                memory_time: jax.Array, *, forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                *, forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                 start_image: jax.Array | None = None, start_present: jax.Array | None = None) -> Condition:
     """Builds the condition of the next shot.
 
@@ -136,8 +135,7 @@ class System:
       params: OneStory parameters.
       enc: frozen encoder parameters (:meth:`encoder_params`).
       tokens: int32 [B, Lt] the current caption C_i (all padding = the null caption).
-      memory: [B, F, h, w, C] raw latent memory M (Eq. 2), padded; memory_mask: bool [B, F].
-      memory_time: float [B, F] temporal RoPE position of each memory frame.
+      memory: [B, F, h, w, C] raw latent memory M (Eq. 2), chronological and padded; memory_mask: bool [B, F].
       forced: optional (use [B] bool, indices [B, K], valid [B, K]): where ``use``, these frames replace the
         selector's top-K (the decoupled-conditioning warm-up of paper Sec. 4.4).
       start_image: optional float [B, H, W, 3] first-frame condition (I2MSV); start_present: bool [B].
@@ -154,7 +152,7 @@ class System:
       idx = jnp.where(use[:, None], f_idx, idx)
       valid = jnp.where(use[:, None], f_valid, valid)
     frames = jnp.take_along_axis(memory, idx[:, :, None, None, None], axis=1)
-    frame_time = jnp.take_along_axis(memory_time, idx, axis=1)
+    frame_time = ac.compact_frame_times(idx, valid)
     context = apply(pv, frames, valid, frame_time, method="build_context")
 
     b = tokens.shape[0]
@@ -190,13 +188,6 @@ class System:
     image = cond.image if self.config.model.i2v else None
     out = self.model.apply({"params": params}, x, t * 1000.0, text, image, cond.context, method="velocity")
     return rf.output_to_velocity(out, x_t, t, self.config.flow.prediction)
-
-
-def history_time(memory_mask: jax.Array) -> jax.Array:
-  """Temporal RoPE positions of memory frames: ``index - (number of valid frames)``, i.e. -F..-1."""
-  f = memory_mask.shape[1]
-  n = jnp.sum(memory_mask.astype(jnp.int32), axis=1, keepdims=True)
-  return (jnp.arange(f, dtype=jnp.int32)[None, :] - n).astype(jnp.float32)
 
 
 def make_system(config: ml_collections.ConfigDict) -> System:

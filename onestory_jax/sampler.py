@@ -49,8 +49,8 @@ class ShotGenerator:
 
   def _generate_impl(self, params, tokens, memory, memory_mask, start_image, start_present, rng):
     s = self.system
-    cond = s.condition(params, self.enc, tokens, memory, memory_mask, next_shot.history_time(memory_mask),
-                       start_image=start_image, start_present=start_present)
+    cond = s.condition(params, self.enc, tokens, memory, memory_mask, start_image=start_image,
+                       start_present=start_present)
 
     def velocity(x, t):
       tb = jnp.full((x.shape[0],), t)

@@ -109,7 +109,6 @@ def loss_fn(params, system: next_shot.System, enc: dict, batch: dict, rng: jax.A
   i2v = jax.random.uniform(r_i2v, (b,)) < c.flow.p_i2v
   keep_memory = (jax.random.uniform(r_mem, (b,)) >= c.flow.p_drop_memory) & ~i2v
   memory_mask = jnp.broadcast_to(keep_memory[:, None], (b, 2 * f_lat))
-  memory_time = next_shot.history_time(jnp.ones_like(memory_mask))
   tokens = jnp.where((jax.random.uniform(r_text, (b,)) < c.flow.p_drop_text)[:, None], 0, batch["tokens"])
 
   warm = step < dc_warmup_steps(c)
@@ -117,7 +116,7 @@ def loss_fn(params, system: next_shot.System, enc: dict, batch: dict, rng: jax.A
   forced = (jnp.broadcast_to(warm, (b,)), f_idx, f_valid & keep_memory[:, None])
 
   first = codec_lib.to_unit(batch["frames"][:, 2, 0])
-  cond = system.condition(params, enc, tokens, memory, memory_mask, memory_time, forced=forced,
+  cond = system.condition(params, enc, tokens, memory, memory_mask, forced=forced,
                           start_image=first, start_present=i2v)
 
   t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std,

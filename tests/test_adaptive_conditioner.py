@@ -112,3 +112,13 @@ def test_init_from_patch_embedding_preserves_constant_input():
     assert w.shape == (1, k[1], k[2], 4, 7)
     np.testing.assert_allclose(np.einsum("xyc,xycd->d", np.broadcast_to(const, (k[1], k[2], 4)), w[0]), ref,
                                rtol=1e-5)
+
+
+def test_compact_frame_times_follow_chronology_of_the_selection():
+  idx = jnp.array([[5, 1, 17, 9], [3, 0, 2, 2]])
+  valid = jnp.array([[True, True, True, True], [True, True, False, False]])
+  t = ac.compact_frame_times(idx, valid)
+  np.testing.assert_array_equal(t[0], [-3.0, -4.0, -1.0, -2.0])  # 17 newest, then 9, 5, 1
+  np.testing.assert_array_equal(t[1, :2], [-1.0, -2.0])  # invalid picks do not count
+  # The same relative order at any history length: shifting all indices changes nothing.
+  np.testing.assert_array_equal(ac.compact_frame_times(idx + 100, valid), t)

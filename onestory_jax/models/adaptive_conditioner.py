@@ -9,8 +9,9 @@ The ``K_sel`` frames chosen by Frame Selection (best first) are patchified into 
   (:func:`allocate_patchifiers`). The best frame gets the finest kernel that still leaves room for every remaining
   selected frame at the coarsest kernel; then greedily down the ranks; frames that do not fit are dropped.
 * Eq. 8: ``X = concat([N, C])`` — the DiT appends the context tokens to the noise tokens. Each context token has
-  its own 3D RoPE position (:func:`level_positions`): temporal = the frame's position in the history (negative,
-  before the current shot), spatial = the centre of the region it covers, in full-resolution token coordinates.
+  its own 3D RoPE position: temporal = the selected frame's chronological rank among the selected frames, placed
+  just before the current shot (-K .. -1, :func:`compact_frame_times`); spatial = the centre of the region it
+  covers, in full-resolution token coordinates (:func:`level_positions`).
 
 Everything has static shapes: every selected frame is patchified at every level, and a gather packs the tokens that
 the allocation keeps into a fixed ``N_c`` buffer with a validity mask, so one compiled step serves every shot.
@@ -79,6 +80,17 @@ def allocate_patchifiers(valid: jax.Array, counts: Sequence[int], budget: int) -
     left = left - jnp.where(level >= 0, counts_a[jnp.maximum(level, 0)], 0)
     levels.append(level)
   return jnp.stack(levels, axis=1)
+
+
+def compact_frame_times(indices: jax.Array, valid: jax.Array) -> jax.Array:
+  """Temporal RoPE positions of the selected frames: -1 for the most recent, -2 for the next older, ...
+
+  ``indices`` [B, K] are memory-frame indices (memory is chronological), ``valid`` [B, K] marks real picks.
+  Positions depend only on the order of the selected frames, not on how long the history is, so a model trained
+  on 2-shot histories sees the same range of positions when it generates shot 10 (design.md).
+  """
+  later = (indices[:, None, :] > indices[:, :, None]) & valid[:, None, :]  # [B, k, j]: pick j is newer than k
+  return -(1.0 + jnp.sum(later, axis=-1).astype(jnp.float32))
 
 
 def level_positions(latent_hw: tuple[int, int], kernel: Kernel, patch: Sequence[int]) -> np.ndarray:

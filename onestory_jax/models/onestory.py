@@ -70,11 +70,11 @@ class OneStory(nn.Module):
       kw = dict(context=context["tokens"], context_pos=context["positions"], context_mask=context["mask"])
     return self.dit(x, timestep, text, image, **kw)
 
-  def __call__(self, tokens, memory, memory_mask, memory_time, x, timestep, image):
+  def __call__(self, tokens, memory, memory_mask, x, timestep, image):
     """Runs every part once (used for initialisation and shape inference)."""
     text = self.encode_text(tokens)
     scores = self.score_memory(text, tokens != 0, memory, memory_mask)
     idx, valid = fs.select_top_k(scores, memory_mask, self.config.selection.k_sel)
     frames = jnp.take_along_axis(memory, idx[:, :, None, None, None], axis=1)
-    ctx = self.build_context(frames, valid, jnp.take_along_axis(memory_time, idx, axis=1))
+    ctx = self.build_context(frames, valid, ac.compact_frame_times(idx, valid))
     return self.velocity(x, timestep, text, image, ctx), scores
