@@ -16,12 +16,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from onestory_jax import rectified_flow as rf
 from onestory_jax.data import tokenizer as tokenizer_lib
@@ -206,11 +204,3 @@ def make_system(config: ml_collections.ConfigDict) -> System:
       image_dim=image_encoder.token_dim(d.height, d.width))
   return System(config=frozen, model=model, codec=codec, image_encoder=image_encoder, tokenizer=tokenizer,
                 latent_shape=latent_shape)
-
-
-def unbox(tree: Any) -> Any:
-  return nn.meta.unbox(tree)
-
-
-def to_numpy(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)
