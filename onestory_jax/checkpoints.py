@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from onestory_jax import sharding
+
 DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_checkpoint")
 
 
@@ -98,7 +100,7 @@ def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
     with open(os.path.join(path, "config.json")) as f:
       config = config_from_dict(json.load(f))
     system = next_shot.make_system(config)
-    abstract = jax.eval_shape(lambda: jax.tree.map(lambda x: x, _unboxed_init(system)))
+    abstract = jax.eval_shape(lambda: sharding.strip_boxes(system.init_params(jax.random.key(0))))
     params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract)
   else:
     if path == DEMO_CHECKPOINT:
@@ -110,11 +112,6 @@ def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
     mngr.close()
     system = tr.system
   return system, params, system.encoder_params(jax.random.key(0))
-
-
-def _unboxed_init(system) -> Any:
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return nn.meta.unbox(system.init_params(jax.random.key(0)))
 
 
 def main(argv):
