@@ -23,7 +23,10 @@ setuptools.setup(
     package_data={"onestory_jax": ["assets/*", "assets/**/*"]},
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        # The reference PyTorch stack (CPU) for the numerical-parity tests of the Wan ports; torch is pinned to the
+        # CPU wheel that this platform provides.
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "diffusers==0.42.1",
+                 "transformers==5.23.0"],
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda]==0.10.2"],
     },

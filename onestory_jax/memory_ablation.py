@@ -4,7 +4,8 @@ r"""Memory vs no-memory on StoryWorld: the demo's headline comparison.
 
 For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...), generates every shot twice with the
 same model and seed — once with the global memory (``--memory=full``) and once without (``--memory=none``) — and
-scores both with :mod:`onestory_jax.evaluate`. Prints the per-mode means as JSON, and the character consistency of
+scores both with :mod:`onestory_jax.evaluate`. Prints the per-mode means as JSON, how often Frame Selection's
+best frame comes from an earlier shot that shares a character with the new shot, and the character consistency of
 shot pairs grouped by the later shot of the pair (how well memory carries over longer stories). Without ``--workdir`` the shipped
 demo checkpoint is used.
 """
@@ -28,6 +29,21 @@ METRICS = ("character_consistency", "environment_consistency", "inter_avg", "dir
            "count_accuracy")
 
 
+def selection_top1_hit(story: dict, shot: int, info: dict, frames_per_shot: int) -> bool | None:
+  """Whether Frame Selection's best frame for ``shot`` lies in an earlier shot that shares one of its characters.
+
+  ``None`` when no earlier shot shares a character (nothing to recall), so such shots do not count.
+  """
+  shots = story["shots"]
+  wanted = set(shots[shot]["characters"])
+  if not any(wanted & set(shots[k]["characters"]) for k in range(shot)):
+    return None
+  if not bool(info["valid"][0]):
+    return False
+  source = int(info["indices"][0]) // frames_per_shot
+  return bool(wanted & set(shots[source]["characters"]))
+
+
 def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, first_seed: int = 0) -> dict:
   system, params, enc = checkpoints.load_for_sampling(workdir)
   c = system.config
@@ -39,12 +55,17 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
                               shift=c.sample.shift, guidance=c.sample.guidance)
   scores = {m: {k: [] for k in METRICS} for m in sampler.MEMORY_MODES}
   by_later_shot = {m: {} for m in sampler.MEMORY_MODES}  # C-Cons of pairs, keyed by the later shot's index
+  top1_hits = []  # full memory: does the best-scored frame come from a shot that shares a character?
   for i, s in enumerate(stories):
     spec = story_lib.parse_story(s, where=f"storyworld seed {first_seed + i}")
     for mode in sampler.MEMORY_MODES:
       shots, mem = [], []
       for j, shot in enumerate(spec.shots):
-        lat, _ = gen(shot.caption, mem if mode == "full" else [], seed=first_seed + i + j)
+        lat, info = gen(shot.caption, mem if mode == "full" else [], seed=first_seed + i + j)
+        if mode == "full":
+          hit = selection_top1_hit(s, j, info, system.latent_shape[0])
+          if hit is not None:
+            top1_hits.append(hit)
         mem.append(lat)
         shots.append(gen.decode(lat))
       result = evaluate.evaluate_story(s, shots)
@@ -61,6 +82,7 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
           json.dump(s, f)
   return {"pattern": pattern, "num_stories": num_stories, "sample_steps": c.sample.steps,
           "guidance": c.sample.guidance,
+          "selection_top1_character_hit": float(np.mean(top1_hits)) if top1_hits else None,
           **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()}
              for mode in sampler.MEMORY_MODES},
           "character_consistency_by_later_shot": {

@@ -1,7 +1,7 @@
 r"""Generates a multi-shot story with a trained OneStory model.
 
   python -m onestory_jax.sample --workdir=workdirs/demo --story=onestory_jax/assets/stories/recall.json \
-      --out=out/recall [--seed=N] [--resume] [--memory=full|none]
+      --out=out/recall [--seed=N] [--resume] [--memory=full|none] [--steps=N] [--guidance=G] [--shift=S]
 
 Without ``--workdir`` the shipped demo checkpoint is used. Writes ``shot_XX.mp4``, ``story.mp4``,
 ``contact_sheet.png``, ``frames.npz`` (lossless) and ``manifest.json`` (captions, seeds, the memory frames each
@@ -22,6 +22,9 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _SEED = flags.DEFINE_integer("seed", None, "Story seed (default: the story file's 'seed', else 0).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue an interrupted story in --out from its manifest.")
 _MEMORY = flags.DEFINE_enum("memory", "full", sampler.MEMORY_MODES, "'none' = the no-memory baseline.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
+_SHIFT = flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
 flags.mark_flags_as_required(["story", "out"])
 
 
@@ -33,8 +36,9 @@ def main(argv):
   sm = system.config.sample
   story = story_lib.load_story(_STORY.value)
   seed = _SEED.value if _SEED.value is not None else (story.seed if story.seed is not None else 0)
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=len(story.shots), steps=sm.steps, shift=sm.shift,
-                              guidance=sm.guidance)
+  pick = lambda flag, default: default if flag.value is None else flag.value
+  gen = sampler.ShotGenerator(system, params, enc, max_shots=len(story.shots), steps=pick(_STEPS, sm.steps),
+                              shift=pick(_SHIFT, sm.shift), guidance=pick(_GUIDANCE, sm.guidance))
   manifest = sampler.generate_story(gen, story, _OUT.value, seed=seed, memory=_MEMORY.value, resume=_RESUME.value)
   logging.info("Wrote %d shots to %s", len(manifest["shots"]), _OUT.value)
   print(f"Wrote {len(manifest['shots'])} shots to {_OUT.value}")

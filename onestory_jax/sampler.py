@@ -43,6 +43,7 @@ class ShotGenerator:
     self.params = params
     self.enc = enc
     self.max_memory_frames = max(max_shots - 1, 1) * system.latent_shape[0]
+    self.steps, self.shift = int(steps), float(shift)
     self.times = rf.sampling_times(steps, shift)
     self.guidance = float(guidance)
     self._generate = jax.jit(self._generate_impl)
@@ -120,7 +121,8 @@ def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: st
   d = s.config.data
   start = story_lib.load_image(story.start_image, d.height, d.width) if story.start_image else None
   header = {"story_digest": _story_digest(story), "seed": seed, "memory": memory,
-            "start_image": story.start_image, "num_shots": len(story.shots)}
+            "start_image": story.start_image, "num_shots": len(story.shots),
+            "sampler": {"steps": generator.steps, "shift": generator.shift, "guidance": generator.guidance}}
   shots, latents, records = [], [], []
   if os.path.exists(manifest_path):
     if not resume:

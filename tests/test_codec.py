@@ -148,3 +148,100 @@ def test_image_encoder_from_config_and_errors():
   config.image_encoder.name = "clip"
   with pytest.raises(ValueError, match=r"unknown image encoder 'clip'; available: patches"):
     image_lib.make_image_encoder(config)
+
+
+# ------------------------------------------------------------------------- Wan VAE codec
+# Tiny Wan2.1-layout VAE (stride 4x8x8, 4 latent channels); its parity with diffusers is in test_parity_wan_vae.py.
+_TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                 latents_mean=[0.5, -0.25, 0.0, 1.0], latents_std=[2.0, 0.5, 1.0, 4.0])
+
+
+def _wan_config(vae, **codec):
+  return ml_collections.ConfigDict({"codec": dict(name="wan_vae", vae=vae, **codec)})
+
+
+def test_wan_vae_codec_shapes_presets_and_errors():
+  wan21 = codec_lib.make_codec(_wan_config("wan2.1", stride=(4, 8, 8)))
+  assert isinstance(wan21, codec_lib.WanVAECodec)
+  assert wan21.stride == (4, 8, 8) and wan21.latent_channels == 16 and wan21.mask_channels == 4
+  assert wan21.latent_shape(81, 480, 832) == (21, 60, 104, 16)  # the paper setting
+  assert wan21.video_shape(21, 60, 104) == (81, 480, 832)
+  assert wan21.latent_shape(1, 8, 8) == (1, 1, 1, 16)
+  wan22 = codec_lib.make_codec(_wan_config("wan2.2"))
+  assert wan22.stride == (4, 16, 16) and wan22.latent_channels == 48
+  assert wan22.latent_shape(81, 704, 1280) == (21, 44, 80, 48)
+  assert wan22.video_shape(21, 44, 80) == (81, 704, 1280)
+  with pytest.raises(ValueError, match=r"\(T, H, W\) = \(80, 480, 832\) needs T = 1 \+ 4k frames"):
+    wan21.latent_shape(80, 480, 832)
+  with pytest.raises(ValueError, match=r"\(T, H, W\) = \(81, 480, 840\) .* spatial stride 16"):
+    wan22.latent_shape(81, 480, 840)
+  with pytest.raises(ValueError, match=r"video must be \[B, T, H, W, 3\], got shape \(5, 8, 8, 3\)"):
+    wan21.encode({}, np.zeros((5, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match=r"latents must be \[B, F, h, w, 16\]"):
+    wan21.decode({}, np.zeros((1, 2, 1, 1, 48), np.float32))
+  with pytest.raises(ValueError, match=r"config.codec.stride = \(2, 4, 4\) does not match .* \(4, 8, 8\)"):
+    codec_lib.make_codec(_wan_config("wan2.1", stride=(2, 4, 4)))
+  with pytest.raises(ValueError, match=r"config.codec.vae: unknown preset 'wan2.3'; available: wan2.1, wan2.2"):
+    codec_lib.make_codec(_wan_config("wan2.3"))
+  with pytest.raises(ValueError, match=r"WanVAECodec.dtype: expected 'float32' or 'bfloat16', got 'float16'"):
+    codec_lib.make_codec(_wan_config("wan2.1", dtype="float16"))
+
+
+def test_wan_vae_codec_frame_mask_follows_wan_i2v_layout():
+  # Wan2.1-I2V: the mask of pixel frame 0 is repeated 4 times, then frames are grouped 4 per latent frame, so
+  # latent frame 0 carries frame 0 on all channels and channel c of latent frame f >= 1 is frame 4 (f - 1) + 1 + c.
+  codec = codec_lib.WanVAECodec()
+  pixel_mask = np.zeros((3, 9), np.float32)
+  pixel_mask[0, 0] = 1  # I2V: the start image
+  pixel_mask[1, 6] = 1  # latent frame 2, channel 1
+  pixel_mask[2, 1] = 1  # latent frame 1, channel 0
+  mask = codec.frame_mask(pixel_mask, latent_hw=(3, 2))
+  assert mask.shape == (3, 3, 3, 2, 4) and mask.dtype == jnp.float32
+  expected = np.zeros((3, 3, 4), np.float32)
+  expected[0, 0, :] = 1
+  expected[1, 2, 1] = 1
+  expected[2, 1, 0] = 1
+  np.testing.assert_array_equal(np.asarray(mask), np.broadcast_to(expected[:, :, None, None], mask.shape))
+  assert codec.frame_mask(pixel_mask).shape == (3, 3, 1, 1, 4)
+  with pytest.raises(ValueError, match=r"pixel_mask frames T = 8 must be 1 \+ 4k"):
+    codec.frame_mask(np.zeros((1, 8)))
+  with pytest.raises(ValueError, match=r"pixel_mask must be \[B, T\]"):
+    codec.frame_mask(np.zeros((9,)))
+
+
+def test_wan_vae_codec_encodes_normalised_latents_and_plugs_into_the_system():
+  from onestory_jax import next_shot  # pylint: disable=g-import-not-at-top
+
+  config = onestory.get_config("demo")
+  config.codec = ml_collections.ConfigDict(dict(name="wan_vae", vae=_TINY_VAE, stride=(4, 8, 8)))
+  config.data.frames_per_shot, config.data.height, config.data.width = 5, 16, 16
+  system = next_shot.make_system(config)
+  codec = system.codec
+  assert system.latent_shape == (2, 2, 2, 4)
+  enc = system.encoder_params(jax.random.key(0))
+  params = enc["codec"]
+  once, again, other = (codec.init(jax.random.key(k)) for k in (3, 3, 4))
+  assert jax.tree.structure(once) == jax.tree.structure(params)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), once, again))
+  assert not jnp.array_equal(once["encoder"]["conv_in"]["kernel"], other["encoder"]["conv_in"]["kernel"])
+
+  frames = np.random.default_rng(0).integers(0, 256, (1, 5, 16, 16, 3), dtype=np.uint8)
+  latents = system.encode_shots(enc, jnp.asarray(frames))
+  assert latents.shape == (1, 2, 2, 2, 4) and latents.dtype == jnp.float32
+  raw = codec.encode_raw(params, codec_lib.to_unit(frames))
+  mean, std = np.array(_TINY_VAE["latents_mean"]), np.array(_TINY_VAE["latents_std"])
+  np.testing.assert_allclose(np.asarray(latents), (np.asarray(raw) - mean) / std, rtol=1e-6, atol=1e-6)
+
+  video = system.decode_shots(enc, latents)
+  assert video.shape == (1, 5, 16, 16, 3) and video.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(video))) <= 1.0
+  np.testing.assert_allclose(np.asarray(video), np.asarray(codec.decode_raw(params, raw)), atol=1e-5)
+
+  # I2V channel path: [4 mask channels, latent of (first frame, zeros...)].
+  first = jnp.asarray(codec_lib.to_unit(frames[:, 0]))
+  channels = system.first_frame_channels(enc, first, jnp.array([True]))
+  assert channels.shape == (1, 2, 2, 2, 8)
+  np.testing.assert_array_equal(np.asarray(channels[..., :4]),
+                                np.asarray(codec.frame_mask(np.array([[1, 0, 0, 0, 0]]), (2, 2))))
+  video0 = jnp.zeros((1, 5, 16, 16, 3)).at[:, 0].set(first)
+  np.testing.assert_allclose(np.asarray(channels[..., 4:]), np.asarray(codec.encode(params, video0)), atol=1e-6)

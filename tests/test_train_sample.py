@@ -156,6 +156,9 @@ def test_interrupted_story_resumes_where_it_stopped(trained, tmp_path, monkeypat
     sampler.generate_story(gen, story, out, seed=5)
   with pytest.raises(ValueError, match="seed"):
     sampler.generate_story(gen, story, out, seed=6, resume=True)
+  other = sampler.ShotGenerator(gen.system, gen.params, gen.enc, max_shots=3, steps=3, shift=1.0, guidance=4.0)
+  with pytest.raises(ValueError, match="sampler"):  # other sampler settings would not continue the same story
+    sampler.generate_story(other, story, out, seed=5, resume=True)
   monkeypatch.setattr(sampler.ShotGenerator, "__call__", real_call)
   resumed = sampler.generate_story(gen, story, out, seed=5, resume=True)
   assert resumed["complete"] and resumed["shots"] == full["shots"]
@@ -185,6 +188,19 @@ def test_memory_ablation_reports_both_modes(trained):
   for mode in ("full", "none"):
     assert 0.0 <= out[mode]["character_consistency"] <= 1.0
     assert set(out[mode]) == set(memory_ablation.METRICS)
+  assert 0.0 <= out["selection_top1_character_hit"] <= 1.0
+
+
+def test_selection_top1_hit_follows_annotations():
+  from onestory_jax import memory_ablation
+  story = {"shots": [{"characters": [0]}, {"characters": [1]}, {"characters": [0]}, {"characters": [2]}]}
+  info = lambda idx, ok=True: {"indices": np.array([idx, 0]), "valid": np.array([ok, ok])}
+  f = 4  # latent frames per shot
+  assert memory_ablation.selection_top1_hit(story, 2, info(1), f)  # frame 1 = shot 0, which shows character 0
+  assert not memory_ablation.selection_top1_hit(story, 2, info(5), f)  # frame 5 = shot 1: character 1 only
+  assert not memory_ablation.selection_top1_hit(story, 2, info(1, ok=False), f)  # nothing selected
+  assert memory_ablation.selection_top1_hit(story, 3, info(1), f) is None  # character 2 is new: nothing to recall
+  assert memory_ablation.selection_top1_hit(story, 0, info(0, ok=False), f) is None
 
 
 def test_missing_checkpoint_errors(tmp_path):

@@ -2,13 +2,23 @@
 
 The demo builds a word-level tokenizer from the StoryWorld vocabulary (lower-cased,
 split at whitespace and punctuation; "<pad>" = 0, "<unk>" = 1, then the words). A real
-text encoder's ``tokenizer.json`` (umT5 for Wan2.1) goes through the same class via
-:meth:`CaptionTokenizer.from_file`, so the rest of the code sees one interface:
+text encoder's ``tokenizer.json`` goes through the same interface
+(:meth:`CaptionTokenizer.from_file` loads any file written by :meth:`CaptionTokenizer.save`):
 ``encode(texts) -> int32 [N, max_len]`` padded with ``pad_id``.
+
+For Wan (umT5), :func:`load_umt5_tokenizer` loads the release's ``tokenizer/tokenizer.json``
+into a :class:`UMT5Tokenizer`, which follows diffusers' Wan pipelines
+(``_get_t5_prompt_embeds`` in pipeline_wan_i2v.py): each prompt is cleaned (:func:`clean_prompt`:
+ftfy's text repair, HTML entities unescaped twice, whitespace runs collapsed), tokenized, cut
+to ``max_len - 1`` pieces, given the EOS token ``</s>`` (as T5's tokenizer appends it) and
+padded with ``<pad>`` (id 0) to ``max_len`` (512 in Wan); the attention mask marks the real
+tokens, EOS included.
 """
 from __future__ import annotations
 
+import html
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,6 +29,7 @@ from onestory_jax.data import storyworld
 
 PAD = "<pad>"
 UNK = "<unk>"
+EOS = "</s>"
 
 
 class CaptionTokenizer:
@@ -117,3 +128,101 @@ class CaptionTokenizer:
 def storyworld_tokenizer(max_len: int) -> CaptionTokenizer:
   """The word-level tokenizer of the StoryWorld caption vocabulary."""
   return CaptionTokenizer.from_vocabulary(storyworld.vocabulary(), max_len)
+
+
+# ---------------------------------------------------------------------------- umT5 (Wan)
+def clean_prompt(text: str) -> str:
+  """Wan's prompt cleaning: ftfy's text repair, HTML unescaped twice, whitespace collapsed.
+
+  Same steps as diffusers' ``prompt_clean`` (``whitespace_clean(basic_clean(text))``) in the Wan
+  pipelines. Needs the ``ftfy`` package (the Wan pipelines need it too).
+  """
+  if not isinstance(text, str):
+    raise ValueError(f"clean_prompt: expected a str, got {text!r}")
+  try:
+    import ftfy  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("clean_prompt needs the 'ftfy' package (Wan's prompt cleaning); "
+                      "pip install ftfy==6.3.1") from e
+  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  return re.sub(r"\s+", " ", text).strip()
+
+
+class UMT5Tokenizer(CaptionTokenizer):
+  """A T5-family ``tokenizer.json`` with Wan's prompt handling.
+
+  ``encode`` / :meth:`encode_with_mask` clean each prompt (unless ``clean=False``), tokenize it
+  without the file's post-processor, keep at most ``max_len - 1`` pieces, append EOS and pad
+  with ``<pad>``. This is what transformers' T5 tokenizer returns for
+  ``tokenizer(prompts, padding='max_length', max_length=max_len, truncation=True,
+  add_special_tokens=True, return_attention_mask=True)``.
+  """
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, max_len: int = 512, clean: bool = True):
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+      raise ValueError(f"UMT5Tokenizer: max_len must be an int >= 2 (room for EOS), got {max_len!r}")
+    tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())  # private copy
+    tokenizer.no_truncation()  # a tokenizer.json may carry its own; lengths are ours to set
+    tokenizer.no_padding()
+    super().__init__(tokenizer, max_len)
+    eos_id = tokenizer.token_to_id(EOS)
+    if eos_id is None:
+      raise ValueError(f"UMT5Tokenizer: the tokenizer has no {EOS!r} (EOS) token")
+    self._eos_id = int(eos_id)
+    self._clean = bool(clean)
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos_id
+
+  def encode_with_mask(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int32 [N, max_len] and the attention mask bool [N, max_len]."""
+    if isinstance(texts, str):
+      raise ValueError("UMT5Tokenizer.encode expects a sequence of strings, got one str")
+    texts = list(texts)
+    for t in texts:
+      if not isinstance(t, str):
+        raise ValueError(f"UMT5Tokenizer.encode: every text must be a str, got {t!r}")
+    if self._clean:
+      texts = [clean_prompt(t) for t in texts]
+    ids = np.full((len(texts), self._max_len), self._pad_id, dtype=np.int32)
+    mask = np.zeros((len(texts), self._max_len), dtype=bool)
+    for i, enc in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
+      row = enc.ids[: self._max_len - 1] + [self._eos_id]
+      ids[i, : len(row)] = row
+      mask[i, : len(row)] = True
+    return ids, mask
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    """Token ids int32 [N, max_len] (see :meth:`encode_with_mask`)."""
+    return self.encode_with_mask(texts)[0]
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**super().__getstate__(), "clean": self._clean}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(tokenizers.Tokenizer.from_str(state["tokenizer_json"]), state["max_len"],
+                  state["clean"])
+
+
+def load_umt5_tokenizer(path: str, max_len: int = 512, clean: bool = True) -> UMT5Tokenizer:
+  """Loads umT5's tokenizer from a release's ``tokenizer/`` directory or its ``tokenizer.json``.
+
+  Args:
+    path: the directory holding ``tokenizer.json`` (a diffusers Wan release's ``tokenizer/``),
+      or the file itself. Only ``tokenizer.json`` is read (no sentencepiece model, no pickle).
+    max_len: the fixed prompt length (512 in Wan, ``config.text_encoder.text_len``).
+    clean: apply :func:`clean_prompt` to every prompt (Wan does).
+
+  Raises:
+    ValueError: the file is missing or lacks the ``<pad>`` / ``</s>`` tokens, or ``max_len < 2``.
+  """
+  file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise ValueError(f"umT5 tokenizer: {file!r} does not exist (expected the release's "
+                     "tokenizer/ directory holding tokenizer.json, or that file)")
+  try:
+    tok = tokenizers.Tokenizer.from_file(file)
+  except Exception as e:  # tokenizers raises its own exception type for a malformed file
+    raise ValueError(f"umT5 tokenizer: {file!r} is not a valid tokenizer.json: {e}") from e
+  return UMT5Tokenizer(tok, max_len, clean)

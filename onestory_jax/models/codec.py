@@ -7,7 +7,10 @@ the 14B configuration differ only in the object that :func:`make_codec` returns:
 
 * ``space_to_depth`` (demo): :class:`SpaceToDepthCodec`, a lossless, parameter-free
   rearrangement of (t, h, w) blocks into channels. Decoding is the exact inverse.
-* ``wan_vae`` (real configs): the Wan2.1 causal VAE, ported later behind the same interface.
+* ``wan_vae`` (real configs): :class:`WanVAECodec`, the causal Wan VAE (Wan2.1: stride (4, 8, 8), 16 channels;
+  Wan2.2: stride (4, 16, 16), 48 channels) of :mod:`onestory_jax.models.wan_vae`. Its latents are the normalised
+  ones the Wan DiT works on, ``(mean - latents_mean) / latents_std``; T = 1 + 4k pixel frames give 1 + k latent
+  frames (the first latent frame covers frame 0 alone).
 
 I2V mask layout (Wan2.1-I2V's 4 mask channels). Wan builds a per-pixel-frame mask
 (1 = frame given, 0 = to generate), groups it into latent frames of ``stride_t`` pixel
@@ -16,7 +19,8 @@ first latent frame covers a single pixel frame, so Wan repeats the first mask en
 ``stride_t`` times before grouping (T = 1 + 4k pixel frames -> 1 + k latent frames). The
 space-to-depth codec is not causal: T is a multiple of ``stride_t``, every latent frame covers
 exactly ``stride_t`` pixel frames, and no repeat is needed. The channel layout is otherwise
-identical: channel ``c`` of latent frame ``f`` is the mask of pixel frame ``f * stride_t + c``.
+identical: channel ``c`` of latent frame ``f`` is the mask of pixel frame ``f * stride_t + c`` (for the Wan VAE,
+of the sequence with frame 0 repeated, i.e. pixel frame ``max(0, f * stride_t + c - stride_t + 1)``).
 
 Pixel convention: videos are float arrays in [-1, 1] with shape [B, T, H, W, 3]
 (:func:`to_unit` / :func:`to_uint8` convert from / to uint8).
@@ -24,12 +28,16 @@ Pixel convention: videos are float arrays in [-1, 1] with shape [B, T, H, W, 3]
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Protocol, Sequence
 
 import einops
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from onestory_jax.models import wan_vae
 
 Array = Any  # jax.Array or np.ndarray
 
@@ -174,14 +182,159 @@ class SpaceToDepthCodec:
     return jnp.broadcast_to(mask, (b, t // st, h, w, st))
 
 
-_CODECS = ("space_to_depth",)
+@functools.lru_cache(maxsize=None)
+def _wan_fns(config: wan_vae.WanVAEConfig, dtype: str):
+  """(module, jitted raw encode, jitted raw decode) for one VAE config and compute dtype (one compile per shape).
+
+  float32 runs at HIGHEST conv / matmul precision, so that accelerators (TPU bf16 passes, GPU TF32) stay faithful to
+  the float32 reference; bfloat16 uses the default precision.
+  """
+  precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
+  vae = wan_vae.WanVAE(config, wan_vae.Numerics(dtype=jnp.dtype(dtype), precision=precision))
+  return vae, jax.jit(functools.partial(wan_vae.encode, vae)), jax.jit(functools.partial(wan_vae.decode, vae))
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVAECodec:
+  """The Wan VAE behind the :class:`Codec` protocol (Wan2.1 or Wan2.2 sizes, see :mod:`wan_vae`).
+
+  ``encode`` returns the normalised posterior mean, float32 ``[B, 1 + k, H/s, W/s, z]`` for ``T = 1 + 4k``;
+  ``decode`` inverts the normalisation, decodes and clamps to [-1, 1] (float32); ``encode_raw`` / ``decode_raw``
+  work on the VAE's own (un-normalised) latents. Both run the chunked causal schedule in one compiled ``lax.scan``
+  per shape. Parameters are the converted published weights (:func:`wan_vae.torch_key_to_target`) or
+  :meth:`init`'s random ones.
+
+  Attributes:
+    config: VAE sizes (:data:`wan_vae.PRESETS` or :func:`wan_vae.config_from_diffusers`).
+    dtype: compute dtype name ('float32' or 'bfloat16'); parameters stay float32.
+  """
+
+  config: wan_vae.WanVAEConfig = wan_vae.PRESETS["wan2.1"]
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if not isinstance(self.config, wan_vae.WanVAEConfig):
+      raise ValueError(f"WanVAECodec.config: expected a wan_vae.WanVAEConfig, got {type(self.config).__name__}")
+    if self.config.video_channels != 3:
+      raise ValueError(f"WanVAECodec.config: the codec works on RGB videos; in_channels / patch_size**2 = "
+                       f"{self.config.video_channels}, expected 3")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"WanVAECodec.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+
+  @classmethod
+  def from_config(cls, codec_config) -> "WanVAECodec":
+    """From ``config.codec``: ``vae`` is a preset name ('wan2.1' | 'wan2.2', default 'wan2.1') or a mapping of
+    diffusers ``vae/config.json`` keys; optional ``dtype``; an optional ``stride`` must match the VAE's."""
+    vae = codec_config.get("vae", "wan2.1")
+    if isinstance(vae, str):
+      if vae not in wan_vae.PRESETS:
+        raise ValueError(f"config.codec.vae: unknown preset {vae!r}; available: {', '.join(wan_vae.PRESETS)} "
+                         "(or a mapping of diffusers vae/config.json keys)")
+      vae_config = wan_vae.PRESETS[vae]
+    else:
+      vae_config = wan_vae.config_from_diffusers(vae.to_dict() if hasattr(vae, "to_dict") else dict(vae))
+    codec = cls(config=vae_config, dtype=codec_config.get("dtype", "float32"))
+    stride = codec_config.get("stride", None)
+    if stride is not None and tuple(stride) != codec.stride:
+      raise ValueError(f"config.codec.stride = {tuple(stride)} does not match the Wan VAE's stride {codec.stride}")
+    return codec
+
+  @property
+  def stride(self) -> tuple[int, int, int]:
+    return self.config.stride
+
+  @property
+  def latent_channels(self) -> int:
+    return self.config.z_dim
+
+  @property
+  def mask_channels(self) -> int:
+    return self.stride[0]
+
+  def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(1 + k, H/s, W/s, z) for T = 1 + 4k frames; raises on other sizes."""
+    st, s, _ = self.stride
+    if frames < 1 or (frames - 1) % st or height % s or width % s or min(height, width) < 1:
+      raise ValueError(f"WanVAECodec: video (T, H, W) = {(frames, height, width)} needs T = 1 + {st}k frames and "
+                       f"H, W positive and divisible by the spatial stride {s} (stride (t, h, w) = {self.stride})")
+    return 1 + (frames - 1) // st, height // s, width // s, self.latent_channels
+
+  def video_shape(self, latent_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(1 + 4 (F - 1), h*s, w*s) for latents of (F, h, w) cells."""
+    if min(latent_frames, height, width) < 1:
+      raise ValueError(f"WanVAECodec: latent (F, h, w) = {(latent_frames, height, width)} must be positive")
+    st, s, _ = self.stride
+    return 1 + st * (latent_frames - 1), height * s, width * s
+
+  def init(self, rng: jax.Array) -> Any:
+    """Random float32 parameters of the right tree (unboxed); real ones come from conversion."""
+    vae = _wan_fns(self.config, self.dtype)[0]
+    return nn.unbox(wan_vae.init(vae, rng))
+
+  def encode_raw(self, params: Any, video: Array) -> jax.Array:
+    """[B, 1 + 4k, H, W, 3] in [-1, 1] -> the VAE's posterior mean (un-normalised, compute dtype)."""
+    if video.ndim != 5 or video.shape[-1] != 3:
+      raise ValueError(f"WanVAECodec.encode: video must be [B, T, H, W, 3], got shape {tuple(video.shape)}")
+    self.latent_shape(*video.shape[1:4])
+    return _wan_fns(self.config, self.dtype)[1](params, jnp.asarray(video))
+
+  def decode_raw(self, params: Any, z: Array) -> jax.Array:
+    """Un-normalised latents [B, F, h, w, z] -> video [B, 1 + 4 (F - 1), h*s, w*s, 3] (compute dtype, clamped)."""
+    if z.ndim != 5 or z.shape[-1] != self.latent_channels or z.shape[1] < 1:
+      raise ValueError(f"WanVAECodec.decode: latents must be [B, F, h, w, {self.latent_channels}], got shape "
+                       f"{tuple(z.shape)}")
+    return _wan_fns(self.config, self.dtype)[2](params, jnp.asarray(z))
+
+  def encode(self, params: Any, video: Array) -> jax.Array:
+    """[B, 1 + 4k, H, W, 3] in [-1, 1] -> normalised latents float32 [B, 1 + k, H/s, W/s, z]."""
+    return wan_vae.normalize(self.config, self.encode_raw(params, video))
+
+  def decode(self, params: Any, latents: Array) -> jax.Array:
+    """Normalised latents [B, F, h, w, z] -> video float32 [B, 1 + 4 (F - 1), h*s, w*s, 3] in [-1, 1]."""
+    if latents.ndim != 5 or latents.shape[-1] != self.latent_channels:
+      raise ValueError(f"WanVAECodec.decode: latents must be [B, F, h, w, {self.latent_channels}], got shape "
+                       f"{tuple(latents.shape)}")
+    return self.decode_raw(params, wan_vae.denormalize(self.config, latents)).astype(jnp.float32)
+
+  def frame_mask(self, pixel_mask: Array,
+                 latent_hw: tuple[int, int] | None = None) -> jax.Array:
+    """Wan2.1-I2V mask in latent space: frame 0's entry repeated ``stride_t`` times, then grouped.
+
+    Args:
+      pixel_mask: [B, T] with T = 1 + st*k, 1 where the pixel frame is given.
+      latent_hw: (h, w) latent cells to broadcast to; None gives size-1 spatial axes.
+
+    Returns:
+      float32 [B, 1 + k, h, w, st]; channel c of latent frame f is pixel frame ``max(0, f*st + c - (st - 1))``'s
+      mask (latent frame 0 holds frame 0's mask on every channel).
+    """
+    if pixel_mask.ndim != 2:
+      raise ValueError(f"WanVAECodec.frame_mask: pixel_mask must be [B, T], got shape {tuple(pixel_mask.shape)}")
+    st = self.stride[0]
+    b, t = pixel_mask.shape
+    if t < 1 or (t - 1) % st:
+      raise ValueError(f"WanVAECodec.frame_mask: pixel_mask frames T = {t} must be 1 + {st}k (causal stride t = "
+                       f"{st})")
+    m = jnp.asarray(pixel_mask, jnp.float32)
+    m = jnp.concatenate([jnp.repeat(m[:, :1], st, axis=1), m[:, 1:]], axis=1)
+    f = m.shape[1] // st
+    mask = m.reshape(b, f, 1, 1, st)
+    if latent_hw is None:
+      return mask
+    h, w = latent_hw
+    return jnp.broadcast_to(mask, (b, f, h, w, st))
+
+
+_CODECS = ("space_to_depth", "wan_vae")
 
 
 def make_codec(config) -> Codec:
-  """Codec named by ``config.codec.name`` (e.g. 'space_to_depth')."""
+  """Codec named by ``config.codec.name`` ('space_to_depth' or 'wan_vae', see :meth:`WanVAECodec.from_config`)."""
   name = config.codec.name
   if name == "space_to_depth":
     return SpaceToDepthCodec(stride=tuple(config.codec.stride))
+  if name == "wan_vae":
+    return WanVAECodec.from_config(config.codec)
   raise ValueError(f"config.codec.name: unknown codec {name!r}; available: {', '.join(_CODECS)}")
 
 

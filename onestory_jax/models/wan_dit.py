@@ -24,10 +24,24 @@ a key-padding mask and their own timestep (clean, t = 0, by default). They join
 self-attention (masked where padded) and the text/image cross-attention, are modulated with
 their own timestep, and are dropped before the head. Without context the model is exactly
 Wan2.1.
+
+Variants (all computed by the one module): Wan2.1-T2V (no image branch), Wan2.1-I2V (``image_dim``
+set: CLIP tokens through ``image_embedder`` and the ``add_k_proj``/``add_v_proj`` image
+cross-attention; the I2V input channels are [noise, mask, first-frame latent]) and Wan2.2-TI2V
+(no image branch; the pipeline passes one timestep per noise token, ``[B, N]``, with t = 0 on the
+first-frame tokens, and every block and the head are then modulated token by token).
+
+Published weights: :func:`torch_key_to_target` maps every tensor of a diffusers
+``WanTransformer3DModel`` state dict onto this module's parameters (unrolled ``blocks_i`` or the
+stacked ``blocks`` of ``scan_layers``), :func:`config_from_diffusers` reads the sizes from the
+release's ``config.json``; ``onestory_jax.convert`` streams a release through them.
+tests/test_parity_wan_dit.py checks the outputs against diffusers in float32 (relative error
+<= 1e-5) and states the bfloat16 error.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import einops
@@ -35,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from onestory_jax import weights
 from onestory_jax.models import rope
 
 Array = jax.Array
@@ -323,9 +338,11 @@ class CrossAttention(nn.Module):
 class WanBlock(nn.Module):
   """One Wan transformer block with per-token (noise / context) adaLN modulation.
 
-  ``t_proj`` [B, 6, dim] modulates noise tokens; ``t_proj_ctx`` (or None) modulates the
-  tokens where ``is_ctx`` [L] is True. With ``scanned`` the call returns ``(x, None)`` for
-  ``nn.scan``.
+  ``t_proj`` modulates the noise tokens: ``[B, 6, dim]`` (one timestep per sample, Wan2.1) or
+  ``[B, N, 6, dim]`` (one per noise token, Wan2.2-TI2V); the noise tokens are the first N of
+  the sequence. ``t_proj_ctx`` [B, 6, dim] (or None) modulates the tokens where ``is_ctx`` [L]
+  is True (the context tokens, which follow the noise tokens). With ``scanned`` the call
+  returns ``(x, None)`` for ``nn.scan``.
   """
   dim: int
   ffn_dim: int
@@ -347,12 +364,19 @@ class WanBlock(nn.Module):
         (1, 6, self.dim), self.param_dtype)
 
     def mod(i: int) -> Array:
-      """Modulation vector i, [B, 1, dim] (all-noise) or [B, L, dim] (per token), float32."""
-      m = table[:, i].astype(jnp.float32) + t_proj[:, i]
+      """Modulation vector i, [B, 1, dim] (one per sample) or [B, L, dim] (per token), float32."""
+      base = table[0, i].astype(jnp.float32)
+      if t_proj.ndim == 4:  # per noise token
+        m = base + t_proj[:, :, i].astype(jnp.float32)
+      else:
+        m = (base + t_proj[:, i].astype(jnp.float32))[:, None]
       if t_proj_ctx is None:
-        return m[:, None]
-      mc = table[:, i].astype(jnp.float32) + t_proj_ctx[:, i]
-      return jnp.where(is_ctx[None, :, None], mc[:, None], m[:, None])
+        return m
+      mc = (base + t_proj_ctx[:, i].astype(jnp.float32))[:, None]
+      if t_proj.ndim == 4:
+        nc = x.shape[1] - m.shape[1]
+        return jnp.concatenate([m, jnp.broadcast_to(mc, (mc.shape[0], nc, mc.shape[-1]))], axis=1)
+      return jnp.where(is_ctx[None, :, None], mc, m)
 
     def residual(x: Array, y: Array, gate: Array) -> Array:
       return (x.astype(jnp.float32) + y.astype(jnp.float32) * gate).astype(x.dtype)
@@ -450,8 +474,10 @@ class WanTransformer3D(nn.Module):
     pt, ph, pw = self.patch_size
     if x.shape[1] % pt or x.shape[2] % ph or x.shape[3] % pw:
       raise ValueError(f"x: (F, H, W) = {x.shape[1:4]} must be divisible by patch_size {self.patch_size}")
-    if timestep.shape != (b,):
-      raise ValueError(f"timestep: expected shape [B] = ({b},); got {timestep.shape}")
+    n = (x.shape[1] // pt) * (x.shape[2] // ph) * (x.shape[3] // pw)
+    if timestep.shape not in ((b,), (b, n)):
+      raise ValueError(f"timestep: expected shape [B] = ({b},) or per noise token [B, N] = ({b}, {n}); "
+                       f"got {timestep.shape}")
     if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.text_dim:
       raise ValueError(f"text: expected [B, Lt, {self.text_dim}] with B = {b}; got {text.shape}")
     if text_mask is not None and text_mask.shape != text.shape[:2]:
@@ -513,7 +539,10 @@ class WanTransformer3D(nn.Module):
 
     Args:
       x: latents ``[B, F, H, W, in_channels]``.
-      timestep: ``[B]`` in [0, 1000].
+      timestep: ``[B]`` in [0, 1000], or ``[B, N]`` with one timestep per noise token
+        (N = number of patches, raster order), as diffusers' Wan2.2-TI2V pipeline passes with
+        ``expand_timesteps`` (first-frame tokens at t = 0). Per-token timesteps modulate every
+        block and the output head token by token, as in the reference.
       text: caption embeddings ``[B, Lt, text_dim]`` (Wan zero-pads them and masks nothing).
       image: ``[B, Li, image_dim]`` CLIP tokens, required iff ``image_dim`` is set.
       text_mask: optional ``[B, Lt]`` bool key mask for the text (None = Wan semantics).
@@ -541,7 +570,9 @@ class WanTransformer3D(nn.Module):
                         name="patch_embedding")(x)
     tokens = nn.with_logical_constraint(tokens, BLD)
 
-    times = timestep.astype(jnp.float32)
+    per_token = timestep.ndim == 2
+    times = timestep.astype(jnp.float32).reshape(-1)  # [B] or [B * N]
+    n_times = times.shape[0]
     if context is not None:
       ctx_t = (jnp.zeros((b,), jnp.float32) if context_timestep is None
                else context_timestep.astype(jnp.float32))
@@ -549,7 +580,10 @@ class WanTransformer3D(nn.Module):
     temb, t_proj, text_e, image_e = ConditionEmbedder(
         self.dim, self.freq_dim, self.image_dim is not None, self.dtype, self.param_dtype,
         name="condition_embedder")(times, text, image)
-    temb, t_proj_ctx, t_proj = temb[:b], t_proj[b:], t_proj[:b]
+    temb, t_proj_ctx, t_proj = temb[:n_times], t_proj[n_times:], t_proj[:n_times]
+    if per_token:
+      temb = temb.reshape(b, n, self.dim)
+      t_proj = t_proj.reshape(b, n, 6, self.dim)
 
     pos = jnp.broadcast_to(rope.grid_positions(*grid)[None], (b, n, 3))
     if context is None:
@@ -572,9 +606,14 @@ class WanTransformer3D(nn.Module):
         "scale_shift_table",
         nn.with_logical_partitioning(nn.initializers.normal(self.dim ** -0.5), (None, None, "embed")),
         (1, 2, self.dim), self.param_dtype)
-    mod = table.astype(jnp.float32) + temb[:, None]
+    if per_token:  # temb [B, N, dim]: shift and scale per token
+      shift = table[0, 0].astype(jnp.float32) + temb
+      scale = table[0, 1].astype(jnp.float32) + temb
+    else:  # temb [B, dim]
+      shift = (table[0, 0].astype(jnp.float32) + temb)[:, None]
+      scale = (table[0, 1].astype(jnp.float32) + temb)[:, None]
     norm_out = _layer_norm(self.eps, False, self.param_dtype, name="norm_out")
-    out = (norm_out(out) * (1.0 + mod[:, 1:2]) + mod[:, 0:1]).astype(self.dtype)
+    out = (norm_out(out) * (1.0 + scale) + shift).astype(self.dtype)
     out = _dense(self.out_channels * pt * ph * pw, ("embed", "conv_out"), "proj_out", self.dtype,
                  self.param_dtype, _zeros)(out)
     return unpatchify(out, grid, self.patch_size)
@@ -587,3 +626,203 @@ def make_dit(config: Any, in_channels: int, out_channels: int, text_dim: int,
     raise ValueError("make_dit: config has no 'model' section (see configs/onestory.py)")
   return WanTransformer3D.from_config(config.model, in_channels, out_channels, text_dim,
                                       image_dim, **overrides)
+
+
+# ----------------------------------------------------------------------------- published weights
+#
+# The diffusers ``WanTransformer3DModel`` state dict -> this module's parameters. Module names
+# are the same up to ``.`` -> ``_`` in list indices (``to_out.0`` -> ``to_out_0``, ``net.0`` ->
+# ``net_0``, ``blocks.3`` -> ``blocks_3``); leaves are renamed (Linear/Conv ``weight`` ->
+# ``kernel``, norm ``weight`` -> ``scale``) and Linear/Conv weights change layout
+# (:func:`weights.linear`, :func:`weights.conv`).
+
+# Published module name -> (our module path, kind). kind: 'linear' | 'conv' | 'rms' | 'ln'.
+_TOP_MODULES = {
+    "patch_embedding": (("patch_embedding",), "conv"),
+    "condition_embedder.time_embedder.linear_1": (("condition_embedder", "time_embedder", "linear_1"), "linear"),
+    "condition_embedder.time_embedder.linear_2": (("condition_embedder", "time_embedder", "linear_2"), "linear"),
+    "condition_embedder.time_proj": (("condition_embedder", "time_proj"), "linear"),
+    "condition_embedder.text_embedder.linear_1": (("condition_embedder", "text_embedder", "linear_1"), "linear"),
+    "condition_embedder.text_embedder.linear_2": (("condition_embedder", "text_embedder", "linear_2"), "linear"),
+    "condition_embedder.image_embedder.norm1": (("condition_embedder", "image_embedder", "norm1"), "ln"),
+    "condition_embedder.image_embedder.ff.net.0.proj": (
+        ("condition_embedder", "image_embedder", "ff", "net_0", "proj"), "linear"),
+    "condition_embedder.image_embedder.ff.net.2": (("condition_embedder", "image_embedder", "ff", "net_2"), "linear"),
+    "condition_embedder.image_embedder.norm2": (("condition_embedder", "image_embedder", "norm2"), "ln"),
+    "proj_out": (("proj_out",), "linear"),
+}
+_BLOCK_MODULES = {
+    **{f"{a}.{p}": ((a, p), "linear") for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")},
+    **{f"{a}.to_out.0": ((a, "to_out_0"), "linear") for a in ("attn1", "attn2")},
+    **{f"{a}.{p}": ((a, p), "rms") for a in ("attn1", "attn2") for p in ("norm_q", "norm_k")},
+    "attn2.add_k_proj": (("attn2", "add_k_proj"), "linear"),
+    "attn2.add_v_proj": (("attn2", "add_v_proj"), "linear"),
+    "attn2.norm_added_k": (("attn2", "norm_added_k"), "rms"),
+    "norm2": (("norm2",), "ln"),
+    "ffn.net.0.proj": (("ffn", "net_0", "proj"), "linear"),
+    "ffn.net.2": (("ffn", "net_2"), "linear"),
+}
+# kind -> {published leaf: (our leaf, transform)}
+_LEAVES = {
+    "linear": {"weight": ("kernel", weights.linear), "bias": ("bias", weights.identity)},
+    "conv": {"weight": ("kernel", weights.conv), "bias": ("bias", weights.identity)},
+    "rms": {"weight": ("scale", weights.identity)},
+    "ln": {"weight": ("scale", weights.identity), "bias": ("bias", weights.identity)},
+}
+# Saved by some conversions but never used by the reference: diffusers lists it in
+# ``_keys_to_ignore_on_load_unexpected``.
+_IGNORED_BLOCK_MODULES = ("attn2.norm_added_q",)
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def torch_key_to_target(name: str, *, num_layers: int, scanned: bool) -> weights.Target | None:
+  """Maps one tensor name of a diffusers ``WanTransformer3DModel`` state dict to our parameter.
+
+  Args:
+    name: the published tensor name, e.g. ``"blocks.3.attn1.to_q.weight"``.
+    num_layers: the model's number of blocks (block indices are checked against it).
+    scanned: True for ``scan_layers=True`` models, whose block parameters are stacked in one
+      ``blocks`` collection: the target then has path ``("blocks", ...)`` and ``layer=i``.
+      False gives ``("blocks_i", ...)`` with ``layer=None``.
+
+  Returns:
+    The :class:`weights.Target`, or None for ``blocks.i.attn2.norm_added_q.weight``, a tensor
+    that the reference itself ignores on load.
+
+  Raises:
+    ValueError: for every other name this module does not know (naming the key), e.g. the
+      FLF2V ``image_embedder.pos_embed`` or fused ``to_qkv`` projections, which this port
+      does not implement, or a block index outside ``[0, num_layers)``.
+  """
+  module, _, leaf = name.rpartition(".")
+  match = _BLOCK_KEY.fullmatch(name)
+  if match:
+    layer = int(match.group(1))
+    rest = match.group(2)
+    if layer >= num_layers:
+      raise ValueError(f"transformer key {name!r}: block index {layer} is outside [0, {num_layers}) "
+                       f"(num_layers of the config)")
+    if rest == "scale_shift_table":
+      sub, kind, leaf_map = ("scale_shift_table",), None, None
+    else:
+      sub_module, _, leaf = rest.rpartition(".")
+      if sub_module in _IGNORED_BLOCK_MODULES:
+        return None
+      if sub_module not in _BLOCK_MODULES or leaf not in _LEAVES[_BLOCK_MODULES[sub_module][1]]:
+        raise ValueError(f"transformer key {name!r} is not a parameter of the Wan DiT port "
+                         f"(known block modules: {sorted(_BLOCK_MODULES)})")
+      path, kind = _BLOCK_MODULES[sub_module]
+      leaf_map = _LEAVES[kind][leaf]
+      sub = path + (leaf_map[0],)
+    transform = weights.identity if leaf_map is None else leaf_map[1]
+    if scanned:
+      return weights.Target(("blocks",) + sub, transform, layer)
+    return weights.Target((f"blocks_{layer}",) + sub, transform, None)
+  if name == "scale_shift_table":
+    return weights.Target(("scale_shift_table",))
+  if module in _TOP_MODULES and leaf in _LEAVES[_TOP_MODULES[module][1]]:
+    path, kind = _TOP_MODULES[module]
+    ours, transform = _LEAVES[kind][leaf]
+    return weights.Target(path + (ours,), transform)
+  raise ValueError(f"transformer key {name!r} is not a parameter of the Wan DiT port "
+                   f"(known modules: {sorted(_TOP_MODULES)} and blocks.<i>.*)")
+
+
+_DIFFUSERS_REQUIRED = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels",
+                       "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps")
+
+
+def config_from_diffusers(cfg: dict) -> dict:
+  """The DiT sizes of a diffusers ``WanTransformer3DModel`` ``config.json``, in our terms.
+
+  Returns a dict with the ``config.model`` fields ``dim, ffn_dim, num_heads, num_layers,
+  patch_size, freq_dim, eps, qk_norm, cross_attn_norm, rope_theta`` and the constructor
+  arguments ``in_channels, out_channels, text_dim, image_dim``.
+
+  Notes on the reference: ``qk_norm`` is always True, because diffusers' ``WanAttention``
+  builds and applies the across-heads RMS q/k norms whatever the field says; RoPE uses theta
+  10000 (not configurable there); ``out_channels`` null means ``in_channels``.
+
+  Raises:
+    ValueError: missing fields, or features this port does not implement: FLF2V image
+      position embeddings (``pos_embed_seq_len``), or an image branch whose added k/v
+      projections do not take the model width (``added_kv_proj_dim`` must equal
+      ``num_attention_heads * attention_head_dim`` exactly when ``image_dim`` is set).
+  """
+  missing = [k for k in _DIFFUSERS_REQUIRED if k not in cfg]
+  if missing:
+    raise ValueError(f"transformer config.json: missing fields {missing}; expected a diffusers "
+                     f"WanTransformer3DModel config")
+  dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+  image_dim = cfg.get("image_dim")
+  added_kv = cfg.get("added_kv_proj_dim")
+  if cfg.get("pos_embed_seq_len") is not None:
+    raise ValueError(f"transformer config.json: pos_embed_seq_len={cfg['pos_embed_seq_len']} (FLF2V "
+                     f"image position embedding) is not supported by this port; expected null")
+  if (image_dim is None) != (added_kv is None) or (added_kv is not None and int(added_kv) != dim):
+    raise ValueError(f"transformer config.json: image_dim={image_dim} with added_kv_proj_dim={added_kv}; "
+                     f"expected both null (T2V/TI2V) or added_kv_proj_dim = num_attention_heads * "
+                     f"attention_head_dim = {dim} with image_dim set (I2V)")
+  if cfg.get("qk_norm", "rms_norm_across_heads") not in (None, "rms_norm_across_heads"):
+    raise ValueError(f"transformer config.json: qk_norm={cfg['qk_norm']!r}; expected "
+                     f"'rms_norm_across_heads' (what the reference computes)")
+  out_channels = cfg.get("out_channels") or cfg["in_channels"]
+  return dict(
+      dim=dim, ffn_dim=int(cfg["ffn_dim"]), num_heads=int(cfg["num_attention_heads"]),
+      num_layers=int(cfg["num_layers"]), patch_size=_triple(cfg["patch_size"], "config.json patch_size"),
+      freq_dim=int(cfg["freq_dim"]), eps=float(cfg["eps"]), qk_norm=True,
+      cross_attn_norm=bool(cfg["cross_attn_norm"]), rope_theta=10000.0,
+      in_channels=int(cfg["in_channels"]), out_channels=int(out_channels), text_dim=int(cfg["text_dim"]),
+      image_dim=None if image_dim is None else int(image_dim))
+
+
+def dit_from_diffusers(cfg: dict, **overrides: Any) -> WanTransformer3D:
+  """A :class:`WanTransformer3D` with the sizes of a diffusers ``config.json``.
+
+  ``overrides`` set the execution fields (``dtype``, ``param_dtype``, ``scan_layers``,
+  ``remat``, ``attention_impl``).
+  """
+  kw = config_from_diffusers(cfg)
+  kw.update(overrides)
+  return WanTransformer3D(**kw)
+
+
+def config_mismatches(model_cfg: Any, diffusers_cfg: dict, *, in_channels: int | None = None,
+                      out_channels: int | None = None, text_dim: int | None = None,
+                      image_dim: int | None = None) -> list[str]:
+  """Differences between a run config's ``config.model`` and a release's ``config.json``.
+
+  Compares every size in :func:`config_from_diffusers` that ``model_cfg`` has (and the
+  channel/width arguments given); returns readable lines, empty when they agree.
+  """
+  ref = config_from_diffusers(diffusers_cfg)
+  ours = {k: model_cfg[k] for k in ref if k in model_cfg}
+  ours.update({k: v for k, v in dict(in_channels=in_channels, out_channels=out_channels,
+                                     text_dim=text_dim, image_dim=image_dim).items() if v is not None})
+  out = []
+  for k, v in ours.items():
+    v = tuple(v) if k == "patch_size" else v
+    if v != ref[k]:
+      out.append(f"model.{k}: run config has {v!r}, the release has {ref[k]!r}")
+  return out
+
+
+def abstract_params(model: WanTransformer3D, *, boxed: bool = False) -> Any:
+  """The parameter tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves, without allocating.
+
+  With ``boxed`` the leaves keep their Flax logical-partitioning boxes (for
+  :func:`sharding.logical_to_shardings`).
+  """
+  pt, ph, pw = _triple(model.patch_size)
+  x = jax.ShapeDtypeStruct((1, pt, ph, pw, model.in_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  text = jax.ShapeDtypeStruct((1, 1, model.text_dim), jnp.float32)
+  image = (None if model.image_dim is None
+           else jax.ShapeDtypeStruct((1, 1, model.image_dim), jnp.float32))
+  variables = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), x, t, text, image)
+  params = variables["params"]
+  if boxed:
+    return params
+  is_box = lambda v: isinstance(v, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda v: v.unbox(apply_constraint=False) if is_box(v) else v, params,
+                      is_leaf=is_box)
