@@ -1,6 +1,18 @@
 r"""OneStory configurations.
 
-Variants (the part after the colon):
+Variants (the part after the colon; no variant = the paper's setting, ``wan21_i2v_14b_480p``):
+
+* ``wan21_i2v_14b_480p`` (default) — the paper's setting: Wan2.1-I2V-14B at 480x832, 81 frames (21 latent frames),
+  a context budget of one latent frame. Convert the diffusers release once, then train and sample on it::
+
+    python -m onestory_jax.convert --src=/data/Wan2.1-I2V-14B-480P-Diffusers --dst=/data/wan21_i2v_14b_480p
+    python -m onestory_jax.train --config=configs/onestory.py:wan21_i2v_14b_480p --workdir=gs://BUCKET/run \
+        --config.pretrained=/data/wan21_i2v_14b_480p
+    python -m onestory_jax.sample --workdir=gs://BUCKET/run --story=story.json --out=out/story
+
+* ``wan21_i2v_14b_720p`` — the same model at 720x1280 (Wan2.1-I2V-14B-720P); commands as above with its release.
+* ``wan21_t2v_1_3b`` — Wan2.1-T2V-1.3B (no image branch), 480x832; commands as above with its release.
+* ``wan22_ti2v_5b`` — Wan2.2-TI2V-5B with its 4x16x16 VAE (48 latent channels), 704x1280, 121 frames.
 
 * ``demo`` — the built-in StoryWorld demo, sized for a laptop CPU::
 
@@ -17,7 +29,7 @@ Any field can be overridden on the command line, e.g. ``--config.num_train_steps
 or ``--config.mesh.shape='(1,-1,1,1)'``.
 
 The same model code (Wan DiT + Frame Selection + Adaptive Conditioner) serves every
-variant; only sizes and the codec / text-encoder backends change.
+variant; only sizes and the codec / text-encoder / image-encoder backends change.
 """
 import ml_collections
 
@@ -25,6 +37,7 @@ import ml_collections
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.pretrained = ""  # directory written by `python -m onestory_jax.convert` (Wan variants); "" = random init
 
   # ---------------------------------------------------------------- data
   c.data = d = ml_collections.ConfigDict()
@@ -180,14 +193,70 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+# ------------------------------------------------------------------------------------------- Wan backbones
+# Sizes of the published models (diffusers config.json of each release); `convert` checks a release against them.
+_UMT5_XXL = dict(name="umt5", vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                 rel_buckets=32, rel_max_distance=128, eps=1e-6, tokenizer="")
+_CLIP_VIT_H14 = dict(name="clip_vision", hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16,
+                     patch_size=14, image_size=224, layer=-2)
+_DITS = {
+    "wan21_i2v_14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, i2v=True),
+    "wan21_t2v_1_3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, i2v=False),
+    "wan22_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, i2v=False),
+}
+
+
+def _wan(c: ml_collections.ConfigDict, dit: str, vae: str, height: int, width: int, frames: int,
+         image_encoder: bool) -> ml_collections.ConfigDict:
+  """A Wan backbone at the paper's settings; the OneStory parts keep the design-notes defaults."""
+  d = c.data
+  d.height, d.width, d.frames_per_shot = height, width, frames
+  d.text_len = 512  # Wan pads every prompt to 512 umT5 tokens
+  d.batch_size = 128  # the paper trains on 128 A100s; its batch size is not stated (paper.md)
+  c.codec = ml_collections.ConfigDict(dict(name="wan_vae", vae=vae, dtype="bfloat16"))
+  c.text_encoder = ml_collections.ConfigDict(dict(_UMT5_XXL, dtype="bfloat16", param_dtype="bfloat16"))
+  if image_encoder:
+    c.image_encoder = ml_collections.ConfigDict(dict(_CLIP_VIT_H14, dtype="bfloat16", param_dtype="bfloat16"))
+  else:  # T2V / TI2V backbones have no image cross-attention
+    c.conditioner.image_condition = "none"
+  m = c.model
+  m.update(_DITS[dit])
+  m.patch_size = (1, 2, 2)
+  m.dtype = "bfloat16"
+  m.param_dtype = "float32"
+  m.scan_layers = True
+  m.remat = "full"
+  c.flow.prediction = "v"  # what Wan was trained with
+  c.flow.timestep_shift = 3.0 if height * width <= 480 * 832 else 5.0
+  c.flow.logit_normal_std = 1.0
+  c.flow.p_drop_memory = 0.05
+  c.optim.pretrained_lr = 1e-5  # design notes: the paper's 5e-4 is one flag away
+  c.optim.frozen = ("text_encoder",)
+  c.num_train_steps = 20_000
+  c.log_every_steps = 10
+  c.sample_every_steps = 0
+  c.checkpoint_every_steps = 500
+  c.sample.steps = 40
+  c.sample.shift = c.flow.timestep_shift
+  c.sample.guidance = 5.0
+  return c
+
+
+_VARIANTS = {
+    "wan21_i2v_14b_480p": lambda c: _wan(c, "wan21_i2v_14b", "wan2.1", 480, 832, 81, image_encoder=True),
+    "wan21_i2v_14b_720p": lambda c: _wan(c, "wan21_i2v_14b", "wan2.1", 720, 1280, 81, image_encoder=True),
+    "wan21_t2v_1_3b": lambda c: _wan(c, "wan21_t2v_1_3b", "wan2.1", 480, 832, 81, image_encoder=False),
+    "wan22_ti2v_5b": lambda c: _wan(c, "wan22_ti2v_5b", "wan2.2", 704, 1280, 121, image_encoder=False),
+    "demo": lambda c: c,
+    "tiny": _tiny,
+}
+DEFAULT_VARIANT = "wan21_i2v_14b_480p"
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = _base()
-  variant = arg or "demo"
-  if variant == "demo":
-    pass
-  elif variant == "tiny":
-    c = _tiny(c)
-  else:
-    raise ValueError(f"configs/onestory.py: unknown variant {variant!r}; expected one of 'demo', 'tiny'")
+  variant = arg or DEFAULT_VARIANT
+  if variant not in _VARIANTS:
+    raise ValueError(f"configs/onestory.py: unknown variant {variant!r}; expected one of {sorted(_VARIANTS)}")
+  c = _VARIANTS[variant](_base())
   c.variant = variant
   return c

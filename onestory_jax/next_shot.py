@@ -14,6 +14,7 @@ Memory banks are chronological and padded to a static number of latent frames wi
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.struct
@@ -49,7 +50,14 @@ def make_tokenizer(config) -> tokenizer_lib.CaptionTokenizer:
   name = config.text_encoder.name
   if name == "t5":
     return tokenizer_lib.storyworld_tokenizer(config.data.text_len)
-  raise ValueError(f"config.text_encoder.name: unknown text encoder {name!r}; available: 't5'")
+  if name == "umt5":
+    path = config.text_encoder.get("tokenizer", "") or (
+        os.path.join(config.pretrained, "tokenizer") if config.get("pretrained", "") else "")
+    if not path:
+      raise ValueError("config.text_encoder.tokenizer: the umT5 tokenizer is needed; set it (or config.pretrained, "
+                       "whose tokenizer/ directory `python -m onestory_jax.convert` writes)")
+    return tokenizer_lib.load_umt5_tokenizer(path, int(config.data.text_len))
+  raise ValueError(f"config.text_encoder.name: unknown text encoder {name!r}; available: 't5', 'umt5'")
 
 
 @dataclasses.dataclass(frozen=True)

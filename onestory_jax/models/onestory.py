@@ -65,6 +65,7 @@ class OneStory(nn.Module):
   def velocity(self, x: jax.Array, timestep: jax.Array, text: jax.Array, image: jax.Array | None,
                context: dict | None) -> jax.Array:
     """Eq. 8: the DiT on ``[noise tokens; context tokens]``; returns the velocity of the noise latents only."""
+    image = image if self.config.model.i2v else None  # T2V / TI2V backbones have no image cross-attention
     kw = {}
     if context is not None:
       kw = dict(context=context["tokens"], context_pos=context["positions"], context_mask=context["mask"])
