@@ -73,10 +73,20 @@ def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   return config_from_dict(cfg)
 
 
-def export_params(workdir: str, out_dir: str) -> None:
-  """Writes the latest parameters of ``workdir`` (no optimiser state) and its config to ``out_dir``."""
+def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> None:
+  """Writes the latest parameters of ``workdir`` (no optimiser state) and its config to ``out_dir``.
+
+  ``sample`` optionally replaces fields of the exported config's ``sample`` section (the sampler settings that
+  ``sample`` uses by default, e.g. ``{"shift": 3.0}``); training fields are exported as trained.
+  """
   from onestory_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   config = load_config_from_workdir(workdir)
+  for key, value in (sample or {}).items():
+    if value is None:
+      continue
+    if key not in config.sample:
+      raise ValueError(f"export: config.sample has no field {key!r}; fields: {sorted(config.sample)}")
+    config.sample[key] = type(config.sample[key])(value)
   tr = trainer_lib.Trainer(config)
   mngr, step = _manager(workdir)
   state = restore_checkpoint(mngr, step, tr.abstract_state)
@@ -115,11 +125,14 @@ def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
 
 
 def main(argv):
-  """``python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR``: parameter-only export."""
+  """``python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR [--sample_shift=S ...]``: parameter-only
+  export; the ``--sample_*`` flags set the exported config's default sampler settings."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) != 2 or argv[1] != "export":
     raise app.UsageError("usage: python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR")
-  export_params(flags.FLAGS.workdir, flags.FLAGS.out)
+  f = flags.FLAGS
+  export_params(f.workdir, f.out, sample={"steps": f.sample_steps, "shift": f.sample_shift,
+                                          "guidance": f.sample_guidance})
   print(f"Exported {flags.FLAGS.workdir} to {flags.FLAGS.out}")
 
 
@@ -128,5 +141,8 @@ if __name__ == "__main__":
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
   _flags.DEFINE_string("workdir", None, "Training workdir to export (its latest checkpoint).")
   _flags.DEFINE_string("out", None, "Output directory (config.json + params/).")
+  _flags.DEFINE_integer("sample_steps", None, "Default sampler steps of the export (default: as trained).")
+  _flags.DEFINE_float("sample_shift", None, "Default sampling time shift of the export (default: as trained).")
+  _flags.DEFINE_float("sample_guidance", None, "Default guidance scale of the export (default: as trained).")
   _flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

@@ -1,6 +1,7 @@
 r"""Memory vs no-memory on StoryWorld: the demo's headline comparison.
 
-  python -m onestory_jax.memory_ablation [--workdir=DIR] --pattern=recall --num_stories=16 [--out=DIR]
+  python -m onestory_jax.memory_ablation [--workdir=DIR] --pattern=recall --num_stories=16 [--first_seed=S] \
+      [--out=DIR] [--steps=N] [--shift=S] [--guidance=G]
 
 For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...), generates every shot twice with the
 same model and seed — once with the global memory (``--memory=full``) and once without (``--memory=none``) — and
@@ -44,15 +45,20 @@ def selection_top1_hit(story: dict, shot: int, info: dict, frames_per_shot: int)
   return bool(wanted & set(shots[source]["characters"]))
 
 
-def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, first_seed: int = 0) -> dict:
+def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, first_seed: int = 0, *,
+        steps: int | None = None, shift: float | None = None, guidance: float | None = None) -> dict:
+  """Runs the ablation; ``steps`` / ``shift`` / ``guidance`` default to the checkpoint config's ``sample`` fields."""
   system, params, enc = checkpoints.load_for_sampling(workdir)
   c = system.config
+  steps = c.sample.steps if steps is None else steps
+  shift = c.sample.shift if shift is None else shift
+  guidance = c.sample.guidance if guidance is None else guidance
   cfg = storyworld.StoryWorldConfig(height=c.data.height, width=c.data.width,
                                     frames_per_shot=c.data.frames_per_shot)
   stories = [storyworld.generate_story(first_seed + i, pattern, cfg) for i in range(num_stories)]
   max_shots = max(len(s["shots"]) for s in stories)
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=max_shots, steps=c.sample.steps,
-                              shift=c.sample.shift, guidance=c.sample.guidance)
+  gen = sampler.ShotGenerator(system, params, enc, max_shots=max_shots, steps=steps, shift=shift,
+                              guidance=guidance)
   scores = {m: {k: [] for k in METRICS} for m in sampler.MEMORY_MODES}
   by_later_shot = {m: {} for m in sampler.MEMORY_MODES}  # C-Cons of pairs, keyed by the later shot's index
   top1_hits = []  # full memory: does the best-scored frame come from a shot that shares a character?
@@ -80,8 +86,8 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
         np.savez(os.path.join(d, "frames.npz"), **{f"shot_{j}": f for j, f in enumerate(shots)})
         with open(os.path.join(d, "story.json"), "w") as f:
           json.dump(s, f)
-  return {"pattern": pattern, "num_stories": num_stories, "sample_steps": c.sample.steps,
-          "guidance": c.sample.guidance,
+  return {"pattern": pattern, "num_stories": num_stories, "first_seed": first_seed, "sample_steps": steps,
+          "shift": shift, "guidance": guidance,
           "selection_top1_character_hit": float(np.mean(top1_hits)) if top1_hits else None,
           **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()}
              for mode in sampler.MEMORY_MODES},
@@ -94,7 +100,8 @@ def main(argv):
   del argv
   logs.quiet_libraries()
   f = flags.FLAGS
-  print(json.dumps(run(f.workdir, f.pattern, f.num_stories, f.out, f.first_seed), indent=2))
+  print(json.dumps(run(f.workdir, f.pattern, f.num_stories, f.out, f.first_seed, steps=f.steps, shift=f.shift,
+                       guidance=f.guidance), indent=2))
 
 
 if __name__ == "__main__":
@@ -103,4 +110,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_stories", 16, "Number of stories (seeds first_seed, first_seed+1, ...).")
   flags.DEFINE_integer("first_seed", 0, "First story seed.")
   flags.DEFINE_string("out", None, "Optional directory for the generated frames.")
+  flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
+  flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
+  flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
   app.run(main)

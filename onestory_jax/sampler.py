@@ -42,7 +42,9 @@ class ShotGenerator:
     self.system = system
     self.params = params
     self.enc = enc
-    self.max_memory_frames = max(max_shots - 1, 1) * system.latent_shape[0]
+    # At least K_sel slots, so top-K is defined even for short shots (padded slots are never selected).
+    self.max_memory_frames = max(max(max_shots - 1, 1) * system.latent_shape[0],
+                                 int(system.config.selection.k_sel))
     self.steps, self.shift = int(steps), float(shift)
     self.times = rf.sampling_times(steps, shift)
     self.guidance = float(guidance)
@@ -143,7 +145,7 @@ def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: st
   for i in range(len(records), len(story.shots)):
     caption = story.shots[i].caption
     shot_seed = seed + i
-    mem = latents if memory == "full" else []
+    mem = list(latents) if memory == "full" else []  # a copy: the new shot joins the bank only afterwards
     lat, info = generator(caption, mem, shot_seed, start_image=start if i == 0 else None)
     frames = generator.decode(lat)
     shots.append(frames)

@@ -115,6 +115,7 @@ def test_sampling_is_reproducible_and_memory_matters(trained, tmp_path):
   assert m1["shots"] == m2["shots"]
   # Manifest: shot 1 has no memory; later shots select valid memory frames under the budget.
   assert m1["shots"][0]["selected"] == [] and m1["shots"][0]["context_tokens"] == 0
+  assert [m["memory_frames"] for m in m1["shots"]] == [0, 4, 8]  # earlier shots only, 4 latent frames each
   sel = m1["shots"][2]["selected"]
   assert 1 <= len(sel) <= 4 and all(0 <= s["memory_frame"] < 8 for s in sel)
   assert all(s["patchifier"] in ([1, 2, 2], [1, 4, 4], [1, 8, 8]) for s in sel)
@@ -179,6 +180,19 @@ def test_export_then_sample_matches_workdir(trained, tmp_path):
   for a, b in zip(video_io.load_frames_npz(str(tmp_path / "w" / "frames.npz")),
                   video_io.load_frames_npz(str(tmp_path / "e" / "frames.npz"))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_export_sets_sampler_defaults_only(trained, tmp_path):
+  workdir, _ = trained
+  out = str(tmp_path / "export")
+  checkpoints.export_params(workdir, out, sample={"shift": 3, "guidance": None})
+  exported = checkpoints.load_for_sampling(out)[0].config
+  trained_cfg = checkpoints.load_config_from_workdir(workdir)
+  assert exported.sample.shift == 3.0 and isinstance(exported.sample.shift, float)
+  assert exported.sample.guidance == trained_cfg.sample.guidance
+  assert exported.flow.timestep_shift == trained_cfg.flow.timestep_shift
+  with pytest.raises(ValueError, match="no field 'cfg'"):
+    checkpoints.export_params(workdir, str(tmp_path / "bad"), sample={"cfg": 2.0})
 
 
 def test_memory_ablation_reports_both_modes(trained):

@@ -215,7 +215,8 @@ def make_story_source(config: ml_collections.ConfigDict) -> Any:
 
 
 def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
-                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                       process_index: int = 0, process_count: int = 1,
+                       tokenizer: tokenizer_lib.CaptionTokenizer | None = None) -> grain.IterDataset:
   """Infinite grain dataset of local batches (config.data.batch_size // process_count).
 
   Args:
@@ -224,6 +225,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
       are always inflated (synthetic) triplets.
     process_index: this process.
     process_count: number of data-loading processes.
+    tokenizer: the caption tokenizer of the run's text encoder (default: the StoryWorld word-level one).
 
   Returns:
     A checkpointable ``grain.IterDataset`` of dicts of numpy arrays.
@@ -246,7 +248,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
                      p_inflate=float(data.p_inflate), p_insert=float(data.p_insert),
                      p_syn_second=float(data.p_syn_second))
   stories = make_story_source(config)
-  sampler = TripletSampler(spec, stories, tokenizer_lib.storyworld_tokenizer(int(data.text_len)))
+  tokenizer = tokenizer or tokenizer_lib.storyworld_tokenizer(int(data.text_len))
+  sampler = TripletSampler(spec, stories, tokenizer)
   ds = grain.MapDataset.range(len(stories)).shuffle(seed=spec.shuffle_seed).repeat()
   ds = ds.map_with_index(sampler)
   ds = ds[process_index::process_count]

@@ -192,16 +192,17 @@ class AdaptiveConditioner(nn.Module):
     return dict(tokens=tokens, positions=positions, mask=mask, levels=levels)
 
 
-def init_patchifiers_from_patch_embedding(patch_kernel: np.ndarray, kernels: Sequence[Kernel],
-                                          latent_channels: int) -> list[np.ndarray]:
+def init_patchifiers_from_patch_embedding(patch_kernel: jax.Array, kernels: Sequence[Kernel],
+                                          latent_channels: int) -> list[jax.Array]:
   """FramePack-style initialisation of the patchifiers from the DiT's patch embedding.
 
   ``patch_kernel`` is the DiT's (pt, ph, pw, C_in, D) kernel; only its first ``latent_channels`` input channels see
   the clean latent. A level with kernel (1, a*ph, b*pw) tiles the base kernel ``a x b`` times and divides by
   ``a * b``, so a spatially constant input yields the same token as the base patchifier. Used when a pretrained DiT
-  is loaded (a later issue); returned kernels have shape (1, kh, kw, latent_channels, D).
+  is loaded (the trainer, under ``jit`` on sharded arrays); returned kernels have shape (1, kh, kw, latent_channels,
+  D).
   """
-  base = np.asarray(patch_kernel)[:1, :, :, :latent_channels, :]
+  base = jnp.asarray(patch_kernel)[:1, :, :, :latent_channels, :]
   pt, ph, pw = patch_kernel.shape[:3]
   del pt
   out = []
@@ -209,5 +210,5 @@ def init_patchifiers_from_patch_embedding(patch_kernel: np.ndarray, kernels: Seq
     a, b = k[1] // ph, k[2] // pw
     if a * ph != k[1] or b * pw != k[2]:
       raise ValueError(f"conditioner.kernels: {k} is not a multiple of the DiT patch {(1, ph, pw)}")
-    out.append(np.tile(base, (1, a, b, 1, 1)) / float(a * b))
+    out.append(jnp.tile(base, (1, a, b, 1, 1)) / float(a * b))
   return out

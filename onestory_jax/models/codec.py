@@ -271,6 +271,14 @@ class WanVAECodec:
     vae = _wan_fns(self.config, self.dtype)[0]
     return nn.unbox(wan_vae.init(vae, rng))
 
+  def abstract_params(self) -> Any:
+    """The tree :meth:`init` fills, as boxed (logically partitioned) ``jax.ShapeDtypeStruct`` leaves.
+
+    Nothing is allocated and nothing runs; :func:`onestory_jax.sharding.logical_to_shardings` maps it to shardings
+    and :func:`onestory_jax.weights.load_converted` restores the converted ``vae`` checkpoint onto it.
+    """
+    return wan_vae.abstract_params(_wan_fns(self.config, self.dtype)[0])
+
   def encode_raw(self, params: Any, video: Array) -> jax.Array:
     """[B, 1 + 4k, H, W, 3] in [-1, 1] -> the VAE's posterior mean (un-normalised, compute dtype)."""
     if video.ndim != 5 or video.shape[-1] != 3:
