@@ -6,7 +6,8 @@ r"""Memory vs no-memory on StoryWorld: the demo's headline comparison.
 For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...), generates every shot twice with the
 same model and seed — once with the global memory (``--memory=full``) and once without (``--memory=none``) — and
 scores both with :mod:`onestory_jax.evaluate`. Prints the per-mode means as JSON, how often Frame Selection's
-best frame comes from an earlier shot that shares a character with the new shot, and the character consistency of
+best frame comes from an earlier shot that shares a character with the new shot, the paired per-story gain in
+character consistency (mean, standard error, and how many stories gain or lose), and the character consistency of
 shot pairs grouped by the later shot of the pair (how well memory carries over longer stories). Without ``--workdir`` the shipped
 demo checkpoint is used.
 """
@@ -61,6 +62,7 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
                               guidance=guidance)
   scores = {m: {k: [] for k in METRICS} for m in sampler.MEMORY_MODES}
   by_later_shot = {m: {} for m in sampler.MEMORY_MODES}  # C-Cons of pairs, keyed by the later shot's index
+  per_story = {m: [] for m in sampler.MEMORY_MODES}  # C-Cons of each story, for the paired comparison
   top1_hits = []  # full memory: does the best-scored frame come from a shot that shares a character?
   for i, s in enumerate(stories):
     spec = story_lib.parse_story(s, where=f"storyworld seed {first_seed + i}")
@@ -75,6 +77,7 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
         mem.append(lat)
         shots.append(gen.decode(lat))
       result = evaluate.evaluate_story(s, shots)
+      per_story[mode].append(result.get("character_consistency"))
       for k in METRICS:
         if result.get(k) is not None:
           scores[mode][k].append(float(result[k]))
@@ -86,9 +89,17 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
         np.savez(os.path.join(d, "frames.npz"), **{f"shot_{j}": f for j, f in enumerate(shots)})
         with open(os.path.join(d, "story.json"), "w") as f:
           json.dump(s, f)
+  diffs = np.asarray([f - n for f, n in zip(per_story["full"], per_story["none"]) if f is not None and n is not None])
+  paired = None
+  if diffs.size:
+    paired = {"stories": int(diffs.size), "mean": float(diffs.mean()),
+              "standard_error": float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else None,
+              "stories_better_with_memory": int(np.sum(diffs > 0)), "stories_worse": int(np.sum(diffs < 0))}
   return {"pattern": pattern, "num_stories": num_stories, "first_seed": first_seed, "sample_steps": steps,
           "shift": shift, "guidance": guidance,
           "selection_top1_character_hit": float(np.mean(top1_hits)) if top1_hits else None,
+          # Per-story C-Cons(full) - C-Cons(none), same seeds: mean, its standard error, and how many stories gain.
+          "character_consistency_gain": paired,
           **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()}
              for mode in sampler.MEMORY_MODES},
           "character_consistency_by_later_shot": {

@@ -11,6 +11,7 @@ def test_shipped_checkpoint_samples_a_shot():
   assert os.path.isdir(os.path.join(checkpoints.DEMO_CHECKPOINT, "params"))
   system, params, enc = checkpoints.load_for_sampling(None)
   assert system.config.variant == "demo" and system.latent_shape == (4, 8, 8, 96)
+  assert tuple(system.config.model.patch_size) == (1, 1, 1) and system.config.sample.shift == 3.0
   gen = sampler.ShotGenerator(system, params, enc, max_shots=2, steps=2, shift=1.0, guidance=3.0)
   lat, info = gen("a red round character moves left in a green place, wide view.", [], seed=0)
   frames = gen.decode(lat)
@@ -18,4 +19,5 @@ def test_shipped_checkpoint_samples_a_shot():
   assert frames.std() > 0
   lat2, info2 = gen("the same first red round character moves right in the green place from shot 1, wide view.",
                     [lat], seed=1)
-  assert int(info2["context_tokens"]) == 16 and info2["valid"].sum() == 4
+  # K_sel = 4 frames, each at the (1, 2, 2) patchifier: 4 x 16 = 64 tokens, the budget of one latent frame.
+  assert int(info2["context_tokens"]) == 64 and info2["valid"].sum() == 4

@@ -203,6 +203,9 @@ def test_memory_ablation_reports_both_modes(trained):
     assert 0.0 <= out[mode]["character_consistency"] <= 1.0
     assert set(out[mode]) == set(memory_ablation.METRICS)
   assert 0.0 <= out["selection_top1_character_hit"] <= 1.0
+  gain = out["character_consistency_gain"]
+  assert gain["stories"] == 1 and gain["standard_error"] is None
+  assert gain["stories_better_with_memory"] + gain["stories_worse"] <= 1
 
 
 def test_selection_top1_hit_follows_annotations():
