@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
+from diffusers import WanTransformer3DModel
 
 from onestory_jax import sharding
 from onestory_jax.models import adaptive_conditioner as ac
@@ -38,8 +40,7 @@ def _abstract_params(config):
 
 
 def _diffusers_dit_count(**kw) -> int:
-  torch = pytest.importorskip("torch")  # the test extra always installs it
-  from diffusers import WanTransformer3DModel  # pylint: disable=g-import-not-at-top
+  """Parameters of diffusers' reference DiT, built on torch's meta device (nothing is allocated)."""
   with torch.device("meta"):
     ref = WanTransformer3DModel(**kw)
   return sum(p.numel() for p in ref.parameters())
