@@ -13,34 +13,29 @@ Memory banks are chronological and padded to a static number of latent frames wi
 
 Published weights (issue 3): ``config.pretrained`` names the ``--dst`` directory of ``python -m
 onestory_jax.convert``. With it, the frozen Wan VAE and CLIP ViT-H/14 image encoder are the converted ones
-(:func:`load_pretrained_encoders`, after checking the release's config.json against the run config), and the umT5
+(:func:`onestory_jax.pretrained.load_pretrained_encoders`, after checking the release's config.json against the run config), and the umT5
 tokenizer is the release's ``tokenizer/``; the trainable DiT and umT5 encoder are restored by
 :meth:`onestory_jax.trainer.Trainer.init_state`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
+from onestory_jax import pretrained
 from onestory_jax import rectified_flow as rf
-from onestory_jax import sharding
-from onestory_jax import weights
 from onestory_jax.data import tokenizer as tokenizer_lib
 from onestory_jax.models import adaptive_conditioner as ac
-from onestory_jax.models import clip_vision
 from onestory_jax.models import codec as codec_lib
 from onestory_jax.models import frame_selection as fs
 from onestory_jax.models import image_encoder as image_encoder_lib
 from onestory_jax.models import onestory as onestory_lib
-from onestory_jax.models import wan_vae
 
 IMAGE_CONDITIONS = ("none", "top_memory_frame", "last_frame")
 
@@ -113,7 +108,7 @@ class System:
     """Parameters of the frozen codec ``E`` and image encoder: ``{"codec": ..., "image_encoder": ...}``.
 
     With ``config.pretrained`` set, the real backends are restored from the conversion there
-    (:func:`load_pretrained_encoders`): the ``wan_vae`` codec from ``vae`` and the ``clip_vision`` encoder from
+    (:func:`onestory_jax.pretrained.load_pretrained_encoders`): the ``wan_vae`` codec from ``vae`` and the ``clip_vision`` encoder from
     ``image_encoder``. Every other case (the demo's parameter-free backends, or no ``config.pretrained``) is the
     backend's random ``init`` from ``rng``, as before.
 
@@ -123,7 +118,7 @@ class System:
         passes), or, when None, the default device.
     """
     r1, r2 = jax.random.split(rng)
-    loaded = load_pretrained_encoders(self, mesh) if self.config.get("pretrained", "") else {}
+    loaded = pretrained.load_pretrained_encoders(self, mesh) if self.config.get("pretrained", "") else {}
     codec = loaded["codec"] if "codec" in loaded else self.codec.init(r1)
     image = loaded["image_encoder"] if "image_encoder" in loaded else self.image_encoder.init(r2)
     return {"codec": codec, "image_encoder": image}
@@ -223,97 +218,6 @@ class System:
     image = cond.image if self.config.model.i2v else None
     out = self.model.apply({"params": params}, x, t * 1000.0, text, image, cond.context, method="velocity")
     return rf.output_to_velocity(out, x_t, t, self.config.flow.prediction)
-
-
-# ------------------------------------------------------------------ converted (published-format) weights
-def converted_config(pretrained: str, component: str) -> dict:
-  """The release's ``config.json`` of ``component``, as ``python -m onestory_jax.convert`` saved it in ``pretrained``.
-
-  Raises:
-    ValueError: the file is missing or is not a JSON object.
-  """
-  path = os.path.join(os.path.abspath(pretrained), f"{component}.config.json")
-  if not os.path.isfile(path):
-    raise ValueError(f"config.pretrained={pretrained}: no {component}.config.json (convert writes it next to the "
-                     f"{component!r} checkpoint); run python -m onestory_jax.convert --src=<release> "
-                     f"--dst={pretrained} --components={component}")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(cfg, dict):
-    raise ValueError(f"{path}: expected a JSON object (the release's config.json)")
-  return cfg
-
-
-def _same(ours: Any, theirs: Any) -> bool:
-  if isinstance(ours, (tuple, list)) and isinstance(theirs, (tuple, list)):
-    return len(ours) == len(theirs) and all(_same(a, b) for a, b in zip(ours, theirs))
-  if isinstance(ours, float) or isinstance(theirs, float):
-    return bool(np.isclose(float(ours), float(theirs), rtol=1e-6, atol=0.0))
-  return ours == theirs
-
-
-def raise_on_mismatch(what: str, pairs: Sequence[tuple[str, Any, Any]], fix: str) -> None:
-  """Raises one ValueError listing every (field, run config value, release value) that differs."""
-  diffs = [f"{name}: run config has {ours!r}, the release has {theirs!r}" for name, ours, theirs in pairs
-           if not _same(ours, theirs)]
-  if diffs:
-    raise ValueError(f"{what}:\n  " + "\n  ".join(diffs) + f"\n{fix}")
-
-
-def load_pretrained_encoders(system: System, mesh: jax.sharding.Mesh | None = None) -> dict:
-  """The frozen encoders' parameters restored from the conversion in ``config.pretrained``.
-
-  Only real backends have converted weights: ``'codec'`` is returned for the ``wan_vae`` codec (component ``vae``)
-  and ``'image_encoder'`` for the ``clip_vision`` encoder (component ``image_encoder``); other backends are absent
-  from the result. Before restoring, the run config is checked against the release's config.json (every size, the
-  latent normalisation, the activation and the image preprocessing), which shapes alone would not catch.
-  Parameters go straight into their layout (:func:`weights.load_converted`): sharded by the config's logical rules
-  over ``mesh``, or on the default device when ``mesh`` is None.
-
-  Raises:
-    ValueError: no conversion of a needed component, or a release that does not match the run config.
-  """
-  c = system.config
-  dst = c.pretrained
-  out = {}
-
-  def restore(component: str, abstract: Any) -> Any:
-    shardings = None if mesh is None else sharding.logical_to_shardings(abstract, mesh, c)
-    return weights.load_converted(dst, component, abstract, shardings)
-
-  if isinstance(system.codec, codec_lib.WanVAECodec):
-    release = wan_vae.config_from_diffusers(converted_config(dst, "vae"))
-    raise_on_mismatch(
-        f"config.codec.vae does not match the converted VAE ({os.path.join(dst, 'vae.config.json')})",
-        [(f"codec.vae.{f.name}", getattr(system.codec.config, f.name), getattr(release, f.name))
-         for f in dataclasses.fields(release)],
-        "Set config.codec.vae to the preset of that release ('wan2.1' / 'wan2.2') or to the keys of its "
-        "vae/config.json.")
-    out["codec"] = restore("vae", system.codec.abstract_params())
-  if isinstance(system.image_encoder, image_encoder_lib.CLIPImageEncoder):
-    enc = system.image_encoder
-    release = clip_vision.config_from_transformers(converted_config(dst, "image_encoder"))
-    fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size", "image_size", "eps", "act")
-    pairs = [(f"image_encoder.{f}", getattr(enc, f), release[f]) for f in fields]
-    pairs.append(("image_encoder.num_channels", 3, release["num_channels"]))
-    proc_path = os.path.join(os.path.abspath(dst), "image_processor", "preprocessor_config.json")
-    if os.path.isfile(proc_path):  # convert copies the release's image_processor/ next to the checkpoint
-      with open(proc_path) as f:
-        proc = clip_vision.processor_config_from_transformers(json.load(f))
-      pairs += [("image_encoder.image_size (the processor's crop_size)", enc.image_size, proc["crop_size"]),
-                ("image_encoder.shortest_edge", enc.shortest_edge or enc.image_size, proc["shortest_edge"]),
-                ("image_encoder.mean", tuple(enc.mean), proc["mean"]),
-                ("image_encoder.std", tuple(enc.std), proc["std"])]
-    raise_on_mismatch(
-        f"config.image_encoder does not match the converted CLIP image encoder "
-        f"({os.path.join(dst, 'image_encoder.config.json')})", pairs,
-        "Set those config.image_encoder fields to the release's image_encoder/config.json (and "
-        "image_processor/preprocessor_config.json) values.")
-    out["image_encoder"] = restore("image_encoder", jax.eval_shape(enc.init, jax.random.key(0)))
-  return out
 
 
 def make_system(config: ml_collections.ConfigDict) -> System:

@@ -41,15 +41,13 @@ import optax
 
 from onestory_jax import checkpoints
 from onestory_jax import next_shot
+from onestory_jax import pretrained
 from onestory_jax import rectified_flow as rf
 from onestory_jax import sharding
 from onestory_jax import weights
 from onestory_jax.data import pipeline
-from onestory_jax.models import adaptive_conditioner as ac
 from onestory_jax.models import codec as codec_lib
 from onestory_jax.models import frame_selection as fs
-from onestory_jax.models import text_encoder as te
-from onestory_jax.models import wan_dit
 
 NEW_MODULES = ("frame_selection", "adaptive_conditioner")
 
@@ -153,104 +151,6 @@ def train_step(state: TrainState, batch: dict, *, system: next_shot.System, enc:
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-# ---------------------------------------------------------------------------- published weights
-def pretrained_components(config) -> dict[str, str]:
-  """Parameter collection -> converted component restored from ``config.pretrained`` (empty without it).
-
-  The DiT always (``transformer``); the text encoder (``text_encoder``) when it is umT5, the only one published.
-  """
-  if not config.get("pretrained", ""):
-    return {}
-  out = {"dit": "transformer"}
-  if config.text_encoder.name == "umt5":
-    out["text_encoder"] = "text_encoder"
-  return out
-
-
-_FIX_MODEL = "Set those config fields to the release's values (or use the config variant of that release)."
-
-
-def check_dit_release(config, system: next_shot.System, release: dict) -> None:
-  """Raises ValueError listing every size in which the run's DiT differs from the release's transformer config."""
-  m = system.model
-  in_channels = m.latent_channels + (m.mask_channels + m.latent_channels if config.model.i2v else 0)
-  diffs = wan_dit.config_mismatches(config.model, release, in_channels=in_channels, out_channels=m.latent_channels,
-                                    text_dim=te.text_dim(config), image_dim=m.image_dim if config.model.i2v else None)
-  ref = wan_dit.config_from_diffusers(release)
-  if (ref["image_dim"] is not None) != bool(config.model.i2v):
-    diffs.append(f"model.i2v: run config has {bool(config.model.i2v)}, the release "
-                 f"{'has' if ref['image_dim'] is not None else 'has no'} image cross-attention")
-  if diffs:
-    path = os.path.join(config.pretrained, "transformer.config.json")
-    raise ValueError(f"config.model does not match the converted transformer ({path}):\n  " + "\n  ".join(diffs)
-                     + f"\n{_FIX_MODEL} Channel and width differences come from config.codec "
-                     "(latent channels), config.text_encoder.d_model and config.image_encoder.hidden_size.")
-
-
-def check_umt5_release(config, release: dict) -> None:
-  """Raises ValueError listing every size in which ``config.text_encoder`` differs from the release's umT5."""
-  ref = te.config_from_transformers(release)
-  t = config.text_encoder
-  next_shot.raise_on_mismatch(
-      f"config.text_encoder does not match the converted umT5 encoder "
-      f"({os.path.join(config.pretrained, 'text_encoder.config.json')})",
-      [(f"text_encoder.{k}", t.get(k), v) for k, v in ref.items() if k != "name"], _FIX_MODEL)
-
-
-def converted_scan_layers(pretrained: str) -> bool | None:
-  """Whether the converted transformer has stacked (scanned) blocks; None when that cannot be told (no blocks or no
-  checkpoint, which :func:`weights.load_converted` then reports)."""
-  import orbax.checkpoint.experimental.v1 as ocp  # pylint: disable=g-import-not-at-top
-  path = weights.converted_path(pretrained, "transformer")
-  if not os.path.isdir(path) or not ocp.is_orbax_checkpoint(path):
-    return None
-  tree = ocp.metadata(path).metadata
-  if "blocks" in tree:
-    return True
-  if any(k.startswith("blocks_") for k in tree):
-    return False
-  return None
-
-
-def check_scan_layers(config) -> None:
-  """Raises ValueError when the transformer was converted with another --scan_layers than config.model.scan_layers."""
-  stored = converted_scan_layers(config.pretrained)
-  want = bool(config.model.scan_layers)
-  if stored is None or stored == want:
-    return
-  flag = " --scan_layers" if want else ""
-  raise ValueError(
-      f"config.pretrained={config.pretrained}: the transformer was converted {'with' if stored else 'without'} "
-      f"--scan_layers, but config.model.scan_layers={want}. Convert it again to match: python -m "
-      f"onestory_jax.convert --src=<release> --dst={config.pretrained} --components=transformer --overwrite{flag} "
-      f"(or run with --config.model.scan_layers={stored}).")
-
-
-def framepack_patchifiers(patch_embedding: dict, *, conditioner: Any, latent_channels: int) -> dict:
-  """The Adaptive Conditioner's patchifier parameters started from the DiT's patch embedding (design notes,
-  FramePack; :func:`adaptive_conditioner.init_patchifiers_from_patch_embedding`), with its bias, so a context frame at
-  the finest level becomes exactly the token the DiT would embed it as.
-
-  Args:
-    patch_embedding: the DiT's ``{"kernel": (pt, ph, pw, C_in, D), "bias": (D,)}``.
-    conditioner: the conditioner's parameter tree (arrays or ``jax.ShapeDtypeStruct``; only shapes and dtypes are
-      read), ``{"patchifier_i": {"kernel": (1, kh, kw, latent_channels, D), "bias": (D,)}}``.
-    latent_channels: channels of the clean latent.
-  """
-  names = sorted(conditioner, key=lambda n: int(n.rsplit("_", 1)[-1]))
-  kernels = [tuple(conditioner[n]["kernel"].shape[:3]) for n in names]
-  tiled = ac.init_patchifiers_from_patch_embedding(patch_embedding["kernel"], kernels, latent_channels)
-  out = {}
-  for name, kernel in zip(names, tiled):
-    want = tuple(conditioner[name]["kernel"].shape)
-    if kernel.shape != want:
-      raise ValueError(f"adaptive_conditioner/{name}: kernel {list(want)} cannot start from the DiT patch embedding "
-                       f"{list(patch_embedding['kernel'].shape)} (tiled: {list(kernel.shape)})")
-    out[name] = {"kernel": kernel.astype(conditioner[name]["kernel"].dtype),
-                 "bias": patch_embedding["bias"].astype(conditioner[name]["bias"].dtype)}
-  return out
-
-
 # ---------------------------------------------------------------------------- setup
 class Trainer:
   """Builds the mesh, the sharded state, the data iterator and the compiled step for one config."""
@@ -293,9 +193,9 @@ class Trainer:
   def init_state(self) -> TrainState:
     """Parameters and optimiser state initialised directly in their sharded layout.
 
-    With ``config.pretrained`` the collections of :func:`pretrained_components` are restored from the conversion
+    With ``config.pretrained`` the collections of :func:`pretrained.pretrained_components` are restored from the conversion
     instead (their random initialisation is left out of the compiled init), the Adaptive Conditioner's patchifiers
-    are initialised from the restored patch embedding (:func:`framepack_patchifiers`), and every other parameter
+    are initialised from the restored patch embedding (:func:`pretrained.framepack_patchifiers`), and every other parameter
     gets the same values as without ``config.pretrained``. The optimiser state does not depend on parameter values
     (AdamW moments are zeros).
 
@@ -303,14 +203,14 @@ class Trainer:
       ValueError: the conversion is missing, was made from another release than the run config describes, or with
         another ``--scan_layers`` setting than ``config.model.scan_layers``; the message says how to fix it.
     """
-    restored = pretrained_components(self.config)
+    restored = pretrained.pretrained_components(self.config)
     rng = jax.random.key(self.config.seed)
     if not restored:
       with sharding.use_mesh(self.mesh, self.config):
         init = jax.jit(lambda r: sharding.strip_boxes(self._init_fn(r)), out_shardings=self.state_shardings)
         return init(rng)
     for name, component in restored.items():  # fail fast, before anything compiles
-      self._check_release(name, component)
+      pretrained.check_release(self.config, self.system, name, component)
     shardings = self.state_shardings.replace(
         params={k: v for k, v in self.state_shardings.params.items() if k not in restored})
 
@@ -327,20 +227,10 @@ class Trainer:
         logging.info("Restored params[%r] from %s", name, weights.converted_path(self.config.pretrained, component))
       if "adaptive_conditioner" in params:
         params["adaptive_conditioner"] = jax.jit(
-            functools.partial(framepack_patchifiers, conditioner=self.abstract_state.params["adaptive_conditioner"],
+            functools.partial(pretrained.framepack_patchifiers, conditioner=self.abstract_state.params["adaptive_conditioner"],
                               latent_channels=self.system.model.latent_channels),
             out_shardings=self.state_shardings.params["adaptive_conditioner"])(params["dit"]["patch_embedding"])
       return state.replace(params=params)
-
-  def _check_release(self, name: str, component: str) -> None:
-    """Checks the converted ``component`` against the run config (sizes, and the layer stacking of the DiT)."""
-    c = self.config
-    release = next_shot.converted_config(c.pretrained, component)
-    if name == "dit":
-      check_dit_release(c, self.system, release)
-      check_scan_layers(c)
-    elif name == "text_encoder":
-      check_umt5_release(c, release)
 
   def step(self, state: TrainState, local_batch: dict) -> tuple[TrainState, dict]:
     batch = sharding.host_local_to_global(local_batch, self.mesh, self.config)
