@@ -55,6 +55,7 @@ from typing import Any, Callable, Sequence
 import ml_dtypes
 import numpy as np
 
+from onestory_jax import video_io
 from onestory_jax import weights
 
 Tree = Any
@@ -298,16 +299,9 @@ def stream_convert(plan: weights.ConversionPlan, out_path: str, *, dtype: np.dty
 
 
 def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      out = json.load(f)
-  except FileNotFoundError as e:
-    raise ValueError(f"{path}: missing (every component directory of a diffusers release has a config.json)") from e
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(out, dict):
-    raise ValueError(f"{path}: expected a JSON object")
-  return out
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: missing (every component directory of a diffusers release has a config.json)")
+  return video_io.read_json_object(path)
 
 
 def _remove_tree(path: str) -> None:

@@ -114,6 +114,8 @@ from scipy import optimize
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from onestory_jax import video_io
+
 ACTIONS = ("left", "right", "up", "down")
 _FOUR = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -695,13 +697,7 @@ def _load_manifest(samples_dir: str) -> dict | None:
   path = os.path.join(samples_dir, "manifest.json")
   if not os.path.isfile(path):
     return None
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(manifest, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+  manifest = video_io.read_json_object(path)
   return {k: v for k, v in manifest.items()
           if v is None or isinstance(v, (str, int, float, bool))}
 

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from onestory_jax import sharding
+from onestory_jax import video_io
 from onestory_jax import weights
 from onestory_jax.models import adaptive_conditioner as ac
 from onestory_jax.models import clip_vision
@@ -43,14 +44,7 @@ def converted_config(pretrained: str, component: str) -> dict:
     raise ValueError(f"config.pretrained={pretrained}: no {component}.config.json (convert writes it next to the "
                      f"{component!r} checkpoint); run python -m onestory_jax.convert --src=<release> "
                      f"--dst={pretrained} --components={component}")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(cfg, dict):
-    raise ValueError(f"{path}: expected a JSON object (the release's config.json)")
-  return cfg
+  return video_io.read_json_object(path)
 
 
 def _same(ours: Any, theirs: Any) -> bool:

@@ -70,6 +70,18 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
       os.fsync(f.fileno())
 
 
+def read_json_object(path: PathLike) -> dict:
+  """A JSON object from ``path``; ValueError naming the file if it is not valid JSON or not an object."""
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(out, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(out).__name__}")
+  return out
+
+
 def atomic_write_json(path: PathLike, obj: Any) -> None:
   """Writes ``obj`` as indented JSON (UTF-8, trailing newline) to ``path`` atomically."""
   try:
