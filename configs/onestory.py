@@ -101,6 +101,9 @@ def _base() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.scan_layers = False
   m.remat = "none"  # 'none' | 'full' | 'dots'
+  # Attention backend (onestory_jax/models/attention.py, docs/sharding.md): 'xla' | 'cudnn' (GPU, bf16/fp16) |
+  # 'splash' (Pallas, TPU; interpreted elsewhere) | 'auto' = cudnn on GPU for bf16/fp16, splash on TPU, else xla.
+  m.attention = "auto"
 
   # ---------------------------------------------------------------- Frame Selection (Eq. 3-6, 11)
   c.selection = s = ml_collections.ConfigDict()
@@ -150,9 +153,14 @@ def _base() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- execution
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1, 1, 1)  # (data, fsdp, context, tensor); one entry may be -1
+  c.mesh.shape = (-1, 1, 1, 1)  # (data, fsdp, context, tensor) within a slice / node; one entry may be -1
   c.mesh.axes = ("data", "fsdp", "context", "tensor")
-  # Logical-axis rules: logical name -> mesh axes.
+  # Multi-slice (TPU, over DCN) or multi-node (GPU): how many slices / nodes each axis spans; the mesh is
+  # shape * dcn_shape per axis. Usually data-parallel across slices, e.g. (2, 1, 1, 1) for two slices.
+  c.mesh.dcn_shape = (1, 1, 1, 1)
+  # Logical-axis rules: logical name -> mesh axes. 'length' -> 'context' shards the token sequence; with a
+  # context axis > 1 the DiT's self-attention swaps sequence and head shards with all-to-alls (Ulysses), so
+  # model.num_heads must be divisible by the context x tensor axis sizes.
   c.logical_axis_rules = (
       ("batch", ("data", "fsdp")),
       ("length", "context"),

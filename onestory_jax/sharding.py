@@ -1,9 +1,14 @@
-"""Device mesh and logical-axis sharding (MaxText / big_vision conventions).
+"""Device mesh and logical-axis sharding (MaxText / big_vision conventions; docs/sharding.md).
 
 The mesh has four named axes ``(data, fsdp, context, tensor)`` sized from ``config.mesh.shape`` (one entry may be
--1 and is filled with the remaining devices). Parameters and activations carry *logical* axis names; the rules in
-``config.logical_axis_rules`` map them onto mesh axes. Axis types are ``Auto`` (GSPMD propagation), as Flax's
-logical partitioning expects on jax 0.10.
+-1 and is filled with the remaining devices). Multi-slice / multi-node runs add ``config.mesh.dcn_shape``: the
+mesh is then ``shape * dcn_shape`` axis by axis, with the ``dcn_shape`` factor laid across slices (TPU
+``slice_index``) or processes (GPU nodes), whose links are slow, and ``shape`` inside each one.
+
+Parameters and activations carry *logical* axis names; the rules in ``config.logical_axis_rules`` map them onto
+mesh axes. Axis types are ``Auto`` (GSPMD propagation), as Flax's logical partitioning expects on jax 0.10. The
+``length`` rule decides context parallelism: when it maps the token sequence onto a mesh axis of size > 1, the DiT's
+self-attention runs the all-to-all head/sequence swap (``onestory_jax.models.attention``).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -33,13 +40,56 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
-def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  devices = list(jax.devices() if devices is None else devices)
+def dcn_shape(config) -> tuple[int, ...]:
+  """``config.mesh.dcn_shape`` (all ones when absent: a single slice / node)."""
   axes = tuple(config.mesh.axes)
-  shape = resolve_mesh_shape(config.mesh.shape, len(devices))
+  dcn = tuple(int(s) for s in config.mesh.get("dcn_shape", None) or (1,) * len(axes))
+  if len(dcn) != len(axes) or min(dcn) < 1:
+    raise ValueError(f"config.mesh.dcn_shape: expected {len(axes)} positive ints, one per axis of "
+                     f"config.mesh.axes={axes}; got {dcn}")
+  return dcn
+
+
+def mesh_device_array(config, devices: Sequence[Any]) -> np.ndarray:
+  """The devices laid out as the mesh: ``[shape * dcn_shape]`` per axis (see the module docstring).
+
+  Without DCN this is ``jax.make_mesh``'s topology-aware order. With DCN, devices are grouped into granules by
+  ``slice_index`` (TPU multi-slice) or, where devices have none, by ``process_index`` (one GPU node per process);
+  the number of granules must equal ``prod(dcn_shape)``.
+  """
+  devices = list(devices)
+  axes = tuple(config.mesh.axes)
+  dcn = dcn_shape(config)
+  n_dcn = int(np.prod(dcn))
+  if len(devices) % n_dcn:
+    raise ValueError(f"config.mesh.dcn_shape={dcn} ({n_dcn} slices) does not divide {len(devices)} devices")
+  shape = resolve_mesh_shape(config.mesh.shape, len(devices) // n_dcn)
   if len(shape) != len(axes):
     raise ValueError(f"config.mesh.shape has {len(shape)} entries but config.mesh.axes names {len(axes)}")
-  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+  if n_dcn == 1:
+    return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices).devices
+  by_slice = hasattr(devices[0], "slice_index")
+  try:
+    return mesh_utils.create_hybrid_device_mesh(shape, dcn, devices, process_is_granule=not by_slice,
+                                                allow_split_physical_axes=True)
+  except ValueError as e:
+    granule = "slices (slice_index)" if by_slice else "processes"
+    raise ValueError(f"config.mesh.dcn_shape={dcn} with config.mesh.shape={shape}: the devices must form "
+                     f"{n_dcn} {granule} of {int(np.prod(shape))} devices each ({e})") from e
+
+
+def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ``(data, fsdp, context, tensor)`` mesh of ``config.mesh`` over ``devices`` (default: all), Auto axes."""
+  devices = list(jax.devices() if devices is None else devices)
+  axes = tuple(config.mesh.axes)
+  return Mesh(mesh_device_array(config, devices), axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def context_parallelism(mesh: Mesh, config) -> int:
+  """How many devices split the token sequence: the size of the mesh axes that the ``length`` rule names."""
+  axes = dict(axis_rules(config)).get("length")
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def axis_rules(config) -> tuple[tuple[str, Any], ...]:
@@ -57,6 +107,38 @@ def logical_to_shardings(logical_tree: Any, mesh: Mesh, config) -> Any:
   """Maps a tree of logical PartitionSpecs (or boxed abstract values) to NamedShardings on ``mesh``."""
   specs = nn.get_partition_spec(logical_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules(config))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_shardings: Any,
+                        mesh: Mesh) -> Any:
+  """Shardings of an optax state: every parameter-shaped leaf (AdamW's ``mu``, ``nu``) as its parameter.
+
+  The optimiser state is built from unboxed parameters, so it carries no logical axis names;
+  :func:`logical_to_shardings` alone would replicate the moments on every device (8 bytes per parameter). Leaves
+  that are not per-parameter (step counts) are replicated; masked-out groups of ``optax.multi_transform``
+  (``optax.MaskedNode``) stay as they are.
+
+  Args:
+    tx: the optimiser whose ``init`` built ``opt_state``.
+    opt_state: the state, or its abstract (``jax.eval_shape``) version.
+    param_shardings: NamedShardings in the structure of the parameters.
+    mesh: the mesh of the replicated leaves.
+  """
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return optax.tree_map_params(tx, lambda leaf, s: leaf if masked(leaf) else s, opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
+
+
+def train_state_shardings(boxed_state: Any, tx: optax.GradientTransformation, mesh: Mesh, config) -> Any:
+  """Shardings of a train state (``step``, ``params``, ``opt_state``, ``rng`` fields, boxed parameters).
+
+  Parameters by the logical rules, the optimiser state like the parameters (:func:`opt_state_shardings`), the
+  step counter and the rng key replicated.
+  """
+  params = logical_to_shardings(boxed_state.params, mesh, config)
+  return boxed_state.replace(
+      step=replicated(mesh), rng=replicated(mesh), params=params,
+      opt_state=opt_state_shardings(tx, strip_boxes(boxed_state.opt_state), params, mesh))
 
 
 def batch_sharding(mesh: Mesh, config) -> NamedSharding:

@@ -184,8 +184,9 @@ class Trainer:
 
   def _abstract_state(self):
     boxed = jax.eval_shape(self._init_fn, jax.random.key(self.config.seed))
-    shardings = sharding.logical_to_shardings(boxed, self.mesh, self.config)
-    shardings = shardings.replace(rng=sharding.replicated(self.mesh), step=sharding.replicated(self.mesh))
+    # AdamW's moments are built from unboxed parameters: shard them like their parameters, not replicated.
+    tx = make_optimizer(self.config, sharding.strip_boxes(boxed.params))
+    shardings = sharding.train_state_shardings(boxed, tx, self.mesh, self.config)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             sharding.strip_boxes(boxed), shardings)
     return shardings, abstract

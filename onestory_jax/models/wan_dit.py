@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from onestory_jax import weights
+from onestory_jax.models import attention as attention_lib
 from onestory_jax.models import rope
 
 Array = jax.Array
@@ -57,6 +58,9 @@ Dtype = Any
 
 BLD = ("batch", "length", "embed")
 BLHD = ("batch", "length", "heads", "kv")
+BLH = ("batch", "length", "heads")  # attention output, heads x head_dim flattened
+BLM = ("batch", "length", "mlp")  # feed-forward hidden
+CROSS_KV = ("batch", None, "heads", "kv")  # text / image keys: short sequences, kept whole on every device
 REMAT_POLICIES = ("none", "full", "dots")
 
 _xavier = nn.initializers.xavier_uniform()
@@ -123,17 +127,22 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None,
-              implementation: str | None = None) -> Array:
+def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None, backend: str = "auto", *,
+              kv_lengths: Array | None = None, kv_follows_q: bool = True) -> Array:
   """Scaled dot-product attention, ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D].
+
+  The one place the DiT calls attention: :func:`attention_lib.dot_product_attention` picks the kernel from the
+  backend registry (``config.model.attention``) and, under a mesh, shards it (context parallelism for
+  self-attention when the token sequence is split over the ``context`` mesh axis).
 
   Args:
     key_mask: optional ``[B, Lk]`` bool, False = padding key (ignored by every query).
-    implementation: passed to ``jax.nn.dot_product_attention`` (None picks automatically,
-      'xla', 'cudnn'); the one place to plug in other attention kernels.
+    backend: 'xla' | 'cudnn' | 'splash' | 'auto' (:func:`attention_lib.backend_names`).
+    kv_lengths: optional ``[B]``; keys at positions ``>= kv_lengths[b]`` are padding.
+    kv_follows_q: True for self-attention (k/v share the query's token sequence and its sharding).
   """
-  mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  return attention_lib.dot_product_attention(q, k, v, key_mask, kv_lengths, backend=backend,
+                                             kv_follows_q=kv_follows_q)
 
 
 def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Dtype,
@@ -212,10 +221,13 @@ class GeluProj(nn.Module):
   in_axis: str | None = "embed"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation_axes: tuple[str | None, ...] | None = None  # logical sharding of the output, if constrained
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = _dense(self.features, (self.in_axis, "mlp"), "proj", self.dtype, self.param_dtype)(x)
+    if self.activation_axes is not None:
+      x = nn.with_logical_constraint(x, self.activation_axes)
     return nn.gelu(x, approximate=self.approximate)
 
 
@@ -227,11 +239,12 @@ class FeedForward(nn.Module):
   in_axis: str | None = "embed"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation_axes: tuple[str | None, ...] | None = None  # logical sharding of the hidden activation
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = GeluProj(self.hidden, self.approximate, self.in_axis, self.dtype, self.param_dtype,
-                 name="net_0")(x)
+                 self.activation_axes, name="net_0")(x)
     return _dense(self.features, ("mlp", "embed"), "net_2", self.dtype, self.param_dtype)(x)
 
 
@@ -278,17 +291,20 @@ class ConditionEmbedder(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """``attn1``: q/k/v projections, RMS q/k norm across heads, 3D RoPE, masked attention."""
+  """``attn1``: q/k/v projections, RMS q/k norm across heads, 3D RoPE, attention over the valid prefix.
+
+  ``kv_lengths`` [B] (or None = every token valid): tokens at positions ``>= kv_lengths[b]`` are padding keys.
+  """
   dim: int
   num_heads: int
   eps: float
   qk_norm: bool
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None) -> Array:
+  def __call__(self, x: Array, cos: Array, sin: Array, kv_lengths: Array | None) -> Array:
     dense = lambda n, ax=("embed", "heads"): _dense(self.dim, ax, n, self.dtype, self.param_dtype)
     q, k, v = dense("to_q")(x), dense("to_k")(x), dense("to_v")(x)
     if self.qk_norm:
@@ -298,8 +314,8 @@ class SelfAttention(nn.Module):
         einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), BLHD)
     q, k, v = split(q), split(k), split(v)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    o = attention(q, k, v, key_mask, self.attention_impl)
-    o = einops.rearrange(o, "b l h d -> b l (h d)")
+    o = attention(q, k, v, None, self.attention_impl, kv_lengths=kv_lengths, kv_follows_q=True)
+    o = nn.with_logical_constraint(einops.rearrange(o, "b l h d -> b l (h d)"), BLH)
     return dense("to_out_0", ("heads", "embed"))(o)
 
 
@@ -311,7 +327,7 @@ class CrossAttention(nn.Module):
   eps: float
   qk_norm: bool
   has_image: bool
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -321,17 +337,17 @@ class CrossAttention(nn.Module):
     dense = lambda n, ax=("embed", "heads"): _dense(self.dim, ax, n, self.dtype, self.param_dtype)
     norm = lambda n, a: (_rms_norm(self.eps, self.param_dtype, n)(a).astype(self.dtype)
                          if self.qk_norm else a)
-    split = lambda a: nn.with_logical_constraint(
-        einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), BLHD)
+    split = lambda a, axes=BLHD: nn.with_logical_constraint(
+        einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), axes)
     q = split(norm("norm_q", dense("to_q")(x)))
-    k = split(norm("norm_k", dense("to_k")(text)))
-    v = split(dense("to_v")(text))
-    o = attention(q, k, v, text_mask, self.attention_impl)
+    k = split(norm("norm_k", dense("to_k")(text)), CROSS_KV)
+    v = split(dense("to_v")(text), CROSS_KV)
+    o = attention(q, k, v, text_mask, self.attention_impl, kv_follows_q=False)
     if self.has_image:
-      k_img = split(norm("norm_added_k", dense("add_k_proj")(image)))
-      v_img = split(dense("add_v_proj")(image))
-      o = o + attention(q, k_img, v_img, None, self.attention_impl)
-    o = einops.rearrange(o, "b l h d -> b l (h d)")
+      k_img = split(norm("norm_added_k", dense("add_k_proj")(image)), CROSS_KV)
+      v_img = split(dense("add_v_proj")(image), CROSS_KV)
+      o = o + attention(q, k_img, v_img, None, self.attention_impl, kv_follows_q=False)
+    o = nn.with_logical_constraint(einops.rearrange(o, "b l h d -> b l (h d)"), BLH)
     return dense("to_out_0", ("heads", "embed"))(o)
 
 
@@ -351,13 +367,13 @@ class WanBlock(nn.Module):
   qk_norm: bool
   cross_attn_norm: bool
   has_image: bool
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x, t_proj, t_proj_ctx, is_ctx, cos, sin, self_mask, text, image, text_mask):
+  def __call__(self, x, t_proj, t_proj_ctx, is_ctx, cos, sin, kv_lengths, text, image, text_mask):
     table = self.param(
         "scale_shift_table",
         nn.with_logical_partitioning(nn.initializers.normal(self.dim ** -0.5), (None, None, "embed")),
@@ -382,10 +398,10 @@ class WanBlock(nn.Module):
       return (x.astype(jnp.float32) + y.astype(jnp.float32) * gate).astype(x.dtype)
 
     norm1 = _layer_norm(self.eps, False, self.param_dtype, name="norm1")
-    h = (norm1(x) * (1.0 + mod(1)) + mod(0)).astype(self.dtype)
+    h = nn.with_logical_constraint((norm1(x) * (1.0 + mod(1)) + mod(0)).astype(self.dtype), BLD)
     attn = SelfAttention(self.dim, self.num_heads, self.eps, self.qk_norm, self.attention_impl,
                          self.dtype, self.param_dtype, name="attn1")
-    x = residual(x, attn(h, cos, sin, self_mask), mod(2))
+    x = nn.with_logical_constraint(residual(x, attn(h, cos, sin, kv_lengths), mod(2)), BLD)
 
     if self.cross_attn_norm:
       h = _layer_norm(self.eps, True, self.param_dtype, name="norm2")(x).astype(self.dtype)
@@ -393,11 +409,11 @@ class WanBlock(nn.Module):
       h = x
     cross = CrossAttention(self.dim, self.num_heads, self.eps, self.qk_norm, self.has_image,
                            self.attention_impl, self.dtype, self.param_dtype, name="attn2")
-    x = x + cross(h, text, image, text_mask).astype(x.dtype)
+    x = nn.with_logical_constraint(x + cross(h, text, image, text_mask).astype(x.dtype), BLD)
 
     norm3 = _layer_norm(self.eps, False, self.param_dtype, name="norm3")
-    h = (norm3(x) * (1.0 + mod(4)) + mod(3)).astype(self.dtype)
-    ffn = FeedForward(self.ffn_dim, self.dim, True, "embed", self.dtype, self.param_dtype,
+    h = nn.with_logical_constraint((norm3(x) * (1.0 + mod(4)) + mod(3)).astype(self.dtype), BLD)
+    ffn = FeedForward(self.ffn_dim, self.dim, True, "embed", self.dtype, self.param_dtype, BLM,
                       name="ffn")
     x = nn.with_logical_constraint(residual(x, ffn(h), mod(5)), BLD)
     return (x, None) if self.scanned else x
@@ -410,8 +426,8 @@ class WanTransformer3D(nn.Module):
   """Wan2.1 DiT (diffusers ``WanTransformer3DModel`` semantics) + OneStory context tokens.
 
   Attributes mirror ``config.model`` (see ``configs/onestory.py``); ``image_dim`` set means
-  an I2V model with image cross-attention. ``attention_impl`` is forwarded to
-  :func:`attention`.
+  an I2V model with image cross-attention. ``attention_impl`` is the attention backend
+  (``config.model.attention``: 'xla' | 'cudnn' | 'splash' | 'auto'), forwarded to :func:`attention`.
   """
   in_channels: int
   out_channels: int
@@ -431,7 +447,7 @@ class WanTransformer3D(nn.Module):
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = False
   remat: str = "none"
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
 
   @classmethod
   def from_config(cls, model_cfg: Any, in_channels: int, out_channels: int, text_dim: int,
@@ -448,6 +464,8 @@ class WanTransformer3D(nn.Module):
     kw["patch_size"] = _triple(kw["patch_size"], "config.model.patch_size")
     kw["dtype"] = _as_dtype(kw["dtype"], "dtype")
     kw["param_dtype"] = _as_dtype(kw["param_dtype"], "param_dtype")
+    # Optional: configs saved before the attention registry existed mean 'auto'.
+    kw["attention_impl"] = attention_lib.check_backend(model_cfg.get("attention", attention_lib.AUTO))
     kw.update(overrides)
     return cls(in_channels=in_channels, out_channels=out_channels, text_dim=text_dim,
                image_dim=image_dim, **kw)
@@ -465,6 +483,7 @@ class WanTransformer3D(nn.Module):
     _triple(self.patch_size, "model.patch_size")
     if self.num_layers < 1:
       raise ValueError(f"model.num_layers must be >= 1; got {self.num_layers}")
+    attention_lib.check_backend(self.attention_impl)
 
   def _check_inputs(self, x, timestep, text, image, text_mask, context, context_pos,
                     context_mask, context_timestep) -> None:
@@ -587,21 +606,30 @@ class WanTransformer3D(nn.Module):
 
     pos = jnp.broadcast_to(rope.grid_positions(*grid)[None], (b, n, 3))
     if context is None:
-      t_proj_ctx, is_ctx, self_mask, seq = None, None, None, tokens
+      t_proj_ctx, is_ctx, kv_lengths, seq = None, None, None, tokens
     else:
       nc = context.shape[1]
+      context_pos = context_pos.astype(jnp.float32)
+      kv_lengths = None
+      if context_mask is not None:
+        # Valid context tokens first (a stable sort; the identity for the Adaptive Conditioner's packed output):
+        # the key padding of self-attention is then a suffix, which every backend takes as lengths (cuDNN
+        # needs that form). Exact: the noise outputs do not depend on the order of the context tokens, which
+        # carry their own RoPE positions and share one modulation, and whose outputs are discarded.
+        n_valid, (context, context_pos) = attention_lib.pack_valid_first(context_mask, context, context_pos)
+        kv_lengths = n + n_valid
       seq = jnp.concatenate([tokens, context.astype(self.dtype)], axis=1)
       seq = nn.with_logical_constraint(seq, BLD)
-      pos = jnp.concatenate([pos, context_pos.astype(jnp.float32)], axis=1)
+      pos = jnp.concatenate([pos, context_pos], axis=1)
       is_ctx = jnp.arange(n + nc) >= n
-      ctx_valid = (jnp.ones((b, nc), bool) if context_mask is None else context_mask.astype(bool))
-      self_mask = jnp.concatenate([jnp.ones((b, n), bool), ctx_valid], axis=1)
     cos, sin = rope.rope_angles(pos, self.head_dim, self.rope_theta)
+    cos = nn.with_logical_constraint(cos, ("batch", "length", None))
+    sin = nn.with_logical_constraint(sin, ("batch", "length", None))
 
-    seq = self._blocks()(seq, t_proj, t_proj_ctx, is_ctx, cos, sin, self_mask, text_e, image_e,
+    seq = self._blocks()(seq, t_proj, t_proj_ctx, is_ctx, cos, sin, kv_lengths, text_e, image_e,
                          text_mask)
 
-    out = seq[:, :n]  # context outputs are discarded (Eq. 8)
+    out = nn.with_logical_constraint(seq[:, :n], BLD)  # context outputs are discarded (Eq. 8)
     table = self.param(
         "scale_shift_table",
         nn.with_logical_partitioning(nn.initializers.normal(self.dim ** -0.5), (None, None, "embed")),
