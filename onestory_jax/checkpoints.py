@@ -1,7 +1,8 @@
 """Checkpoints: orbax managers for training state (+ grain iterator + config), and the parameter-only export.
 
 * Training checkpoints live in ``WORKDIR/checkpoints/<step>/`` with three items: ``state`` (the TrainState,
-  restored straight into its sharded layout), ``data`` (the grain iterator state, so the next batch after resume
+  restored straight into its sharded layout, also on another mesh, device count or process count; every saved leaf
+  is a global array, so multi-process runs save it whole), ``data`` (the grain iterator state, so the next batch after resume
   is the identical one) and ``config`` (JSON). Saves are asynchronous and atomic (orbax writes to a temporary
   directory and renames it when complete), so an interrupted run never leaves a half-written step behind.
 * An exported checkpoint (``DIR/config.json`` + ``DIR/params/``) holds only the model parameters; the demo
@@ -13,6 +14,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import ml_collections
@@ -37,10 +39,52 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any, data_ite
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None) -> Any:
+  """The TrainState of ``step``, restored straight into the shardings of ``abstract_state``; ``data_iter`` resumes.
+
+  The state may have been saved on any mesh shape, device count or process count: orbax reads each target shard
+  from the saved global arrays. grain saves one iterator state per process (``data/process_<i>-of-<n>.json``);
+  with the same process count each process takes its own. With another process count the iterator is set to the
+  state that every saving process had in common, which :mod:`onestory_jax.data.pipeline` makes valid for any count
+  (see :func:`_common_data_state`).
+
+  Raises:
+    ValueError: the process count changed and the saved iterator states differ between processes.
+  """
   items = {"state": ocp.args.StandardRestore(abstract_state)}
+  common = None
   if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-  return mngr.restore(step, args=ocp.args.Composite(**items)).state
+    common = _common_data_state(mngr, step)
+    if common is None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  state = mngr.restore(step, args=ocp.args.Composite(**items)).state
+  if common is not None:
+    data_iter.set_state(json.loads(common))
+    logging.warning("Checkpoint %d was saved by another number of processes than %d; every process resumes the data "
+                    "stream at the saved position (same samples per global batch, in another order within it)",
+                    step, jax.process_count())
+  return state
+
+
+def _common_data_state(mngr: ocp.CheckpointManager, step: int) -> str | None:
+  """The grain iterator state for this process when the process count changed since ``step`` was saved, else None.
+
+  :func:`onestory_jax.data.pipeline.make_train_dataset` shards the sample stream by index (process ``p`` of ``n``
+  takes samples ``p, p + n, ...`` and batches ``batch_size / n`` of them), so after ``k`` steps every process stands
+  at its local batch ``k``, the state saved by each is the same, and global batch ``k`` is samples
+  ``[k * batch_size, (k + 1) * batch_size)`` whatever ``n``: that common state is also right for a new count.
+  """
+  data_dir = ocp.step.build_step_path(mngr.directory, ocp.step.standard_name_format(), step) / "data"
+  own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if own.exists():
+    return None
+  saved = sorted(data_dir.glob("process_*-of-*.json"))
+  states = {f.read_text().strip() for f in saved}
+  if len(states) != 1:
+    raise ValueError(f"{data_dir}: no data iterator state for process {jax.process_index()} of "
+                     f"{jax.process_count()}, and the {len(saved)} saved ones ({', '.join(f.name for f in saved)}) "
+                     "differ, so none of them fits another process count; resume with the process count that "
+                     "saved the checkpoint")
+  return states.pop()
 
 
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:

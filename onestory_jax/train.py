@@ -3,7 +3,13 @@ r"""Trains OneStory.
   python -m onestory_jax.train --config=configs/onestory.py:demo --workdir=workdirs/demo \
       [--config.num_train_steps=N ...]
 
-Re-running the same command resumes from the latest checkpoint in ``--workdir``.
+Re-running the same command resumes from the latest checkpoint in ``--workdir``, also on another mesh shape
+(``--config.mesh.shape``) or device count: the state is restored straight into the new shardings.
+
+Multi-host: run the same command on every host (TPU VM workers, SLURM ``srun``, ``mpirun``, or a plain launch with
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set); ``jax.distributed`` is initialised
+from the environment first (:mod:`onestory_jax.distributed`), each process loads its share of the global batch, and
+``--workdir`` must be a path that every host sees (e.g. ``gs://BUCKET/run``).
 """
 from absl import app
 from absl import flags
@@ -11,6 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from onestory_jax import distributed
 from onestory_jax import logs
 from onestory_jax import trainer
 
@@ -24,15 +31,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
-  if _multi_host():
-    jax.distributed.initialize()
-  logging.info("JAX devices: %s", jax.devices())
+  distributed.initialize_from_env()
+  logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
-def _multi_host() -> bool:
-  import os  # pylint: disable=g-import-not-at-top
-  return any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID"))
 
 
 if __name__ == "__main__":

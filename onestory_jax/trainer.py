@@ -266,7 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_every_steps)
   hooks = [report]
-  if config.sample_every_steps and jax.process_index() == 0:
+  # Every process samples: the sampler's jitted programs span all devices (on process 0 alone they hang). Only
+  # process 0's writer writes the images; the others' only log their shapes.
+  if config.sample_every_steps:
     from onestory_jax import sampler  # pylint: disable=g-import-not-at-top
     hooks.append(periodic_actions.PeriodicCallback(
         every_steps=config.sample_every_steps,
