@@ -3,8 +3,14 @@ r"""Benchmarks the OneStory train step on this machine.
   python -m onestory_jax.benchmark --config=configs/onestory.py:demo [--steps=20]
 
 Prints (as JSON) the compiled train step's time, DiT tokens per second (noise + context tokens), the FLOPs of
-one step from XLA's cost analysis, the achieved FLOP/s, and this machine's measured float32 matmul FLOP/s
-(a 2048^3 matmul, best of several runs), so the step's efficiency can be read against what the hardware does.
+one step from XLA's cost analysis, the achieved FLOP/s, and this machine's measured matmul FLOP/s (a 2048^3 matmul
+in the model's compute dtype, best of several runs), so the step's efficiency can be read against what the hardware
+does.
+
+It also prints the analytic model FLOPs of one step (:mod:`onestory_jax.flops`: trainable modules forward +
+backward, frozen ones forward, no rematerialisation) and the MFU they give against the measured matmul peak of all
+devices (``mfu_vs_matmul``; on CPU the simulated devices share the host's cores, so the peak is counted once), and,
+on a chip in :data:`onestory_jax.flops.PEAK_BF16_FLOPS`, against its spec-sheet bf16 peak (``mfu``).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from onestory_jax import flops as flops_lib
 from onestory_jax import trainer as trainer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/onestory.py:demo", "Configuration.", lock_config=True)
@@ -69,12 +76,33 @@ def benchmark_train_step(config, steps: int) -> dict:
           "step_flops": flops, "achieved_flops_per_s": flops / step_time}
 
 
+def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
+  """Analytic FLOPs of one step and the MFU they mean, against the measured and (if known) the spec peak."""
+  sf = flops_lib.step_flops(config)
+  dev = jax.devices()[0]
+  n = jax.device_count()
+  # Simulated CPU devices share the host's cores: the one-device matmul measurement is already the whole host.
+  devices_peak = matmul_peak * (1 if dev.platform == "cpu" else n)
+  out = {"analytic_step_flops": sf.model_flops, "analytic_dit_flops": sf.dit_flops,
+         "analytic_flops_per_s": sf.model_flops / step_time,
+         "mfu_vs_matmul": sf.model_flops / (step_time * devices_peak)}
+  chip = flops_lib.chip_of(dev.device_kind)
+  if chip is not None:
+    out["chip"] = chip
+    out["mfu"] = flops_lib.mfu(sf.model_flops, step_time, n, chip)
+  return out
+
+
 def main(argv):
   del argv
-  out = benchmark_train_step(_CONFIG.value, _STEPS.value)
-  peak = matmul_flops_per_sec()
+  config = _CONFIG.value
+  out = benchmark_train_step(config, _STEPS.value)
+  dtype = jnp.dtype(config.model.dtype)
+  peak = matmul_flops_per_sec(dtype=dtype)
+  out["matmul_dtype"] = dtype.name
   out["matmul_flops_per_s"] = peak
   out["fraction_of_matmul"] = out["achieved_flops_per_s"] / peak
+  out.update(analytic_mfu(config, out["step_time_s"], peak))
   print(json.dumps(out, indent=2))
 
 

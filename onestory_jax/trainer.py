@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -40,6 +41,7 @@ import numpy as np
 import optax
 
 from onestory_jax import checkpoints
+from onestory_jax import flops
 from onestory_jax import next_shot
 from onestory_jax import pretrained
 from onestory_jax import rectified_flow as rf
@@ -276,6 +278,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             trainer, state_ref[0].params, writer, step)))
   state_ref = [state]
   metrics_acc = []
+  # MFU from the analytic model FLOPs (context tokens included; onestory_jax/flops.py) and the chip's peak.
+  model_flops = flops.step_flops(config).model_flops
+  chip = flops.chip_of(jax.devices()[0].device_kind)
+  last_log = (start, time.perf_counter())
   for step in range(start + 1, total + 1):
     batch = next(data_iter)
     state, metrics = trainer.step(state, batch)
@@ -288,6 +294,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
       scalars["lr"] = float(learning_rate(config, config.optim.lr)(step))
       scalars["dc_warmup"] = float(step <= dc_warmup_steps(config))
+      now = time.perf_counter()
+      step_time = (now - last_log[1]) / max(step - last_log[0], 1)
+      last_log = (step, now)
+      scalars["model_tflops_per_s"] = model_flops / step_time / 1e12
+      if chip is not None:
+        scalars["mfu"] = flops.mfu(model_flops, step_time, jax.device_count(), chip)
       writer.write_scalars(step, scalars)
       metrics_acc = []
     if step % config.checkpoint_every_steps == 0 or step == total:
