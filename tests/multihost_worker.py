@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import time
 from typing import Any
 
 from absl import app
