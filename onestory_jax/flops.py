@@ -27,8 +27,7 @@ modulation and the optimizer update are left out; they are a few percent of a la
 
 Training multiplies the forward FLOPs of trainable modules by 3 (forward + backward, the backward being two
 matmuls per forward matmul: activations and weights). Frozen modules (``config.optim.frozen``) count once in the
-model FLOPs; the trainer still differentiates them (their gradients enter the global-norm clipping), and that extra
-``2 x`` forward is reported as ``frozen_backward``, outside MFU. Rematerialisation (``config.model.remat``) re-runs
+model FLOPs (the trainer does not differentiate them). Rematerialisation (``config.model.remat``) re-runs
 part of the DiT forward in the backward pass: ``full`` the whole blocks, ``dots`` the matmuls that have batch
 dimensions (the attention score / value matmuls, which ``dots_with_no_batch_dims_saveable`` does not keep). It is
 reported as ``remat_recompute`` and, as is conventional (PaLM's MFU), not counted in MFU.
@@ -350,7 +349,7 @@ class StepFlops:
 
   @property
   def executed_flops(self) -> float:
-    """Every matmul FLOP the step runs: model FLOPs plus the frozen modules' backward and the remat recompute."""
+    """Every matmul FLOP the step runs: model FLOPs plus the remat recompute."""
     return sum(e.total for e in self.entries)
 
   @property
@@ -419,12 +418,9 @@ def _step_flops(config) -> StepFlops:
       Entry("text_encoder", b * text_encoder_flops(config, s), passes("text_encoder"), True,
             f"{config.text_encoder.name}, {s.text_len} tokens" + ("" if trainable("text_encoder") else ", frozen")),
   ]
-  frozen_back = sum(e.forward for e in entries if e.passes == 1)
   for name, fwd in frozen_encoder_flops(config, s).items():
     if fwd:
       entries.append(Entry(name, b * fwd, 1, True, "frozen, forward only (traced matmul/conv FLOPs)"))
-  entries.append(Entry("frozen_backward", 2.0 * frozen_back, 1, False,
-                       "gradients of config.optim.frozen modules, computed by the step but not needed"))
   entries.append(Entry("remat_recompute", b * dit_remat_flops(config, s), 1, False,
                        f"DiT forward recomputed under remat={config.model.remat!r}"))
   return StepFlops(entries=tuple(entries), shapes=s, dit_forward_parts=dit)

@@ -145,8 +145,14 @@ def loss_fn(params, system: next_shot.System, enc: dict, batch: dict, rng: jax.A
 def train_step(state: TrainState, batch: dict, *, system: next_shot.System, enc: dict,
                tx: optax.GradientTransformation):
   rng, step_rng = jax.random.split(state.rng)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, system, enc, batch, step_rng, state.step)
+  # Frozen collections (config.optim.frozen, e.g. the pretrained umT5) are not differentiated: no backward pass
+  # through them, and their zero gradients stay out of the global-norm clipping.
+  frozen = {k: jax.lax.stop_gradient(v) for k, v in state.params.items() if k in system.config.optim.frozen}
+  trainable = {k: v for k, v in state.params.items() if k not in frozen}
+  grad_fn = jax.value_and_grad(lambda p: loss_fn({**frozen, **p}, system, enc, batch, step_rng, state.step),
+                               has_aux=True)
+  (_, metrics), grads = grad_fn(trainable)
+  grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen)}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)

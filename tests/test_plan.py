@@ -122,7 +122,7 @@ def test_step_flops_of_the_paper_setting():
   assert dit.passes == 3 and dit.forward == pytest.approx(b * 1.8104e15, rel=1e-4)
   te = sf.entry("text_encoder")
   assert te.passes == 1 and "frozen" in te.note  # umT5 is in config.optim.frozen
-  assert sf.entry("frozen_backward").total == 2 * te.forward and not sf.entry("frozen_backward").in_mfu
+  assert "frozen_backward" not in [e.name for e in sf.entries]  # the trainer does not differentiate umT5
   assert sf.entry("remat_recompute").total == pytest.approx(dit.forward, rel=1e-3)  # remat 'full'
   # Four 81-frame Wan VAE encodes per sample (3 shots + the I2V first-frame video), ~164 TFLOP each.
   assert sf.entry("codec_encode").forward / (4 * b) == pytest.approx(1.64e14, rel=0.02)
