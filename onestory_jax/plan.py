@@ -31,10 +31,9 @@ that many samples per chip), ``--config.model.remat=none|full|dots``, ``--config
 fusion and rematerialisation differ from TPU's, so they only show the order of magnitude and the sharding.
 
 Differences from :class:`onestory_jax.trainer.Trainer` (which needs real devices and allocates the frozen
-encoders), built here from the trainer's public pieces (``train_step``, ``TrainState``, ``make_optimizer``):
+encoders), built here from the trainer's public pieces (``train_step``, ``init_train_state``, ``make_optimizer``)
+and the same state shardings (:func:`sharding.train_state_shardings`: AdamW moments like their parameters):
 
-* the AdamW moments are sharded like their parameters (:func:`opt_state_shardings`); the trainer initialises the
-  optimiser from unboxed parameters, so its moments carry no logical axes and are replicated on every chip;
 * the frozen codec / image-encoder parameters are arguments of the compiled step, sharded by the logical rules as a
   ``config.pretrained`` restore lays them out (dimensions the mesh does not divide, like an RGB conv's 3 channels,
   replicated), where the trainer closes over them;
@@ -57,7 +56,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import optax
 
 from onestory_jax import flops as flops_lib
 from onestory_jax import next_shot
@@ -190,19 +188,6 @@ class AbstractStep:
   system: next_shot.System
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_shardings: Any,
-                        mesh: jax.sharding.Mesh) -> Any:
-  """Shardings of the optimiser state: every parameter-shaped leaf (AdamW's mu and nu) like its parameter, the rest
-  (step counts) replicated.
-
-  The optimiser state is initialised from unboxed parameters, so it carries no logical axis names of its own;
-  without this, ``logical_to_shardings`` replicates the AdamW moments on every chip (2 x 4 bytes per parameter).
-  """
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (frozen / other-group leaves)
-  return optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, opt_state, param_shardings,
-                               transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
-
-
 def _drop_indivisible(s: jax.sharding.NamedSharding, leaf: Any) -> jax.sharding.NamedSharding:
   """Replicates the dimensions of ``leaf`` that its mesh axes do not divide (e.g. an RGB output conv's 3 channels
   under a 'conv_out' -> tensor rule), which jit would reject."""
@@ -233,25 +218,16 @@ def abstract_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Abst
     raise ValueError(f"config.data.batch_size={gb} must be divisible by the batch mesh axes ({div} on mesh "
                      f"{dict(mesh.shape)})")
 
-  def init_fn(rng):
-    r_init, r_state = jax.random.split(rng)
-    params = system.init_params(r_init)
-    plain = sharding.strip_boxes(params)
-    opt_state = trainer_lib.make_optimizer(config, plain).init(plain)
-    return trainer_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=r_state)
-
   key = jax.random.key(int(config.seed))
   # Outside the mesh context: some encoders make concrete keys, which cannot run on compile-only TPU devices.
   boxed_enc = {"codec": (system.codec.abstract_params() if hasattr(system.codec, "abstract_params")
                          else jax.eval_shape(system.codec.init, key)),
                "image_encoder": jax.eval_shape(system.image_encoder.init, key)}
   with sharding.use_mesh(mesh, config):
-    boxed = jax.eval_shape(init_fn, key)
-  state_sh = sharding.logical_to_shardings(boxed, mesh, config)
+    boxed = jax.eval_shape(lambda r: trainer_lib.init_train_state(system, config, r), key)
   tx = trainer_lib.make_optimizer(config, sharding.strip_boxes(boxed.params))
   # Outside the mesh context too: optax runs the optimiser's init on placeholders to find the moments.
-  state_sh = state_sh.replace(rng=sharding.replicated(mesh), step=sharding.replicated(mesh),
-                              opt_state=opt_state_shardings(tx, boxed.opt_state, state_sh.params, mesh))
+  state_sh = sharding.train_state_shardings(boxed, tx, mesh, config)
   state = _abstract(sharding.strip_boxes(boxed), state_sh)
   plain_enc = sharding.strip_boxes(boxed_enc)
   enc_sh = jax.tree.map(_drop_indivisible, sharding.logical_to_shardings(boxed_enc, mesh, config), plain_enc)

@@ -94,6 +94,15 @@ def make_optimizer(config, params: Any) -> optax.GradientTransformation:
                              "frozen": optax.set_to_zero()}, param_groups(params, config)))
 
 
+def init_train_state(system: next_shot.System, config, rng: jax.Array) -> TrainState:
+  """A fresh train state with boxed (logically partitioned) parameters; trace it with ``jax.eval_shape``."""
+  r_init, r_state = jax.random.split(rng)
+  params = system.init_params(r_init)
+  plain = sharding.strip_boxes(params)
+  opt_state = make_optimizer(config, plain).init(plain)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=r_state)
+
+
 # ---------------------------------------------------------------------------- loss
 def dc_warmup_steps(config) -> int:
   return int(round(config.warmup_fraction_dc * config.num_train_steps))
@@ -184,11 +193,7 @@ class Trainer:
                            donate_argnums=(0,))
 
   def _init_fn(self, rng):
-    r_init, r_state = jax.random.split(rng)
-    params = self.system.init_params(r_init)
-    plain = sharding.strip_boxes(params)
-    opt_state = make_optimizer(self.config, plain).init(plain)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=r_state)
+    return init_train_state(self.system, self.config, rng)
 
   def _abstract_state(self):
     boxed = jax.eval_shape(self._init_fn, jax.random.key(self.config.seed))
