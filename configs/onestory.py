@@ -38,6 +38,9 @@ def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.pretrained = ""  # directory written by `python -m onestory_jax.convert` (Wan variants); "" = random init
+  # Fine-tuning: an exported checkpoint (`python -m onestory_jax.checkpoints export --out=DIR`, e.g. the shipped
+  # onestory_jax/assets/demo_checkpoint) whose parameters start a fresh run; AdamW and the step start anew.
+  c.init_params = ""
 
   # ---------------------------------------------------------------- data
   c.data = d = ml_collections.ConfigDict()

@@ -145,6 +145,35 @@ def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> Non
     f.write(f"{step}\n")
 
 
+def restore_exported_params(path: str, abstract_params: Any) -> Any:
+  """The parameters of the exported checkpoint ``path`` (``path/params``), restored into ``abstract_params``.
+
+  ``abstract_params`` is a tree of ``jax.ShapeDtypeStruct`` (with a ``sharding`` to restore straight into a sharded
+  layout). Only orbax is read.
+
+  Raises:
+    ValueError: ``path`` is not an export, or its parameters differ from ``abstract_params`` in names or shapes
+      (every difference is listed).
+  """
+  params_dir = os.path.join(os.path.abspath(path), "params")
+  if not os.path.isdir(params_dir):
+    raise ValueError(f"{path}: not an exported checkpoint (no params/ directory); write one with "
+                     "python -m onestory_jax.checkpoints export --workdir=WORKDIR --out=DIR")
+  ckptr = ocp.StandardCheckpointer()
+  saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+           jax.tree_util.tree_leaves_with_path(ckptr.metadata(params_dir).item_metadata)}
+  wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  diffs = [f"{k}: missing from the export" for k in sorted(wanted.keys() - saved.keys())]
+  diffs += [f"{k}: in the export, not in the run's model" for k in sorted(saved.keys() - wanted.keys())]
+  diffs += [f"{k}: export has shape {saved[k]}, the run's model {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
+            if saved[k] != wanted[k]]
+  if diffs:
+    plural = "s" if len(diffs) > 1 else ""
+    raise ValueError(f"{params_dir} does not fit the run's model ({len(diffs)} difference{plural}; the export's "
+                     "config.json holds the sizes it was trained with):\n  " + "\n  ".join(diffs[:20]))
+  return ckptr.restore(params_dir, abstract_params)
+
+
 def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
   """(System, params, encoder params) from a training workdir or an exported checkpoint (default: the demo)."""
   from onestory_jax import next_shot  # pylint: disable=g-import-not-at-top
@@ -155,7 +184,7 @@ def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
       config = config_from_dict(json.load(f))
     system = next_shot.make_system(config)
     abstract = jax.eval_shape(lambda: sharding.strip_boxes(system.init_params(jax.random.key(0))))
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract)
+    params = restore_exported_params(path, abstract)
   else:
     if path == DEMO_CHECKPOINT:
       raise ValueError(f"the shipped demo checkpoint is missing at {DEMO_CHECKPOINT}; pass --workdir")

@@ -22,6 +22,8 @@ start restores the Wan DiT (``params["dit"]``, converted component ``transformer
 (``params["text_encoder"]``) straight into their shardings; Frame Selection starts fresh and the Adaptive
 Conditioner's patchifiers start from the restored patch embedding (FramePack initialisation, design notes); AdamW
 moments start at zero. A run that resumes from its workdir never re-reads ``config.pretrained`` for them.
+
+Fine-tuning: with ``config.init_params`` (an exported checkpoint) a fresh start takes every parameter from it.
 """
 from __future__ import annotations
 
@@ -207,6 +209,9 @@ class Trainer:
   def init_state(self) -> TrainState:
     """Parameters and optimiser state initialised directly in their sharded layout.
 
+    With ``config.init_params`` (a ``checkpoints export`` directory, e.g. the shipped demo checkpoint) every
+    parameter starts from the export instead: fine-tuning, with a fresh optimiser state and step 0.
+
     With ``config.pretrained`` the collections of :func:`pretrained.pretrained_components` are restored from the conversion
     instead (their random initialisation is left out of the compiled init), the Adaptive Conditioner's patchifiers
     are initialised from the restored patch embedding (:func:`pretrained.framepack_patchifiers`), and every other parameter
@@ -214,11 +219,20 @@ class Trainer:
     (AdamW moments are zeros).
 
     Raises:
-      ValueError: the conversion is missing, was made from another release than the run config describes, or with
+      ValueError: the export does not fit the model (every differing parameter is named), the conversion is missing, was made from another release than the run config describes, or with
         another ``--scan_layers`` setting than ``config.model.scan_layers``; the message says how to fix it.
     """
     restored = pretrained.pretrained_components(self.config)
     rng = jax.random.key(self.config.seed)
+    if self.config.get("init_params", ""):
+      if restored:
+        raise ValueError("config.init_params and config.pretrained both set: fine-tune from one or the other")
+      with sharding.use_mesh(self.mesh, self.config):  # the optimiser state only: no random parameters are made
+        state = jax.jit(lambda r: sharding.strip_boxes(self._init_fn(r)).replace(params={}),
+                        out_shardings=self.state_shardings.replace(params={}))(rng)
+      params = checkpoints.restore_exported_params(self.config.init_params, self.abstract_state.params)
+      logging.info("Started from the exported parameters in %s", self.config.init_params)
+      return state.replace(params=params)
     if not restored:
       with sharding.use_mesh(self.mesh, self.config):
         init = jax.jit(lambda r: sharding.strip_boxes(self._init_fn(r)), out_shardings=self.state_shardings)

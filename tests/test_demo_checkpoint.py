@@ -17,7 +17,7 @@ def test_shipped_checkpoint_samples_a_shot():
   frames = gen.decode(lat)
   assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
   assert frames.std() > 0
-  lat2, info2 = gen("the same first red round character moves right in the green place from shot 1, wide view.",
+  lat2, info2 = gen("the same first round character moves right in the green place from shot 1, wide view.",
                     [lat], seed=1)
   # K_sel = 4 frames, each at the (1, 2, 2) patchifier: 4 x 16 = 64 tokens, the budget of one latent frame.
   assert int(info2["context_tokens"]) == 64 and info2["valid"].sum() == 4

@@ -195,6 +195,30 @@ def test_export_sets_sampler_defaults_only(trained, tmp_path):
     checkpoints.export_params(workdir, str(tmp_path / "bad"), sample={"cfg": 2.0})
 
 
+def test_init_params_fine_tunes_from_an_export(trained, tmp_path):
+  """config.init_params: a fresh run starts from the export's parameters (sharded, step 0, fresh AdamW)."""
+  workdir, params = trained
+  out = str(tmp_path / "export")
+  checkpoints.export_params(workdir, out)
+  tr = trainer_lib.Trainer(_config(init_params=out))
+  state = tr.init_state()
+  assert int(state.step) == 0
+  assert all(float(jax.numpy.abs(m).max()) == 0.0 for m in jax.tree.leaves(state.opt_state)
+             if getattr(m, "ndim", 0) > 0 and m.dtype == jax.numpy.float32)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  dit = state.params["dit"]["patch_embedding"]["kernel"]
+  assert dit.sharding == tr.state_shardings.params["dit"]["patch_embedding"]["kernel"]
+  # A run whose model differs gets every differing parameter named, before anything trains.
+  with pytest.raises(ValueError, match=r"does not fit the run's model \(1 difference;.*\n  \['frame_selection'\]"
+                     r"\['queries'\]: export has shape \(4, 32\), the run's model \(6, 32\)"):
+    trainer_lib.Trainer(_config(init_params=out, **{"selection.num_queries": 6})).init_state()
+  with pytest.raises(ValueError, match="not an exported checkpoint"):
+    trainer_lib.Trainer(_config(init_params=str(tmp_path))).init_state()
+  with pytest.raises(ValueError, match="config.init_params and config.pretrained both set"):
+    trainer_lib.Trainer(_config(init_params=out, pretrained=str(tmp_path))).init_state()
+
+
 def test_memory_ablation_reports_both_modes(trained):
   from onestory_jax import memory_ablation
   workdir, _ = trained

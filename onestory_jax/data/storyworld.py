@@ -9,7 +9,8 @@ with a caption that refers back to earlier shots the way the paper's captions do
 * at first sight an entity is named only coarsely ("a red round character",
   "a green place"); its exact colour, shape size and the layout of the place exist
   only in the pixels, so a model has to recall them from memory;
-* later shots refer back ("the same first character", "the place from shot 1").
+* later shots refer back ("the same first round character", "the green place from
+  shot 1"), never repeating a returning character's colour.
 
 Stories follow the three patterns of the paper's benchmark:
 
@@ -296,14 +297,15 @@ def caption_for_shot(story: dict[str, Any], index: int) -> str:
   Grammar: ``<subject> <verb> <action> [together] in <place>, <framing> view.`` where
   the subject lists the shot's characters ("a red round character" at the first shot
   of the story, "a new red round character" when introduced later, "the same first
-  red round character" when it comes back alone, "the first red round character" in a
-  group, ordinals in order of introduction) and the place is "a green place" / "a new
-  green place" at first sight and "the green place from shot K" afterwards (K counts
-  from 1).
+  round character" when it comes back alone, "the first round character" in a group,
+  ordinals in order of introduction) and the place is "a green place" / "a new green
+  place" at first sight and "the green place from shot K" afterwards (K counts from 1).
 
-  Back-references repeat only the coarse description (hue bin and kind), as the paper's
-  rewritten captions do ("the same man, now ..."): it tells Frame Selection which
-  memory frames matter, while the exact colour and size still come only from memory.
+  A character's colour is its appearance, and back-references never repeat it: like the
+  paper's rewritten captions ("the same man, now ..."), they keep only the identity class
+  (the kind), which tells Frame Selection which memory frames matter, so every shade of a
+  returning character, even its hue name, can only come from memory (docs/design.md,
+  "StoryWorld captions").
   """
   shots = story["shots"]
   by_id = {c["id"]: c for c in story["characters"]}
@@ -321,13 +323,12 @@ def caption_for_shot(story: dict[str, Any], index: int) -> str:
   phrases = []
   for c in ids:
     ch = by_id[c]
-    coarse = f"{ch['color_name']} {ch['kind']}"
     if c in introduced:
       ordinal = ORDINALS[introduced.index(c)]
-      phrases.append(f"the same {ordinal} {coarse} character" if len(ids) == 1
-                     else f"the {ordinal} {coarse} character")
+      phrases.append(f"the same {ordinal} {ch['kind']} character" if len(ids) == 1
+                     else f"the {ordinal} {ch['kind']} character")
     else:
-      phrases.append(f"{article} {coarse} character")
+      phrases.append(f"{article} {ch['color_name']} {ch['kind']} character")
   if len(ids) == 1:
     verb = f"moves {shot['action']}"
   else:
