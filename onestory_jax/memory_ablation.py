@@ -7,12 +7,16 @@ For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...),
 same model and seed — once with the global memory (``--memory=full``) and once without (``--memory=none``) — and
 scores both with :mod:`onestory_jax.evaluate`. Prints the per-mode means as JSON, how often Frame Selection's
 best frame comes from an earlier shot that shares a character with the new shot, the paired per-story gain in
-character consistency (mean, standard error, and how many stories gain or lose), and the character consistency of
-shot pairs grouped by the later shot of the pair (how well memory carries over longer stories). Without ``--workdir`` the shipped
+character consistency (mean, standard error, and how many stories gain or lose), the character consistency of
+shot pairs grouped by the later shot of the pair (how well memory carries over longer stories), and, for scale,
+the character consistency of the same stories' ground truth and of the ground truth with every returning
+character recoloured at random (of any colour, or of its own colour name). Without ``--workdir`` the shipped
 demo checkpoint is used.
 """
 from __future__ import annotations
 
+import colorsys
+import copy
 import json
 import os
 
@@ -44,6 +48,44 @@ def selection_top1_hit(story: dict, shot: int, info: dict, frames_per_shot: int)
     return False
   source = int(info["indices"][0]) // frames_per_shot
   return bool(wanted & set(shots[source]["characters"]))
+
+
+def recolour_returning_characters(story: dict, rng: np.random.Generator, same_name: bool) -> list[np.ndarray]:
+  """Ground-truth frames of ``story`` in which every returning character is redrawn in a random colour.
+
+  Each shot after a character's first gets a fresh colour, drawn like StoryWorld's (saturation 0.6-1, value
+  0.75-1), of any hue, or with ``same_name`` a hue of the character's own colour name. This is what a model can do
+  at best from the caption alone (the colour name, when the caption gives it), a floor for memory to beat.
+  """
+  frames, seen = [], set()
+  for j, shot in enumerate(story["shots"]):
+    redrawn = copy.deepcopy(story)
+    for c in shot["characters"]:
+      if c in seen:
+        ch = redrawn["characters"][c]
+        hue = float(rng.random())
+        while same_name and storyworld.hue_name(hue) != ch["color_name"]:
+          hue = float(rng.random())
+        ch["color"] = [float(x) for x in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))]
+    seen.update(shot["characters"])
+    frames.append(storyworld.render_shot(redrawn, j))
+  return frames
+
+
+def reference_scores(stories: list[dict], seed: int = 0) -> dict:
+  """Mean character consistency of references on ``stories``, no model involved: the ground-truth frames, and the
+  ground truth with returning characters recoloured at random (:func:`recolour_returning_characters`), of any
+  colour and of the same colour name."""
+  rng = np.random.default_rng(seed)
+  scores = {"ground_truth": [], "random_colour": [], "random_colour_same_name": []}
+  for s in stories:
+    for name, frames in (("ground_truth", storyworld.render_story(s)),
+                         ("random_colour", recolour_returning_characters(s, rng, same_name=False)),
+                         ("random_colour_same_name", recolour_returning_characters(s, rng, same_name=True))):
+      value = evaluate.evaluate_story(s, frames).get("character_consistency")
+      if value is not None:
+        scores[name].append(float(value))
+  return {k: float(np.mean(v)) if v else None for k, v in scores.items()}
 
 
 def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, first_seed: int = 0, *,
@@ -100,6 +142,8 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
           "selection_top1_character_hit": float(np.mean(top1_hits)) if top1_hits else None,
           # Per-story C-Cons(full) - C-Cons(none), same seeds: mean, its standard error, and how many stories gain.
           "character_consistency_gain": paired,
+          # The same stories without a model: ground truth, and returning characters recoloured at random.
+          "character_consistency_reference": reference_scores(stories, seed=first_seed),
           **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()}
              for mode in sampler.MEMORY_MODES},
           "character_consistency_by_later_shot": {

@@ -232,6 +232,25 @@ def test_memory_ablation_reports_both_modes(trained):
   assert gain["stories_better_with_memory"] + gain["stories_worse"] <= 1
 
 
+def test_memory_ablation_references_rank_as_expected():
+  """Ground truth scores near the top; random colours far below; a random colour of the same name in between."""
+  from onestory_jax import memory_ablation
+  from onestory_jax.data import storyworld
+  stories = [storyworld.generate_story(seed, "recall") for seed in range(100, 108)]
+  ref = memory_ablation.reference_scores(stories)
+  assert ref["ground_truth"] > 0.9
+  assert ref["random_colour"] < ref["random_colour_same_name"] < ref["ground_truth"]
+  assert ref["random_colour"] < 0.25
+  # Only returning characters change colour: first appearances match the ground truth exactly.
+  s = stories[0]
+  frames = memory_ablation.recolour_returning_characters(s, np.random.default_rng(0), same_name=False)
+  truth = storyworld.render_story(s)
+  np.testing.assert_array_equal(frames[0], truth[0])
+  returning = [j for j, shot in enumerate(s["shots"])
+               if any(c in sum((t["characters"] for t in s["shots"][:j]), []) for c in shot["characters"])]
+  assert returning and all(not np.array_equal(frames[j], truth[j]) for j in returning)
+
+
 def test_selection_top1_hit_follows_annotations():
   from onestory_jax import memory_ablation
   story = {"shots": [{"characters": [0]}, {"characters": [1]}, {"characters": [0]}, {"characters": [2]}]}
