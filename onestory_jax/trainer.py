@@ -219,18 +219,19 @@ class Trainer:
     (AdamW moments are zeros).
 
     Raises:
-      ValueError: the export does not fit the model (every differing parameter is named), the conversion is missing, was made from another release than the run config describes, or with
-        another ``--scan_layers`` setting than ``config.model.scan_layers``; the message says how to fix it.
+      ValueError: the export does not fit the model (every differing parameter is named); the conversion is
+        missing, was made from another release than the run config describes, or with another ``--scan_layers``
+        setting than ``config.model.scan_layers``; the message says how to fix it.
     """
     restored = pretrained.pretrained_components(self.config)
     rng = jax.random.key(self.config.seed)
     if self.config.get("init_params", ""):
       if restored:
         raise ValueError("config.init_params and config.pretrained both set: fine-tune from one or the other")
+      params = checkpoints.restore_exported_params(self.config.init_params, self.abstract_state.params)
       with sharding.use_mesh(self.mesh, self.config):  # the optimiser state only: no random parameters are made
         state = jax.jit(lambda r: sharding.strip_boxes(self._init_fn(r)).replace(params={}),
                         out_shardings=self.state_shardings.replace(params={}))(rng)
-      params = checkpoints.restore_exported_params(self.config.init_params, self.abstract_state.params)
       logging.info("Started from the exported parameters in %s", self.config.init_params)
       return state.replace(params=params)
     if not restored:
