@@ -15,7 +15,6 @@ demo checkpoint is used.
 """
 from __future__ import annotations
 
-import colorsys
 import copy
 import json
 import os
@@ -53,8 +52,8 @@ def selection_top1_hit(story: dict, shot: int, info: dict, frames_per_shot: int)
 def recolour_returning_characters(story: dict, rng: np.random.Generator, same_name: bool) -> list[np.ndarray]:
   """Ground-truth frames of ``story`` in which every returning character is redrawn in a random colour.
 
-  Each shot after a character's first gets a fresh colour, drawn like StoryWorld's (saturation 0.6-1, value
-  0.75-1), of any hue, or with ``same_name`` a hue of the character's own colour name. This is what a model can do
+  Each shot after a character's first gets a fresh colour, drawn as StoryWorld draws them
+  (:func:`storyworld.character_rgb`), of any hue, or with ``same_name`` a hue of the character's own colour name. This is what a model can do
   at best from the caption alone (the colour name, when the caption gives it), a floor for memory to beat.
   """
   frames, seen = [], set()
@@ -66,7 +65,7 @@ def recolour_returning_characters(story: dict, rng: np.random.Generator, same_na
         hue = float(rng.random())
         while same_name and storyworld.hue_name(hue) != ch["color_name"]:
           hue = float(rng.random())
-        ch["color"] = [float(x) for x in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))]
+        ch["color"] = storyworld.character_rgb(rng, hue)
     seen.update(shot["characters"])
     frames.append(storyworld.render_shot(redrawn, j))
   return frames

@@ -229,26 +229,15 @@ class Trainer:
       if restored:
         raise ValueError("config.init_params and config.pretrained both set: fine-tune from one or the other")
       params = checkpoints.restore_exported_params(self.config.init_params, self.abstract_state.params)
-      with sharding.use_mesh(self.mesh, self.config):  # the optimiser state only: no random parameters are made
-        state = jax.jit(lambda r: sharding.strip_boxes(self._init_fn(r)).replace(params={}),
-                        out_shardings=self.state_shardings.replace(params={}))(rng)
+      state = self._init_leaving_out(rng, params)  # the optimiser state only: no random parameters are made
       logging.info("Started from the exported parameters in %s", self.config.init_params)
       return state.replace(params=params)
     if not restored:
-      with sharding.use_mesh(self.mesh, self.config):
-        init = jax.jit(lambda r: sharding.strip_boxes(self._init_fn(r)), out_shardings=self.state_shardings)
-        return init(rng)
+      return self._init_leaving_out(rng, ())
     for name, component in restored.items():  # fail fast, before anything compiles
       pretrained.check_release(self.config, self.system, name, component)
-    shardings = self.state_shardings.replace(
-        params={k: v for k, v in self.state_shardings.params.items() if k not in restored})
-
-    def init_rest(r):
-      state = sharding.strip_boxes(self._init_fn(r))
-      return state.replace(params={k: v for k, v in state.params.items() if k not in restored})
-
+    state = self._init_leaving_out(rng, restored)
     with sharding.use_mesh(self.mesh, self.config):
-      state = jax.jit(init_rest, out_shardings=shardings)(rng)
       params = dict(state.params)
       for name, component in restored.items():
         params[name] = weights.load_converted(self.config.pretrained, component, self.abstract_state.params[name],
@@ -260,6 +249,19 @@ class Trainer:
                               latent_channels=self.system.model.latent_channels),
             out_shardings=self.state_shardings.params["adaptive_conditioner"])(params["dit"]["patch_embedding"])
       return state.replace(params=params)
+
+  def _init_leaving_out(self, rng: jax.Array, names) -> TrainState:
+    """The state from one compiled, sharded init, without the parameter collections in ``names`` (their random
+    initialisation is left out of the compiled program; the caller restores them)."""
+    shardings = self.state_shardings.replace(
+        params={k: v for k, v in self.state_shardings.params.items() if k not in names})
+
+    def init(r):
+      state = sharding.strip_boxes(self._init_fn(r))
+      return state.replace(params={k: v for k, v in state.params.items() if k not in names})
+
+    with sharding.use_mesh(self.mesh, self.config):
+      return jax.jit(init, out_shardings=shardings)(rng)
 
   def step(self, state: TrainState, local_batch: dict) -> tuple[TrainState, dict]:
     batch = sharding.host_local_to_global(local_batch, self.mesh, self.config)

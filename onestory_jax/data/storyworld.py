@@ -150,20 +150,26 @@ def _rgb(h: float, s: float, v: float) -> list[float]:
   return [round(float(c), 4) for c in colorsys.hsv_to_rgb(h % 1.0, s, v)]
 
 
+def character_rgb(rng: np.random.Generator, hue: float) -> list[float]:
+  """A character colour of ``hue``: bright and saturated (s in [0.6, 1], v in [0.75, 1], drawn from ``rng``)."""
+  sat = float(rng.uniform(0.6, 1.0))
+  val = float(rng.uniform(0.75, 1.0))
+  return _rgb(hue, sat, val)
+
+
 def _draw_characters(rng: np.random.Generator, count: int) -> list[dict[str, Any]]:
   """Bright, saturated characters; any two differ in kind or clearly in hue."""
   characters, hues = [], []
   while len(characters) < count:
     kind = KINDS[int(rng.integers(len(KINDS)))]
     hue = float(rng.random())
-    sat = float(rng.uniform(0.6, 1.0))
-    val = float(rng.uniform(0.75, 1.0))
+    color = character_rgb(rng, hue)
     size = round(float(rng.uniform(0.85, 1.15)), 3)
     name = hue_name(hue)
     if not all(kind != c["kind"] or (name != c["color_name"] and _hue_distance(hue, h) >= 0.2)
                for c, h in zip(characters, hues)):
       continue
-    characters.append({"id": len(characters), "kind": kind, "color": _rgb(hue, sat, val),
+    characters.append({"id": len(characters), "kind": kind, "color": color,
                        "color_name": name, "size": size})
     hues.append(hue)
   return characters
