@@ -130,6 +130,10 @@ def _base() -> ml_collections.ConfigDict:
   f.timestep_shift = 3.0
   f.logit_normal_mean = 0.0
   f.logit_normal_std = 2.0
+  # Velocity-MSE weight min(1, (t / loss_weight_t)^2) (rectified_flow.loss_weight); 0 = the plain velocity MSE.
+  # With x-prediction the plain velocity MSE weighs the x_0 error by 1 / t^2, up to 400x at t = 0.05, and a short
+  # run then learns to pass its input noise through; 0.5 caps that at 4x (docs/design.md).
+  f.loss_weight_t = 0.5
   f.p_drop_text = 0.1
   f.p_drop_memory = 0.1
   f.p_i2v = 0.1  # train the I2MSV first-shot path (start image through the I2V channels)
@@ -243,6 +247,7 @@ def _wan(c: ml_collections.ConfigDict, dit: str, vae: str, height: int, width: i
   m.scan_layers = True
   m.remat = "full"
   c.flow.prediction = "v"  # what Wan was trained with
+  c.flow.loss_weight_t = 0.0  # and with the plain velocity MSE
   c.flow.timestep_shift = 3.0 if height * width <= 480 * 832 else 5.0
   c.flow.logit_normal_std = 1.0
   c.flow.p_drop_memory = 0.05

@@ -10,7 +10,8 @@ is ``(x_t - x_0) / t`` (t clipped at :data:`MIN_T`), following Li & He 2025 ("Ba
 Generative Models Denoise"). A model whose tokens carry more values than its width (the lossless demo codec: 384
 values per token at width 128) cannot pass per-value noise through that bottleneck, so v-prediction leaves the
 noise in its samples; x-prediction only has to output the clean, low-dimensional content and works. Either way the
-loss is the velocity MSE of Eq. 10 and the sampler integrates velocities.
+loss is the velocity MSE of Eq. 10, optionally weighted per sample (:func:`loss_weight`,
+``config.flow.loss_weight_t``), and the sampler integrates velocities.
 
 Time shift (SD3 / Wan): ``shift(t) = s t / (1 + (s - 1) t)`` moves probability mass towards noisier times for
 larger resolutions; Wan2.1 samples 480p with ``s = 3``.
@@ -59,10 +60,24 @@ def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
   return noise - x0
 
 
-def flow_loss(v_pred: jax.Array, x0: jax.Array, noise: jax.Array) -> jax.Array:
-  """L_shot: mean squared error between predicted and true velocity, averaged over everything."""
-  err = v_pred.astype(jnp.float32) - velocity_target(x0, noise).astype(jnp.float32)
-  return jnp.mean(jnp.square(err))
+def loss_weight(t: jax.Array, weight_t: float) -> jax.Array:
+  """Per-sample weight ``min(1, (t / weight_t)^2)`` of the velocity MSE; 1 everywhere for ``weight_t = 0``.
+
+  Since ``v - v_hat = (x_0_hat - x_0) / t``, the velocity MSE weighs the x_0 error by ``1 / t^2``. Below
+  ``weight_t`` this weight caps it at ``1 / weight_t^2``, in the spirit of Min-SNR weighting (Hang et al. 2023),
+  so that nearly clean samples, whose x_0 is almost given, do not dominate the gradient.
+  """
+  if weight_t <= 0.0:
+    return jnp.ones_like(t)
+  return jnp.minimum(1.0, jnp.square(t / weight_t))
+
+
+def flow_loss(v_pred: jax.Array, x0: jax.Array, noise: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+  """L_shot: the (optionally per-sample ``weight`` [B]ed) squared velocity error, averaged over everything."""
+  err = jnp.square(v_pred.astype(jnp.float32) - velocity_target(x0, noise).astype(jnp.float32))
+  if weight is not None:
+    err = err * weight.reshape((-1,) + (1,) * (err.ndim - 1)).astype(jnp.float32)
+  return jnp.mean(err)
 
 
 def sampling_times(steps: int, shift: float) -> jax.Array:

@@ -144,7 +144,7 @@ def loss_fn(params, system: next_shot.System, enc: dict, batch: dict, rng: jax.A
                      shift=c.flow.timestep_shift)
   noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
   v = system.velocity(params, cond, rf.interpolate(x0, noise, t), t)
-  l_shot = rf.flow_loss(v, x0, noise)
+  l_shot = rf.flow_loss(v, x0, noise, rf.loss_weight(t, c.flow.loss_weight_t))
   labels = jnp.repeat(batch["sel_labels"], f_lat, axis=1)
   l_sel = fs.selector_loss(cond.scores, labels, memory_mask)
   loss = l_shot + c.selection.lambda_sel * l_sel

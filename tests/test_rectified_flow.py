@@ -43,6 +43,20 @@ def test_flow_loss_zero_for_exact_prediction():
   np.testing.assert_allclose(rf.flow_loss(eps - x0 + 1.0, x0, eps), 1.0, rtol=1e-6)
 
 
+def test_loss_weight_caps_the_x0_error_weight_below_weight_t():
+  t = jnp.array([0.1, 0.25, 0.5, 0.9])
+  np.testing.assert_allclose(rf.loss_weight(t, 0.0), 1.0)
+  np.testing.assert_allclose(rf.loss_weight(t, 0.5), [0.04, 0.25, 1.0, 1.0], rtol=1e-6)
+  # With x-prediction the weighted velocity MSE is the x_0 MSE over max(t, weight_t)^2.
+  x0 = jax.random.normal(jax.random.key(0), (4, 6))
+  eps = jax.random.normal(jax.random.key(1), (4, 6))
+  x0_hat = x0 + 0.1 * jax.random.normal(jax.random.key(2), (4, 6))
+  v = rf.output_to_velocity(x0_hat, rf.interpolate(x0, eps, t), t, "x")
+  per_sample = jnp.mean(jnp.square(x0_hat - x0), axis=1) / jnp.square(jnp.maximum(t, 0.5))
+  np.testing.assert_allclose(rf.flow_loss(v, x0, eps, rf.loss_weight(t, 0.5)), jnp.mean(per_sample), rtol=1e-5)
+  np.testing.assert_allclose(rf.flow_loss(v, x0, eps, rf.loss_weight(t, 0.0)), rf.flow_loss(v, x0, eps), rtol=1e-6)
+
+
 @pytest.mark.parametrize("prediction", ["v", "x"])
 def test_euler_with_exact_model_reaches_the_data(prediction):
   """For a single data point the exact velocity field is (x_t - x0) / t; Euler integration lands on x0."""

@@ -78,6 +78,19 @@ def test_resume_gives_identical_next_batch_and_loss(trained):
   np.testing.assert_array_equal(fresh[2]["frames"], b1["frames"])
 
 
+def test_loss_weight_t_reweights_only_l_shot(trained):
+  """``config.flow.loss_weight_t`` scales down the velocity MSE of samples with t below it, and nothing else."""
+  _, params = trained
+  metrics = {}
+  for weight_t in (0.0, 0.5):
+    tr = trainer_lib.Trainer(_config(**{"flow.loss_weight_t": weight_t}))
+    batch = next(iter(tr.dataset()))
+    _, metrics[weight_t] = jax.jit(lambda p, b, tr=tr: trainer_lib.loss_fn(
+        p, tr.system, tr.enc, b, jax.random.key(3), jax.numpy.asarray(STEPS)))(params, batch)
+  assert float(metrics[0.5]["l_sel"]) == float(metrics[0.0]["l_sel"])
+  assert 0.0 < float(metrics[0.5]["l_shot"]) < float(metrics[0.0]["l_shot"])
+
+
 def test_bad_config_errors():
   with pytest.raises(ValueError, match="batch_size"):
     trainer_lib.Trainer(load_config("tiny", **{"data.batch_size": 6}))
