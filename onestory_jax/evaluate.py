@@ -81,7 +81,11 @@ Metrics (``evaluate_story``):
   shared characters the pair score is the best one-to-one matching of exactly ``min(n, rows, cols)``
   cluster pairs (Hungarian algorithm) summed and divided by ``n``: a shared character without a
   counterpart adds 0. A character that is not shared may stand in for a shared one, so the pair
-  score is an upper bound when identities are swapped between characters of similar look.
+  score is an upper bound when identities are swapped between characters of similar look. Clutter
+  is charged: a shot whose count exceeds its ``n`` annotated characters has ``count_precision = n /
+  count`` (else 1), and the pair score is multiplied by ``sqrt(count_precision_i *
+  count_precision_j)``. Without it a mosaic of noise cells drawn from a few colours, what an
+  undertrained model samples, offers a match for every character in every shot and scores near 1.
 * ``environment_consistency`` (E-Cons): mean over ALL shot pairs annotated with the same environment
   of ``sqrt(bq_i * bq_j) * (signature_sim + layout_sim) / 2`` where ``bq`` is the background
   quality, ``signature_sim = (sum_a w_a max_b s(c_a, c_b) + sum_b w_b max_a s(c_a, c_b)) / 2``
@@ -522,6 +526,19 @@ def character_pair_score(a: ShotAnalysis, b: ShotAnalysis, num_shared: int,
   return _best_matching(sim, num_shared) / num_shared
 
 
+def count_precision(analysis: ShotAnalysis, num_characters: int) -> float:
+  """``num_characters / count`` when the shot shows more entities than annotated, else 1.
+
+  The clutter charge of C-Cons (module docstring): entities beyond the annotated characters are
+  spurious, and any of them could stand in for a character in the matching.
+  """
+  if num_characters < 0:
+    raise ValueError(f"count_precision: num_characters must be >= 0, got {num_characters}")
+  if analysis.count <= num_characters:
+    return 1.0
+  return num_characters / analysis.count
+
+
 def environment_pair_score(a: ShotAnalysis, b: ShotAnalysis,
                            cfg: MetricConfig = MetricConfig()) -> float:
   """E-Cons of one pair of shots annotated with the same environment (module docstring)."""
@@ -613,11 +630,14 @@ def evaluate_story(story: dict, frames: Sequence[np.ndarray], cfg: MetricConfig 
   shots = story["shots"]
   analyses = [analyze_shot(f, cfg) for f in frames]
 
+  precision = [count_precision(an, len(shot["characters"])) for shot, an in zip(shots, analyses)]
+
   char_pairs, env_pairs = [], []
   for i, j in itertools.combinations(range(len(shots)), 2):
     shared = sorted(set(shots[i]["characters"]) & set(shots[j]["characters"]), key=str)
     if shared:
-      score = character_pair_score(analyses[i], analyses[j], len(shared), cfg)
+      score = (character_pair_score(analyses[i], analyses[j], len(shared), cfg)
+               * float(np.sqrt(precision[i] * precision[j])))
       char_pairs.append({"shots": [i, j], "shared": shared, "score": score})
     if shots[i]["environment"] == shots[j]["environment"]:
       score = environment_pair_score(analyses[i], analyses[j], cfg)
@@ -632,7 +652,7 @@ def evaluate_story(story: dict, frames: Sequence[np.ndarray], cfg: MetricConfig 
     per_shot.append({
         "shot": i, "action": shot["action"], "detected_direction": an.direction,
         "displacement": [an.displacement[0], an.displacement[1]],
-        "num_characters": n_chars, "detected_count": an.count,
+        "num_characters": n_chars, "detected_count": an.count, "count_precision": precision[i],
         "num_colours": sum(c.quality >= 0.5 for c in an.clusters),
         "background_quality": an.background_quality,
     })

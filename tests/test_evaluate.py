@@ -229,6 +229,67 @@ def test_pure_noise_scores_low(recall):
   assert all(s["background_quality"] == 0.0 for s in m["shots"])
 
 
+def _palette_mosaic(shape, palette, rng, cell=4, frame_stride=2):
+  """Cells of ``cell`` x ``cell`` pixels drawn from ``palette``, redrawn every ``frame_stride`` frames:
+  what an undertrained demo model samples (one cell per latent cell of the space-to-depth codec)."""
+  t, h, w, _ = shape
+  out = np.zeros(shape, np.uint8)
+  for t0 in range(0, t, frame_stride):
+    pick = rng.integers(len(palette), size=(h // cell, w // cell))
+    out[t0:t0 + frame_stride] = np.kron(palette[pick], np.ones((cell, cell, 1), np.uint8))
+  return out
+
+
+def test_noise_mosaic_from_a_few_colours_scores_low_c_cons(recall):
+  """Every shot offers a cell in every colour, so the cluster matching alone finds each shared
+  character everywhere; the clutter charge (count_precision) is what keeps C-Cons low."""
+  story, frames = recall
+  rng = np.random.default_rng(0)
+  muted = [colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.65))
+           for _ in range(5)]
+  vivid = [colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
+           for _ in range(2)]
+  palette = np.round(np.asarray(muted + vivid) * 255).astype(np.uint8)
+  mosaic = [_palette_mosaic(f.shape, palette, rng) for f in frames]
+  m = evaluate.evaluate_story(story, mosaic)
+  analyses = [evaluate.analyze_shot(f) for f in mosaic]
+  matched = [evaluate.character_pair_score(analyses[i], analyses[j], len(p["shared"]))
+             for p in m["character_pairs"] for i, j in [p["shots"]]]
+  assert np.mean(matched) > 0.9  # the colours alone match ...
+  assert m["character_consistency"] < 0.15  # ... but 10+ entities per shot are clutter
+  assert all(s["detected_count"] >= 10 for s in m["shots"])
+  assert all(s["count_precision"] == pytest.approx(s["num_characters"] / s["detected_count"])
+             for s in m["shots"] if s["num_characters"])
+
+
+def test_extra_entity_is_charged_by_count_precision(recall, recall_metrics):
+  story, frames = recall
+  shot = next(i for i, s in enumerate(story["shots"])
+              if len(s["characters"]) == 1 and any(
+                  p["shots"][0] == i or p["shots"][1] == i for p in recall_metrics["character_pairs"]))
+  changed = copy.deepcopy(story)
+  extra = dict(story["characters"][0], id=len(story["characters"]))
+  extra["color"] = list(colorsys.hsv_to_rgb(_far_hue(story), 0.9, 0.95))
+  changed["characters"].append(extra)
+  target = changed["shots"][shot]
+  target["characters"] = target["characters"] + [extra["id"]]
+  sizes = [storyworld.FRAMING_SIZE_PX[target["framing"]]] * 2
+  target["start"] = storyworld._draw_starts(
+      np.random.default_rng(0), sizes, target["action"], target["speed"], story["height"],
+      story["width"], story["frames_per_shot"])
+  bad = list(frames)
+  bad[shot] = storyworld.render_shot(changed, shot)
+  m = evaluate.evaluate_story(story, bad)  # the annotation still says one character
+  assert m["shots"][shot]["detected_count"] == 2
+  assert m["shots"][shot]["count_precision"] == 0.5
+  for p, base in zip(m["character_pairs"], recall_metrics["character_pairs"]):
+    if shot in p["shots"]:
+      assert p["score"] == pytest.approx(base["score"] * np.sqrt(0.5), abs=0.03)
+    else:
+      assert p["score"] == pytest.approx(base["score"])
+  assert all(s["count_precision"] == 1.0 for s in recall_metrics["shots"])
+
+
 def test_shuffled_shots_score_lower(recall, recall_metrics):
   story, frames = recall
   m = evaluate.evaluate_story(story, frames[1:] + frames[:1])
