@@ -145,6 +145,20 @@ def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> Non
     f.write(f"{step}\n")
 
 
+def _exported_params_dir(path: str) -> str:
+  params_dir = os.path.join(os.path.abspath(path), "params")
+  if not os.path.isdir(params_dir):
+    raise ValueError(f"{path}: not an exported checkpoint (no params/ directory); write one with "
+                     "python -m onestory_jax.checkpoints export --workdir=WORKDIR --out=DIR")
+  return params_dir
+
+
+def exported_param_shapes(path: str) -> Any:
+  """The parameter tree of the export ``path`` as ``jax.ShapeDtypeStruct`` leaves (metadata only, nothing loaded)."""
+  meta = ocp.StandardCheckpointer().metadata(_exported_params_dir(path)).item_metadata
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(meta))
+
+
 def restore_exported_params(path: str, abstract_params: Any) -> Any:
   """The parameters of the exported checkpoint ``path`` (``path/params``), restored into ``abstract_params``.
 
@@ -155,14 +169,9 @@ def restore_exported_params(path: str, abstract_params: Any) -> Any:
     ValueError: ``path`` is not an export, or its parameters differ from ``abstract_params`` in names or shapes
       (every difference is listed).
   """
-  params_dir = os.path.join(os.path.abspath(path), "params")
-  if not os.path.isdir(params_dir):
-    raise ValueError(f"{path}: not an exported checkpoint (no params/ directory); write one with "
-                     "python -m onestory_jax.checkpoints export --workdir=WORKDIR --out=DIR")
-  ckptr = ocp.StandardCheckpointer()
-  saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-           jax.tree_util.tree_leaves_with_path(ckptr.metadata(params_dir).item_metadata)}
-  wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  params_dir = _exported_params_dir(path)
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  saved, wanted = shapes(exported_param_shapes(path)), shapes(abstract_params)
   diffs = [f"{k}: missing from the export" for k in sorted(wanted.keys() - saved.keys())]
   diffs += [f"{k}: in the export, not in the run's model" for k in sorted(saved.keys() - wanted.keys())]
   diffs += [f"{k}: export has shape {saved[k]}, the run's model {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
@@ -171,7 +180,7 @@ def restore_exported_params(path: str, abstract_params: Any) -> Any:
     plural = "s" if len(diffs) > 1 else ""
     raise ValueError(f"{params_dir} does not fit the run's model ({len(diffs)} difference{plural}; the export's "
                      "config.json holds the sizes it was trained with):\n  " + "\n  ".join(diffs[:20]))
-  return ckptr.restore(params_dir, abstract_params)
+  return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
 
 
 def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:

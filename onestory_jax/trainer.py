@@ -23,7 +23,8 @@ start restores the Wan DiT (``params["dit"]``, converted component ``transformer
 Conditioner's patchifiers start from the restored patch embedding (FramePack initialisation, design notes); AdamW
 moments start at zero. A run that resumes from its workdir never re-reads ``config.pretrained`` for them.
 
-Fine-tuning: with ``config.init_params`` (an exported checkpoint) a fresh start takes every parameter from it.
+Fine-tuning: with ``config.init_params`` (an exported checkpoint) a fresh start takes every parameter from it; the
+run may change the Adaptive Conditioner's kernels, and a new kernel starts from the export's patch embedding.
 """
 from __future__ import annotations
 
@@ -228,7 +229,7 @@ class Trainer:
     if self.config.get("init_params", ""):
       if restored:
         raise ValueError("config.init_params and config.pretrained both set: fine-tune from one or the other")
-      params = checkpoints.restore_exported_params(self.config.init_params, self.abstract_state.params)
+      params = self._restore_init_params(self.config.init_params)
       state = self._init_leaving_out(rng, params)  # the optimiser state only: no random parameters are made
       logging.info("Started from the exported parameters in %s", self.config.init_params)
       return state.replace(params=params)
@@ -249,6 +250,36 @@ class Trainer:
                               latent_channels=self.system.model.latent_channels),
             out_shardings=self.state_shardings.params["adaptive_conditioner"])(params["dit"]["patch_embedding"])
       return state.replace(params=params)
+
+  def _restore_init_params(self, path: str) -> Any:
+    """The export ``path`` restored into the run's sharded layout, for fine-tuning.
+
+    The run may change the Adaptive Conditioner's kernels (``conditioner.kernels``): a patchifier whose kernel the
+    export has is restored from it, and a new one starts from the export's DiT patch embedding, as with
+    ``config.pretrained`` (:func:`pretrained.framepack_patchifiers`). Every other parameter must fit the export.
+    """
+    name = "adaptive_conditioner"
+    abstract = self.abstract_state.params
+    saved = checkpoints.exported_param_shapes(path)
+    kernel_of = lambda tree: {tuple(p["kernel"].shape[1:3]): n for n, p in tree.items()}
+    if name not in abstract or name not in saved or kernel_of(saved[name]) == kernel_of(abstract[name]):
+      return checkpoints.restore_exported_params(path, abstract)
+    like = abstract[name]["patchifier_0"]  # every patchifier has the same logical axes, so the same sharding
+    as_saved = {n: {k: jax.ShapeDtypeStruct(v.shape, like[k].dtype, sharding=like[k].sharding) for k, v in p.items()}
+                for n, p in saved[name].items()}
+    params = dict(checkpoints.restore_exported_params(path, {**abstract, name: as_saved}))
+    with sharding.use_mesh(self.mesh, self.config):
+      fresh = jax.jit(functools.partial(pretrained.framepack_patchifiers, conditioner=abstract[name],
+                                        latent_channels=self.system.model.latent_channels),
+                      out_shardings=self.state_shardings.params[name])(params["dit"]["patch_embedding"])
+    old = kernel_of(saved[name])
+    conditioner = {}
+    for kernel, n in kernel_of(abstract[name]).items():
+      conditioner[n] = params[name][old[kernel]] if kernel in old else fresh[n]
+      logging.info("%s/%s, kernel %s: %s", name, n, kernel,
+                   f"restored from {old[kernel]}" if kernel in old else "new, from the DiT patch embedding")
+    params[name] = conditioner
+    return params
 
   def _init_leaving_out(self, rng: jax.Array, names) -> TrainState:
     """The state from one compiled, sharded init, without the parameter collections in ``names`` (their random
@@ -314,6 +345,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch = next(data_iter)
     state, metrics = trainer.step(state, batch)
     state_ref[0] = state
+    if metrics_acc:
+      # Dispatch stays at most one step ahead of the device, so steps/s and the ETA report compute, not dispatch
+      # (unbounded, the host runs dozens of steps ahead and the progress swings between 2x and 0 steps/s).
+      jax.block_until_ready(metrics_acc[-1])
     metrics_acc.append(metrics)
     for h in hooks:
       h(step)

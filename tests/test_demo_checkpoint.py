@@ -19,5 +19,9 @@ def test_shipped_checkpoint_samples_a_shot():
   assert frames.std() > 0
   lat2, info2 = gen("the same first round character moves right in the green place from shot 1, wide view.",
                     [lat], seed=1)
-  # K_sel = 4 frames, each at the (1, 2, 2) patchifier: 4 x 16 = 64 tokens, the budget of one latent frame.
-  assert int(info2["context_tokens"]) == 64 and info2["valid"].sum() == 4
+  # K_sel = 4 frames under a budget of 1.5 latent frames (96 tokens): the best at the DiT's own (1, 1, 1) patch
+  # (64 tokens), the next at (1, 2, 2) (16), the last two at (1, 4, 4) (4 each) = 88 tokens.
+  kernels = [tuple(k) for k in system.config.conditioner.kernels]
+  assert kernels == [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8)] and system.config.conditioner.budget_frames == 1.5
+  assert int(info2["context_tokens"]) == 88 and info2["valid"].sum() == 4
+  assert np.asarray(info2["levels"]).reshape(-1).tolist() == [0, 1, 2, 2]

@@ -232,6 +232,39 @@ def test_init_params_fine_tunes_from_an_export(trained, tmp_path):
     trainer_lib.Trainer(_config(init_params=out, pretrained=str(tmp_path))).init_state()
 
 
+def test_init_params_can_change_the_conditioner_kernels(trained, tmp_path):
+  """Fine-tuning with other conditioner.kernels: kept kernels come from the export (matched by kernel, not by
+  index), a new kernel starts from the export's DiT patch embedding (tiled, FramePack), sharded like the rest."""
+  workdir, params = trained
+  out = str(tmp_path / "export")
+  checkpoints.export_params(workdir, out)
+  old = params["adaptive_conditioner"]
+  pe = params["dit"]["patch_embedding"]
+  tr = trainer_lib.Trainer(_config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 2, 4), (1, 4, 4),
+                                                                                 (1, 8, 8))}))
+  state = tr.init_state()
+  new = jax.device_get(state.params["adaptive_conditioner"])
+  for n, o in (("patchifier_0", "patchifier_0"), ("patchifier_2", "patchifier_1"), ("patchifier_3", "patchifier_2")):
+    for k in ("kernel", "bias"):
+      np.testing.assert_array_equal(new[n][k], old[o][k])
+  c = old["patchifier_0"]["kernel"].shape[3]
+  base = pe["kernel"][:1, :, :, :c]
+  np.testing.assert_allclose(new["patchifier_1"]["kernel"], np.concatenate([base, base], axis=2) / 2, rtol=1e-6)
+  np.testing.assert_array_equal(new["patchifier_1"]["bias"], pe["bias"])
+  kernel = state.params["adaptive_conditioner"]["patchifier_1"]["kernel"]
+  assert kernel.sharding == tr.state_shardings.params["adaptive_conditioner"]["patchifier_1"]["kernel"]
+  for a, b in zip(jax.tree.leaves(params["dit"]), jax.tree.leaves(state.params["dit"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  # Dropping a kernel keeps the others, whatever their new index.
+  state = trainer_lib.Trainer(_config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 8, 8))})).init_state()
+  np.testing.assert_array_equal(state.params["adaptive_conditioner"]["patchifier_1"]["kernel"], old["patchifier_2"]["kernel"])
+  assert set(state.params["adaptive_conditioner"]) == {"patchifier_0", "patchifier_1"}
+  # Anything else that differs is still named.
+  with pytest.raises(ValueError, match=r"\['frame_selection'\]\['queries'\]: export has shape"):
+    trainer_lib.Trainer(_config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 8, 8)),
+                                                    "selection.num_queries": 6})).init_state()
+
+
 def test_memory_ablation_reports_both_modes(trained):
   from onestory_jax import memory_ablation
   workdir, _ = trained
