@@ -245,10 +245,8 @@ class Trainer:
                                               self.state_shardings.params[name])
         logging.info("Restored params[%r] from %s", name, weights.converted_path(self.config.pretrained, component))
       if "adaptive_conditioner" in params:
-        params["adaptive_conditioner"] = jax.jit(
-            functools.partial(pretrained.framepack_patchifiers, conditioner=self.abstract_state.params["adaptive_conditioner"],
-                              latent_channels=self.system.model.latent_channels),
-            out_shardings=self.state_shardings.params["adaptive_conditioner"])(params["dit"]["patch_embedding"])
+        params["adaptive_conditioner"] = self._framepack_patchifiers(
+            params["dit"]["patch_embedding"], list(self.abstract_state.params["adaptive_conditioner"]))
       return state.replace(params=params)
 
   def _restore_init_params(self, path: str) -> Any:
@@ -261,25 +259,32 @@ class Trainer:
     name = "adaptive_conditioner"
     abstract = self.abstract_state.params
     saved = checkpoints.exported_param_shapes(path)
-    kernel_of = lambda tree: {tuple(p["kernel"].shape[1:3]): n for n, p in tree.items()}
-    if name not in abstract or name not in saved or kernel_of(saved[name]) == kernel_of(abstract[name]):
+    if name not in saved or name not in abstract:
+      return checkpoints.restore_exported_params(path, abstract)  # names what differs
+    kernel_of = lambda tree: {tuple(p["kernel"].shape[1:3]): n for n, p in tree[name].items()}
+    old, want = kernel_of(saved), kernel_of(abstract)
+    if old == want:
       return checkpoints.restore_exported_params(path, abstract)
     like = abstract[name]["patchifier_0"]  # every patchifier has the same logical axes, so the same sharding
     as_saved = {n: {k: jax.ShapeDtypeStruct(v.shape, like[k].dtype, sharding=like[k].sharding) for k, v in p.items()}
                 for n, p in saved[name].items()}
     params = dict(checkpoints.restore_exported_params(path, {**abstract, name: as_saved}))
+    new = [n for kernel, n in want.items() if kernel not in old]
     with sharding.use_mesh(self.mesh, self.config):
-      fresh = jax.jit(functools.partial(pretrained.framepack_patchifiers, conditioner=abstract[name],
-                                        latent_channels=self.system.model.latent_channels),
-                      out_shardings=self.state_shardings.params[name])(params["dit"]["patch_embedding"])
-    old = kernel_of(saved[name])
-    conditioner = {}
-    for kernel, n in kernel_of(abstract[name]).items():
-      conditioner[n] = params[name][old[kernel]] if kernel in old else fresh[n]
+      fresh = self._framepack_patchifiers(params["dit"]["patch_embedding"], new) if new else {}
+    for kernel, n in want.items():
       logging.info("%s/%s, kernel %s: %s", name, n, kernel,
                    f"restored from {old[kernel]}" if kernel in old else "new, from the DiT patch embedding")
-    params[name] = conditioner
+    params[name] = {n: params[name][old[kernel]] if kernel in old else fresh[n] for kernel, n in want.items()}
     return params
+
+  def _framepack_patchifiers(self, patch_embedding: Any, names: list[str]) -> dict:
+    """The conditioner's patchifiers ``names`` started from the DiT's ``patch_embedding`` (FramePack,
+    :func:`pretrained.framepack_patchifiers`), in their shardings; call under the run's mesh."""
+    sub = lambda tree: {n: tree["adaptive_conditioner"][n] for n in names}
+    return jax.jit(functools.partial(pretrained.framepack_patchifiers, conditioner=sub(self.abstract_state.params),
+                                     latent_channels=self.system.model.latent_channels),
+                   out_shardings=sub(self.state_shardings.params))(patch_embedding)
 
   def _init_leaving_out(self, rng: jax.Array, names) -> TrainState:
     """The state from one compiled, sharded init, without the parameter collections in ``names`` (their random
