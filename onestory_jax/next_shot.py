@@ -157,7 +157,8 @@ class System:
 
   # ------------------------------------------------------------------ conditioning
   def condition(self, params: Any, enc: dict, tokens: jax.Array, memory: jax.Array, memory_mask: jax.Array,
-                *, forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                *, memory_shot: jax.Array | None = None,
+                forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                 start_image: jax.Array | None = None, start_present: jax.Array | None = None) -> Condition:
     """Builds the condition of the next shot.
 
@@ -166,6 +167,8 @@ class System:
       enc: frozen encoder parameters (:meth:`encoder_params`).
       tokens: int32 [B, Lt] the current caption C_i (all padding = the null caption).
       memory: [B, F, h, w, C] raw latent memory M (Eq. 2), chronological and padded; memory_mask: bool [B, F].
+      memory_shot: int [B, F], the story shot that each memory frame comes from; default: the sampler's bank,
+        ``frames_per_shot`` latent frames per shot from shot 0 on (:func:`fs.chronological_shots`).
       forced: optional (use [B] bool, indices [B, K], valid [B, K]): where ``use``, these frames replace the
         selector's top-K (the decoupled-conditioning warm-up of paper Sec. 4.4).
       start_image: optional float [B, H, W, 3] first-frame condition (I2MSV); start_present: bool [B].
@@ -175,7 +178,9 @@ class System:
     pv = {"params": params}
     text = apply(pv, tokens, method="encode_text")
     null_text = apply(pv, jnp.zeros_like(tokens), method="encode_text")
-    scores = apply(pv, text, tokens != 0, memory, memory_mask, method="score_memory")
+    if memory_shot is None:
+      memory_shot = fs.chronological_shots(memory.shape[0], memory.shape[1], self.latent_shape[0])
+    scores = apply(pv, text, tokens != 0, memory, memory_mask, memory_shot, method="score_memory")
     idx, valid = fs.select_top_k(jax.lax.stop_gradient(scores), memory_mask, c.selection.k_sel)
     if forced is not None:
       use, f_idx, f_valid = forced

@@ -173,6 +173,7 @@ def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
           "tokens": ((b, d.text_len), jnp.int32),
           "sel_labels": ((b, 2), jnp.float32),
           "real_first": ((b, 2), jnp.bool_),
+          "memory_shots": ((b, 2), jnp.int32),
           "synthetic": ((b,), jnp.bool_),
           "story": ((b,), jnp.int32)}
 

@@ -138,7 +138,8 @@ def loss_fn(params, system: next_shot.System, enc: dict, batch: dict, rng: jax.A
   forced = (jnp.broadcast_to(warm, (b,)), f_idx, f_valid & keep_memory[:, None])
 
   first = codec_lib.to_unit(batch["frames"][:, 2, 0])
-  cond = system.condition(params, enc, tokens, memory, memory_mask, forced=forced,
+  memory_shot = jnp.repeat(batch["memory_shots"], f_lat, axis=1)
+  cond = system.condition(params, enc, tokens, memory, memory_mask, memory_shot=memory_shot, forced=forced,
                           start_image=first, start_present=i2v)
 
   t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std,

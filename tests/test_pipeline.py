@@ -62,7 +62,7 @@ def test_shapes_and_dtypes():
   expected = {"frames": ((b, 3, t, h, w, 3), np.uint8),
               "tokens": ((b, config.data.text_len), np.int32),
               "sel_labels": ((b, 2), np.float32), "real_first": ((b, 2), np.bool_),
-              "synthetic": ((b,), np.bool_), "story": ((b,), np.int32)}
+              "memory_shots": ((b, 2), np.int32), "synthetic": ((b,), np.bool_), "story": ((b,), np.int32)}
   assert set(batch) == set(expected)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
@@ -115,6 +115,7 @@ def test_real_triplet_labels_follow_the_formula():
     assert None not in (a, b, c) and a < b < c
     np.testing.assert_allclose(batch["sel_labels"][j], sw.pseudo_labels(story, [a, b], c))
     np.testing.assert_array_equal(batch["real_first"][j], [True, False])
+    np.testing.assert_array_equal(batch["memory_shots"][j], [a, b])
     np.testing.assert_array_equal(batch["tokens"][j],
                                   tok.encode([story["shots"][c]["caption"]])[0])
     checked += 1
@@ -135,6 +136,8 @@ def test_inserted_shots_get_minus_one(p_syn_second):
     assert a is not None and b is not None and a < b
     assert _shot_index(story, batch["frames"][j, syn_pos]) is None  # From another story.
     assert batch["sel_labels"][j, syn_pos] == -1.0
+    assert batch["memory_shots"][j, first_pos] == a  # the real shot keeps its place in the story
+    assert 0 <= batch["memory_shots"][j, syn_pos] <= b and batch["memory_shots"][j, syn_pos] != a
     assert batch["sel_labels"][j, first_pos] == pytest.approx(
         float(sw.pseudo_labels(story, [a], b)[0]))
 

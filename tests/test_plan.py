@@ -107,8 +107,9 @@ def test_onestory_module_formulas_equal_traced_matmuls(variant):
   assert flops.traced_matmul_flops(apply("encode_text"), params, tokens) == flops.text_encoder_flops(config, s)
   memory = sds((1, s.memory_frames, h, w, c), jnp.float32)
   mmask = sds((1, s.memory_frames), jnp.bool_)
+  shot = sds((1, s.memory_frames), jnp.int32)
   assert flops.traced_matmul_flops(apply("score_memory"), params, text, sds((1, s.text_len), jnp.bool_), memory,
-                                   mmask) == flops.frame_selection_flops(config, s)
+                                   mmask, shot) == flops.frame_selection_flops(config, s)
   frames = sds((1, k, h, w, c), jnp.float32)
   assert flops.traced_matmul_flops(apply("build_context"), params, frames, sds((1, k), jnp.bool_),
                                    sds((1, k), jnp.float32)) == flops.conditioner_flops(config, s)

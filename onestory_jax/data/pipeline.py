@@ -26,6 +26,9 @@ Sample (one example; batches add a leading dim)::
   sel_labels  float32 [2]              pseudo-label per memory shot
   real_first  bool    [2]              which memory shot is S_first (real triplets:
                                        shot a, the earliest, i.e. [True, False])
+  memory_shots int32  [2]              shot index of each memory shot in its story (a, b;
+                                       S_syn gets a random index in [0, target] other than
+                                       S_first's), for Frame Selection's shot encoding
   synthetic   bool    []               inflated triplet?
   story       int32   []               story index
 """
@@ -153,6 +156,7 @@ class TripletSampler:
       memory = [read_shot(a), read_shot(b)]
       labels = storyworld.pseudo_labels(story, [a, b], c)
       real_first = [True, False]
+      shots = [a, b]
       target = c
     else:
       first, target = (int(k) for k in np.sort(rng.choice(n, size=2, replace=False)))
@@ -168,10 +172,14 @@ class TripletSampler:
       else:
         syn = augment_shot(first_frames, rng)
         syn_label = AUGMENTED_LABEL
+      syn_shot = int(rng.integers(target))  # one of the target's other indices: [0, target] without `first`
+      syn_shot += syn_shot >= first
       if rng.random() < spec.p_syn_second:
         memory, labels, real_first = [first_frames, syn], [first_label, syn_label], [True, False]
+        shots = [first, syn_shot]
       else:
         memory, labels, real_first = [syn, first_frames], [syn_label, first_label], [False, True]
+        shots = [syn_shot, first]
     frames = np.stack(memory + [read_shot(target)])
     tokens = self.tokenizer.encode([story["shots"][target]["caption"]])[0]
     return {
@@ -179,6 +187,7 @@ class TripletSampler:
         "tokens": tokens.astype(np.int32),
         "sel_labels": np.asarray(labels, np.float32),
         "real_first": np.asarray(real_first, bool),
+        "memory_shots": np.asarray(shots, np.int32),
         "synthetic": np.asarray(inflate, bool),
         "story": np.asarray(story_index, np.int32),
     }

@@ -6,6 +6,10 @@ most relevant ones:
 * Eq. 3: ``Q' = Attn(Q, phi_T(t_i), phi_T(t_i))`` — ``m`` learnable queries read the projected caption.
 * Eq. 4: ``M_1 = phi_V(M)``, ``Q'' = Attn(Q', M_1, M_1)`` — the queries read the projected memory. ``phi_V`` is
   two stride-2 convolutions per latent frame (spatial tokens / 16), then a linear map to the model width ``D``.
+  The paper leaves open whether the selector knows where a frame sits in the story. Here every token of ``M_1``
+  also carries the fixed sinusoidal encoding of its frame's shot index (:func:`shot_encoding`), because captions
+  point back by position ("the place from shot 2", "the same first character"), and content alone cannot tell two
+  characters of the same kind apart.
 * Eq. 5: ``s = phi_P(M_1) Q''^T``, ``S = mean_q s`` — ``phi_P`` mean-pools a frame's tokens and projects it; the
   dot product is scaled by ``1/sqrt(D)`` (design notes). ``S`` is a raw score regressed onto labels in [-1, 1].
 * Eq. 6: ``M_hat = TopK(M, S, K_sel)`` — hard top-K over the RAW latent memory (:func:`select_top_k`).
@@ -22,6 +26,8 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from onestory_jax.models import wan_dit
 
 _NEG = -1e9
 
@@ -77,6 +83,22 @@ class MemoryProjector(nn.Module):
     return einops.rearrange(x, "(b f) h w d -> b f (h w) d", b=b, f=f)
 
 
+def shot_encoding(memory_shot: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal encoding of each memory frame's shot index (0 = the story's first shot): [B, F] -> [B, F, dim].
+
+  The timestep features of the DiT (:func:`wan_dit.timestep_embedding`) evaluated at the shot index: fixed, so
+  it adds no parameters and covers stories of any length.
+  """
+  b, f = memory_shot.shape
+  return wan_dit.timestep_embedding(memory_shot.reshape(-1), dim).reshape(b, f, dim)
+
+
+def chronological_shots(batch: int, num_frames: int, frames_per_shot: int) -> jax.Array:
+  """[B, F] shot index of each frame of a memory bank laid out oldest shot first, ``frames_per_shot`` latent frames
+  each: the bank of the sampler (Eq. 2)."""
+  return jnp.broadcast_to(jnp.arange(num_frames, dtype=jnp.int32) // frames_per_shot, (batch, num_frames))
+
+
 class FrameSelection(nn.Module):
   """Scores memory frames against the caption (Eqs. 3-5). Returns ``S`` [B, F] (float32)."""
   dim: int
@@ -86,8 +108,9 @@ class FrameSelection(nn.Module):
 
   @nn.compact
   def __call__(self, text: jax.Array, text_mask: jax.Array | None, memory: jax.Array,
-               memory_mask: jax.Array) -> jax.Array:
-    """text [B, Lt, Dt]; text_mask [B, Lt] bool or None; memory [B, F, h, w, C]; memory_mask [B, F] bool."""
+               memory_mask: jax.Array, memory_shot: jax.Array) -> jax.Array:
+    """text [B, Lt, Dt]; text_mask [B, Lt] bool or None; memory [B, F, h, w, C]; memory_mask [B, F] bool;
+    memory_shot [B, F] int: the shot of the story that each memory frame comes from."""
     b, f = memory.shape[:2]
     queries = self.param("queries", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("queries", "embed")),
                          (self.num_queries, self.dim))
@@ -96,6 +119,7 @@ class FrameSelection(nn.Module):
     q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="caption_attn")(q, text_p, text_mask)  # Eq. 3
 
     m1 = MemoryProjector(self.dim, self.dtype, name="phi_v")(memory)  # [B, F, n, D]
+    m1 = m1 + shot_encoding(memory_shot, self.dim)[:, :, None, :].astype(m1.dtype)
     n = m1.shape[2]
     m1 = nn.with_logical_constraint(m1, ("batch", "frames", None, "embed"))
     kv = einops.rearrange(m1, "b f n d -> b (f n) d")

@@ -54,9 +54,9 @@ class OneStory(nn.Module):
     return self.text_encoder(tokens)
 
   def score_memory(self, text: jax.Array, text_mask: jax.Array, memory: jax.Array,
-                   memory_mask: jax.Array) -> jax.Array:
-    """Eqs. 3-5: relevance score S [B, F] of every memory frame."""
-    return self.frame_selection(text, text_mask, memory, memory_mask)
+                   memory_mask: jax.Array, memory_shot: jax.Array) -> jax.Array:
+    """Eqs. 3-5: relevance score S [B, F] of every memory frame (``memory_shot``: each frame's shot index)."""
+    return self.frame_selection(text, text_mask, memory, memory_mask, memory_shot)
 
   def build_context(self, frames: jax.Array, valid: jax.Array, frame_time: jax.Array) -> dict:
     """Eq. 7: context tokens of the selected frames (best first)."""
@@ -74,7 +74,7 @@ class OneStory(nn.Module):
   def __call__(self, tokens, memory, memory_mask, x, timestep, image):
     """Runs every part once (used for initialisation and shape inference)."""
     text = self.encode_text(tokens)
-    scores = self.score_memory(text, tokens != 0, memory, memory_mask)
+    scores = self.score_memory(text, tokens != 0, memory, memory_mask, jnp.zeros(memory_mask.shape, jnp.int32))
     idx, valid = fs.select_top_k(scores, memory_mask, self.config.selection.k_sel)
     frames = jnp.take_along_axis(memory, idx[:, :, None, None, None], axis=1)
     ctx = self.build_context(frames, valid, ac.compact_frame_times(idx, valid))
