@@ -23,10 +23,10 @@ setuptools.setup(
     package_data={"onestory_jax": ["assets/*", "assets/**/*"]},
     install_requires=_requirements(),
     extras_require={
-        # The reference PyTorch stack (CPU) for the numerical-parity tests of the Wan ports; torch is pinned to the
-        # CPU wheel that this platform provides.
+        # The reference PyTorch stack (CPU) for the numerical-parity tests of the Wan ports, torch pinned to the CPU
+        # wheel that this platform provides; and the formatter that .ci/run checks (pyink, see pyproject.toml).
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "diffusers==0.42.1",
-                 "transformers==5.23.0"],
+                 "transformers==5.23.0", "pyink==26.5.1"],
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda]==0.10.2"],
     },

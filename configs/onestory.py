@@ -45,8 +45,9 @@ def _base() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   c.data = d = ml_collections.ConfigDict()
   d.name = "storyworld"
-  d.source = "on_the_fly"  # 'on_the_fly' | 'tfds'
+  d.source = "on_the_fly"  # a name of onestory_jax/data/sources.py SOURCES: 'on_the_fly' | 'tfds'
   d.tfds_data_dir = ""  # used when source == 'tfds'
+  d.tfds_config = ""  # the built StoryWorld config to read ('demo' | 'tiny'); "" = the only one built
   d.height = 32
   d.width = 32
   d.frames_per_shot = 8
@@ -55,6 +56,8 @@ def _base() -> ml_collections.ConfigDict:
   d.num_train_stories = 100_000  # size of the procedural index space
   d.batch_size = 8  # global batch
   d.worker_count = 0  # grain worker processes (0 = in-process)
+  d.read_threads = 2  # background read-ahead of the in-process iterator
+  d.prefetch_buffer_size = 8
   d.shuffle_seed = 0
   d.text_len = 40  # caption tokens (padded)
   # Shot inflation (paper Sec. 4.4): probability that a sample is an inflated 2-shot
@@ -218,7 +221,8 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 _UMT5_XXL = dict(name="umt5", vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                  rel_buckets=32, rel_max_distance=128, eps=1e-6, tokenizer="")
 _CLIP_VIT_H14 = dict(name="clip_vision", hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16,
-                     patch_size=14, image_size=224, layer=-2)
+                     patch_size=14, image_size=224, layer=-2, eps=1e-5, act="gelu",
+                     mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 _DITS = {
     "wan21_i2v_14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, i2v=True),
     "wan21_t2v_1_3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, i2v=False),

@@ -27,21 +27,15 @@ import threading
 from typing import TextIO
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `python launch/cli.py` from a checkout: the chip table is onestory_jax/chips.py
+  sys.path.insert(0, REPO_ROOT)
+from onestory_jax import chips  # pylint: disable=g-import-not-at-top,wrong-import-position  # standard library only
 DEFAULT_VARIANT = "wan21_i2v_14b_480p"
 LOG_FILE = "logs/train.log"  # per worker, relative to --repo-dir on that worker
 LOCAL_TARBALL = "/tmp/onestory_jax_src.tgz"
 REMOTE_TARBALL = "onestory_jax_src.tgz"  # relative to the remote home directory
 VENV_PYTHON = ".venv/bin/python"  # created by `setup` inside --repo-dir
 
-# TPU families: (default runtime version, TensorCores per chip, largest single-host slice in chips).
-# v4/v5p names count TensorCores (v5p-8 = 4 chips), v5litepod/v6e names count chips; multi-host slices have 4 chips
-# per host.
-TPU_FAMILIES = {
-    "v4": ("tpu-ubuntu2204-base", 2, 4),
-    "v5p": ("v2-alpha-tpuv5", 2, 4),
-    "v5litepod": ("v2-alpha-tpuv5-lite", 1, 8),
-    "v6e": ("v2-alpha-tpuv6e", 1, 8),
-}
 _POD_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # valid chip counts for v5litepod / v6e
 
 # Fixed remote scripts, one line each (``bash -c SCRIPT NAME ARGS...``): user values arrive only as "$1", "$2", ...
@@ -152,18 +146,18 @@ def _key_values(flag: str, items: Sequence[str] | None, key_re: str, example: st
 def tpu_hosts(accelerator_type: str) -> int:
   """Number of TPU VM workers of a slice, e.g. v5p-128 -> 16, v6e-64 -> 16; raises ValueError if unknown."""
   m = re.fullmatch(r"([a-z0-9]+)-(\d+)", accelerator_type)
-  family = m and TPU_FAMILIES.get(m.group(1))
-  if not family:
+  chip = m and chips.of_accelerator_prefix(m.group(1))
+  if not chip:
     raise ValueError(f"--accelerator-type: unknown accelerator type {accelerator_type!r}; expected FAMILY-SIZE with "
-                     f"FAMILY in {sorted(TPU_FAMILIES)} (e.g. v5p-128, v6e-64)")
-  size, (_, cores_per_chip, single_host_chips) = int(m.group(2)), family
+                     f"FAMILY in {sorted(c.accelerator_prefix for c in chips.TPUS)} (e.g. v5p-128, v6e-64)")
+  size, cores_per_chip, single_host_chips = int(m.group(2)), chip.cores_per_chip, chip.single_host_chips
   if cores_per_chip == 2 and (size < 8 or size % 8):
     raise ValueError(f"--accelerator-type: {accelerator_type!r}: {m.group(1)} sizes count TensorCores and are "
                      "multiples of 8 (v5p-8 = 4 chips = 1 host)")
   if cores_per_chip == 1 and size not in _POD_SIZES:
     raise ValueError(f"--accelerator-type: {accelerator_type!r}: {m.group(1)} sizes are one of {_POD_SIZES}")
-  chips = size // cores_per_chip
-  return 1 if chips <= single_host_chips else chips // 4
+  n_chips = size // cores_per_chip
+  return 1 if n_chips <= single_host_chips else n_chips // 4
 
 
 # ---------------------------------------------------------------------------------------------------- shared pieces
@@ -229,7 +223,7 @@ def tpu_create(args: argparse.Namespace, runner: Runner) -> None:
   if args.spot and args.reserved:
     raise ValueError("--spot and --reserved are mutually exclusive: pick one (or neither, for on-demand)")
   tpu_hosts(args.accelerator_type)
-  runtime = args.runtime_version or TPU_FAMILIES[args.accelerator_type.split("-")[0]][0]
+  runtime = args.runtime_version or chips.of_accelerator_prefix(args.accelerator_type.split("-")[0]).runtime_version
   tier = ["--spot"] if args.spot else ["--reserved"] if args.reserved else []
   runner.run(_gcloud_tpu(args, "queued-resources", "create", f"--node-id={args.name}",
                          f"--accelerator-type={args.accelerator_type}", f"--runtime-version={runtime}", *tier))

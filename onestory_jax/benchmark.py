@@ -10,7 +10,7 @@ does.
 It also prints the analytic model FLOPs of one step (:mod:`onestory_jax.flops`: trainable modules forward +
 backward, frozen ones forward, no rematerialisation) and the MFU they give against the measured matmul peak of all
 devices (``mfu_vs_matmul``; on CPU the simulated devices share the host's cores, so the peak is counted once), and,
-on a chip in :data:`onestory_jax.flops.PEAK_BF16_FLOPS`, against its spec-sheet bf16 peak (``mfu``).
+on a chip of :mod:`onestory_jax.chips`, against its spec-sheet bf16 peak (``mfu``).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from onestory_jax import chips
 from onestory_jax import flops as flops_lib
 from onestory_jax import trainer as trainer_lib
 
@@ -45,15 +46,12 @@ def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
 
 
 def benchmark_train_step(config, steps: int) -> dict:
+  """Times the trainer's compiled step (:func:`trainer.build_train_program`) on this machine's devices."""
   tr = trainer_lib.Trainer(config)
   state = tr.init_state()
   it = iter(tr.dataset())
   batches = [next(it) for _ in range(min(steps, 4) + 1)]
-  from onestory_jax import sharding  # pylint: disable=g-import-not-at-top
-  gbatch = sharding.host_local_to_global(batches[0], tr.mesh, config)
-  with sharding.use_mesh(tr.mesh, config):
-    compiled = tr._step.lower(state, gbatch).compile()  # pylint: disable=protected-access
-  cost = compiled.cost_analysis()
+  cost = tr.program.lower().compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
   state, m = tr.step(state, batches[0])
@@ -86,10 +84,10 @@ def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
   out = {"analytic_step_flops": sf.model_flops, "analytic_dit_flops": sf.dit_flops,
          "analytic_flops_per_s": sf.model_flops / step_time,
          "mfu_vs_matmul": sf.model_flops / (step_time * devices_peak)}
-  chip = flops_lib.chip_of(dev.device_kind)
+  chip = chips.of_device_kind(dev.device_kind)
   if chip is not None:
-    out["chip"] = chip
-    out["mfu"] = flops_lib.mfu(sf.model_flops, step_time, n, chip)
+    out["chip"] = chip.name
+    out["mfu"] = flops_lib.mfu(sf.model_flops, step_time, n, chip.name)
   return out
 
 

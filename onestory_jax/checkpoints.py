@@ -7,6 +7,8 @@
   directory and renames it when complete), so an interrupted run never leaves a half-written step behind.
 * An exported checkpoint (``DIR/config.json`` + ``DIR/params/``) holds only the model parameters; the demo
   checkpoint shipped in ``onestory_jax/assets/demo_checkpoint`` is one. Only orbax and JSON are ever loaded.
+* Sampling and exports read only the parameters of a training checkpoint (no optimiser state), onto the sampling
+  mesh (:func:`sharding.inference_mesh`), never the training mesh: :func:`load_for_sampling`, :func:`export_params`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from onestory_jax import next_shot
 from onestory_jax import sharding
 
 DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_checkpoint")
@@ -117,13 +120,32 @@ def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   return config_from_dict(cfg)
 
 
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+  """The parameters of the train state saved at ``step``, restored into ``abstract_params`` (a tree of
+  ``jax.ShapeDtypeStruct`` with shardings); the optimiser state is not read."""
+  item = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                partial_restore=True)
+  return mngr.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+
+
+def _sampling_layout(config) -> tuple[next_shot.System, jax.sharding.Mesh, Any]:
+  """The system of ``config``, the sampling mesh, and the model's abstract parameters sharded over it."""
+  system = next_shot.make_system(config)
+  mesh = sharding.inference_mesh(config)
+  boxed = jax.eval_shape(system.init_params, jax.random.key(0))
+  shardings = sharding.fitted_shardings(boxed, mesh, config)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          sharding.strip_boxes(boxed), shardings)
+  return system, mesh, abstract
+
+
 def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> None:
   """Writes the latest parameters of ``workdir`` (no optimiser state) and its config to ``out_dir``.
 
   ``sample`` optionally replaces fields of the exported config's ``sample`` section (the sampler settings that
   ``sample`` uses by default, e.g. ``{"shift": 3.0}``); training fields are exported as trained.
   """
-  from onestory_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   config = load_config_from_workdir(workdir)
   for key, value in (sample or {}).items():
     if value is None:
@@ -131,13 +153,13 @@ def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> Non
     if key not in config.sample:
       raise ValueError(f"export: config.sample has no field {key!r}; fields: {sorted(config.sample)}")
     config.sample[key] = type(config.sample[key])(value)
-  tr = trainer_lib.Trainer(config)
+  _, _, abstract = _sampling_layout(config)
   mngr, step = _manager(workdir)
-  state = restore_checkpoint(mngr, step, tr.abstract_state)
+  params = restore_params(mngr, step, abstract)
   mngr.close()
   os.makedirs(out_dir, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(os.path.abspath(out_dir), "params"), state.params, force=True)
+  ckptr.save(os.path.join(os.path.abspath(out_dir), "params"), params, force=True)
   ckptr.wait_until_finished()
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
@@ -183,27 +205,31 @@ def restore_exported_params(path: str, abstract_params: Any) -> Any:
   return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
 
 
-def load_for_sampling(path: str | None) -> tuple[Any, Any, dict]:
-  """(System, params, encoder params) from a training workdir or an exported checkpoint (default: the demo)."""
-  from onestory_jax import next_shot  # pylint: disable=g-import-not-at-top
-  from onestory_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+def load_for_sampling(path: str | None) -> tuple[next_shot.System, Any, dict]:
+  """(System, params, encoder params) from a training workdir or an exported checkpoint (default: the demo).
+
+  Everything lands on the sampling mesh (:func:`sharding.inference_mesh`); the frozen encoders are loaded once.
+  """
   path = path or DEMO_CHECKPOINT
-  if os.path.exists(os.path.join(path, "config.json")):
+  exported = os.path.exists(os.path.join(path, "config.json"))
+  if exported:
     with open(os.path.join(path, "config.json")) as f:
       config = config_from_dict(json.load(f))
-    system = next_shot.make_system(config)
-    abstract = jax.eval_shape(lambda: sharding.strip_boxes(system.init_params(jax.random.key(0))))
+  elif path == DEMO_CHECKPOINT:
+    raise ValueError(f"the shipped demo checkpoint is missing at {DEMO_CHECKPOINT}; pass --workdir")
+  else:
+    config = load_config_from_workdir(path)
+  system, mesh, abstract = _sampling_layout(config)
+  if exported:
     params = restore_exported_params(path, abstract)
   else:
-    if path == DEMO_CHECKPOINT:
-      raise ValueError(f"the shipped demo checkpoint is missing at {DEMO_CHECKPOINT}; pass --workdir")
-    config = load_config_from_workdir(path)
-    tr = trainer_lib.Trainer(config)
     mngr, step = _manager(path)
-    params = restore_checkpoint(mngr, step, tr.abstract_state).params
+    params = restore_params(mngr, step, abstract)
     mngr.close()
-    system = tr.system
-  return system, params, system.encoder_params(jax.random.key(0))
+  enc = system.encoder_params(jax.random.key(0), mesh=mesh)
+  enc = jax.device_put(sharding.strip_boxes(enc),
+                       sharding.fitted_shardings(system.abstract_encoder_params(), mesh, config))
+  return system, params, enc
 
 
 def main(argv):

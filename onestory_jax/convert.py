@@ -1,4 +1,4 @@
-r"""Converts a diffusers-format Wan release into orbax checkpoints of the Flax ports (issue 3, section 3).
+r"""Converts a diffusers-format Wan release into orbax checkpoints of the Flax ports.
 
 Usage::
 
@@ -31,10 +31,8 @@ dtypes written, and the memory used: ``peak_live_bytes`` (the largest total size
 held at once; temporaries inside a transform are not counted), ``rss_at_start_bytes`` (the resident set size when
 streaming starts: Python, jax and orbax loaded) and ``peak_rss_bytes`` (the largest resident set size, sampled every
 10 ms while streaming); for the whole run ``rss_before_bytes``, ``peak_rss_bytes`` and ``maxrss_bytes`` (the
-``getrusage`` high-water mark of the process). Measured on float32 checkpoints of 444 MiB and 877 MiB (24 and 48
-layers, --batch_mb=32): streaming unscanned grew the RSS by about 0.11 GiB both times; with --scan_layers by about
-2.2 times the largest stacked parameter (0.26 GiB and 0.41 GiB for 96 MiB and 192 MiB). The growth follows
---batch_mb and the largest stacked parameter, not the size of the checkpoint.
+``getrusage`` high-water mark of the process). The growth follows --batch_mb and, with --scan_layers, the largest
+stacked parameter, not the size of the checkpoint (the README has the measured figures).
 """
 from __future__ import annotations
 
@@ -85,13 +83,13 @@ class Component:
 
 
 def _transformer_key_map(cfg: dict, scanned: bool) -> weights.KeyMap:
-  from onestory_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+  from onestory_jax.models.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   layers = wan_dit.config_from_diffusers(cfg)["num_layers"]
   return functools.partial(wan_dit.torch_key_to_target, num_layers=layers, scanned=scanned)
 
 
 def _transformer_params(cfg: dict, scanned: bool) -> Tree:
-  from onestory_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+  from onestory_jax.models.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   return wan_dit.abstract_params(wan_dit.dit_from_diffusers(cfg, scan_layers=scanned))
 
 
@@ -113,15 +111,15 @@ COMPONENTS: dict[str, Component] = {
         Component("transformer", "transformer", "diffusion_pytorch_model", _transformer_key_map,
                   _transformer_params),
         Component("vae", "vae", "diffusion_pytorch_model",
-                  lambda cfg, scanned: _port("wan_vae", "torch_key_to_target"),
-                  lambda cfg, scanned: _port("wan_vae", "abstract_params_from_diffusers")(cfg)),
+                  lambda cfg, scanned: _port("wan.vae", "torch_key_to_target"),
+                  lambda cfg, scanned: _port("wan.vae", "abstract_params_from_diffusers")(cfg)),
         Component("text_encoder", "text_encoder", "model",
-                  lambda cfg, scanned: _port("text_encoder", "umt5_key_map_from_transformers")(cfg),
-                  lambda cfg, scanned: _port("text_encoder", "umt5_abstract_params_from_transformers")(cfg),
+                  lambda cfg, scanned: _port("wan.umt5", "umt5_key_map_from_transformers")(cfg),
+                  lambda cfg, scanned: _port("wan.umt5", "umt5_abstract_params_from_transformers")(cfg),
                   assets=("tokenizer",)),
         Component("image_encoder", "image_encoder", "model",
-                  lambda cfg, scanned: _port("clip_vision", "torch_key_to_target"),
-                  lambda cfg, scanned: _port("clip_vision", "abstract_params_from_transformers")(cfg),
+                  lambda cfg, scanned: _port("wan.clip", "torch_key_to_target"),
+                  lambda cfg, scanned: _port("wan.clip", "abstract_params_from_transformers")(cfg),
                   assets=("image_processor",)),
     )
 }

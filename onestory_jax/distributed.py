@@ -1,6 +1,6 @@
 """Multi-process start-up: ``jax.distributed`` initialised from the environment.
 
-JAX's own multi-host runtime does the work (issue 4, section 4); this module only decides, from the environment,
+JAX's own multi-host runtime does the work; this module only decides, from the environment,
 whether and how to call :func:`jax.distributed.initialize`, before any JAX computation. The entry points
 (``onestory_jax.train``, ``onestory_jax.sample``) call :func:`initialize_from_env` first.
 

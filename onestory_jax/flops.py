@@ -46,46 +46,9 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-# --------------------------------------------------------------------------------------------- peak FLOP/s
-# Peak dense bfloat16 matmul FLOP/s of one chip (no structured sparsity), from the vendors' spec sheets:
-# * TPU v4 275 TFLOP/s, v5e 197, v5p 459, v6e (Trillium) 918: Google Cloud TPU documentation, "System architecture"
-#   pages of each version (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
-# * NVIDIA A100 SXM 312 TFLOP/s (A100 datasheet, "BF16 Tensor Core", 624 with sparsity); H100 SXM 989 TFLOP/s and
-#   H200 SXM 989 TFLOP/s (H100 / H200 datasheets list 1,979 "with sparsity"; dense is half).
-PEAK_BF16_FLOPS = {
-    "v4": 275e12,
-    "v5e": 197e12,
-    "v5p": 459e12,
-    "v6e": 918e12,
-    "a100": 312e12,
-    "h100": 989e12,
-    "h200": 989e12,
-}
+from onestory_jax import chips
 
-# jax Device.device_kind -> chip name (TPU kinds as libtpu reports them for real and for deviceless topologies).
-_DEVICE_KINDS = (
-    ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"), ("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"), ("tpu v5p", "v5p"),
-    ("tpu v5", "v5p"), ("tpu v4", "v4"), ("a100", "a100"), ("h100", "h100"), ("h200", "h200"),
-)
-
-
-def peak_flops_per_chip(chip: str) -> float:
-  """Peak dense bf16 FLOP/s of one ``chip`` (a key of :data:`PEAK_BF16_FLOPS`)."""
-  key = str(chip).lower()
-  if key not in PEAK_BF16_FLOPS:
-    raise ValueError(f"chip {chip!r}: unknown; expected one of {sorted(PEAK_BF16_FLOPS)}")
-  return PEAK_BF16_FLOPS[key]
-
-
-def chip_of(device_kind: str) -> str | None:
-  """The chip name of a ``jax.Device.device_kind`` ('TPU v5', 'NVIDIA H100 80GB HBM3', ...); None if unknown (CPU)."""
-  kind = str(device_kind).lower()
-  for needle, chip in _DEVICE_KINDS:
-    if needle in kind:
-      return chip
-  return None
-
-
+# --------------------------------------------------------------------------------------------- MFU
 def mfu(step_flops: float, step_time_s: float, num_chips: int, chip: str) -> float:
   """Model FLOPs utilisation: ``step_flops / (step_time_s * num_chips * peak(chip))``.
 
@@ -93,13 +56,13 @@ def mfu(step_flops: float, step_time_s: float, num_chips: int, chip: str) -> flo
     step_flops: model FLOPs of one global step (:attr:`StepFlops.model_flops`).
     step_time_s: wall time of one step, seconds.
     num_chips: chips that run the step.
-    chip: a key of :data:`PEAK_BF16_FLOPS`.
+    chip: a chip name of :mod:`onestory_jax.chips` ('v5p', 'h100', ...).
   """
   if not step_time_s > 0:
     raise ValueError(f"mfu: step_time_s must be > 0, got {step_time_s!r}")
   if int(num_chips) < 1:
     raise ValueError(f"mfu: num_chips must be >= 1, got {num_chips!r}")
-  return float(step_flops) / (float(step_time_s) * int(num_chips) * peak_flops_per_chip(chip))
+  return float(step_flops) / (float(step_time_s) * int(num_chips) * chips.get(chip).peak_bf16_flops)
 
 
 # --------------------------------------------------------------------------------------------- traced counts
@@ -181,7 +144,8 @@ def shapes_of(config) -> Shapes:
   from onestory_jax.models import adaptive_conditioner as ac  # pylint: disable=g-import-not-at-top
   from onestory_jax.models import codec as codec_lib  # pylint: disable=g-import-not-at-top
   from onestory_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
-  from onestory_jax.models import text_encoder as te  # pylint: disable=g-import-not-at-top
+  from onestory_jax.models import onestory as onestory_lib  # pylint: disable=g-import-not-at-top
+  from onestory_jax.models.wan import umt5 as te  # pylint: disable=g-import-not-at-top
   d, m = config.data, config.model
   codec = codec_lib.make_codec(config)
   f, h, w, c = codec.latent_shape(d.frames_per_shot, d.height, d.width)
@@ -193,7 +157,7 @@ def shapes_of(config) -> Shapes:
   return Shapes(
       batch=int(d.batch_size), noise_tokens=(f // pt) * (h // ph) * (w // pw),
       context_tokens=ac.budget_tokens((h, w), m.patch_size, config.conditioner.budget_frames),
-      latent_shape=(f, h, w, c), in_channels=c + (codec.mask_channels + c if i2v else 0), out_channels=c,
+      latent_shape=(f, h, w, c), in_channels=onestory_lib.dit_in_channels(c, codec.mask_channels, i2v), out_channels=c,
       text_len=int(d.text_len), text_dim=te.text_dim(config),
       image_tokens=image.num_tokens(d.height, d.width) if i2v else 0,
       image_dim=image.token_dim(d.height, d.width), memory_frames=2 * f)
@@ -281,31 +245,21 @@ def text_encoder_flops(config, s: Shapes | None = None) -> float:
   return layers * (8.0 * lt * dm * inner + 4.0 * lt * lt * inner + 6.0 * lt * dm * dff)
 
 
-def abstract_encoder_params(encoder: Any) -> Any:
-  """A frozen codec's or image encoder's parameters as unboxed ShapeDtypeStructs (nothing allocated).
-
-  Uses the encoder's own ``abstract_params()`` where it has one (the Wan VAE initialises through numpy, which
-  ``eval_shape`` cannot trace), else ``eval_shape`` of its ``init``.
-  """
-  from onestory_jax import sharding  # pylint: disable=g-import-not-at-top
-  if hasattr(encoder, "abstract_params"):
-    return sharding.strip_boxes(encoder.abstract_params())
-  return sharding.strip_boxes(jax.eval_shape(encoder.init, jax.random.key(0)))
-
-
 def frozen_encoder_flops(config, s: Shapes | None = None) -> dict[str, float]:
   """Forward FLOPs of the frozen codec and image encoder for one sample, counted from their traced programs.
 
   ``codec_encode``: the 3 shots of the triplet, plus (I2V) the first-frame video; ``codec_decode``: one latent frame
   (the reference image, I2V with an ``image_condition``); ``image_encoder``: one image (I2V).
   """
+  from onestory_jax import next_shot  # pylint: disable=g-import-not-at-top
+  from onestory_jax import sharding  # pylint: disable=g-import-not-at-top
   from onestory_jax.models import codec as codec_lib  # pylint: disable=g-import-not-at-top
   from onestory_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
   s = s or shapes_of(config)
   d = config.data
   sds = jax.ShapeDtypeStruct
   codec = codec_lib.make_codec(config)
-  codec_params = abstract_encoder_params(codec)
+  codec_params = sharding.strip_boxes(next_shot.abstract_encoder_params(codec))
   video = sds((1, d.frames_per_shot, d.height, d.width, 3), jnp.float32)
   encode = traced_matmul_flops(codec.encode, codec_params, video)
   i2v = bool(config.model.i2v)
@@ -315,7 +269,7 @@ def frozen_encoder_flops(config, s: Shapes | None = None) -> dict[str, float]:
       f, h, w, c = s.latent_shape
       out["codec_decode"] = traced_matmul_flops(codec.decode, codec_params, sds((1, 1, h, w, c), jnp.float32))
     image = image_encoder_lib.make_image_encoder(config)
-    image_params = abstract_encoder_params(image)
+    image_params = sharding.strip_boxes(next_shot.abstract_encoder_params(image))
     out["image_encoder"] = traced_matmul_flops(image.encode, image_params,
                                                sds((1, d.height, d.width, 3), jnp.float32))
   return out

@@ -5,8 +5,9 @@ r"""Memory vs no-memory on StoryWorld: the demo's headline comparison.
 
 For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...), generates every shot twice with the
 same model and seed — once with the global memory (``--memory=full``) and once without (``--memory=none``) — and
-scores both with :mod:`onestory_jax.evaluate`. Prints the per-mode means as JSON, how often Frame Selection's
-best frame comes from an earlier shot that shares a character with the new shot, the paired per-story gain in
+scores both with :mod:`onestory_jax.evaluate`. Prints the per-mode means of every registered metric
+(:mod:`onestory_jax.metrics`) as JSON, how often Frame Selection's best frame comes from an earlier shot that
+shares a character with the new shot, the paired per-story gain in
 character consistency (mean, standard error, and how many stories gain or lose), the character consistency of
 shot pairs grouped by the later shot of the pair (how well memory carries over longer stories), and, for scale,
 the character consistency of the same stories' ground truth and of the ground truth with every returning
@@ -26,12 +27,12 @@ import numpy as np
 from onestory_jax import checkpoints
 from onestory_jax import evaluate
 from onestory_jax import logs
+from onestory_jax import metrics
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
 from onestory_jax.data import storyworld
 
-METRICS = ("character_consistency", "environment_consistency", "inter_avg", "direction_accuracy",
-           "count_accuracy")
+METRICS = metrics.names()  # every registered metric, averaged per memory mode
 
 
 def selection_top1_hit(story: dict, shot: int, info: dict, frames_per_shot: int) -> bool | None:
@@ -95,8 +96,8 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
   steps = c.sample.steps if steps is None else steps
   shift = c.sample.shift if shift is None else shift
   guidance = c.sample.guidance if guidance is None else guidance
-  cfg = storyworld.StoryWorldConfig(height=c.data.height, width=c.data.width,
-                                    frames_per_shot=c.data.frames_per_shot)
+  default = storyworld.StoryWorldConfig()  # the frame size of the run; StoryWorld's default story lengths
+  cfg = storyworld.StoryWorldConfig.from_config(c.data, min_shots=default.min_shots, max_shots=default.max_shots)
   stories = [storyworld.generate_story(first_seed + i, pattern, cfg) for i in range(num_stories)]
   max_shots = max(len(s["shots"]) for s in stories)
   gen = sampler.ShotGenerator(system, params, enc, max_shots=max_shots, steps=steps, shift=shift,

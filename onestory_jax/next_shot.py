@@ -11,10 +11,10 @@ frozen codec ``E`` and the I2V image encoder, and exposes the conditioning path 
 
 Memory banks are chronological and padded to a static number of latent frames with a mask.
 
-Published weights (issue 3): ``config.pretrained`` names the ``--dst`` directory of ``python -m
-onestory_jax.convert``. With it, the frozen Wan VAE and CLIP ViT-H/14 image encoder are the converted ones
-(:func:`onestory_jax.pretrained.load_pretrained_encoders`, after checking the release's config.json against the run config), and the umT5
-tokenizer is the release's ``tokenizer/``; the trainable DiT and umT5 encoder are restored by
+Published weights: ``config.pretrained`` names the ``--dst`` directory of ``python -m onestory_jax.convert``. With
+it, the frozen Wan VAE and CLIP ViT-H/14 image encoder are the converted ones
+(:func:`onestory_jax.pretrained.load_pretrained_encoders`, after checking the release's config.json against the run
+config), and the umT5 tokenizer is the release's ``tokenizer/``; the trainable DiT and umT5 encoder are restored by
 :meth:`onestory_jax.trainer.Trainer.init_state`.
 """
 from __future__ import annotations
@@ -58,8 +58,7 @@ def make_tokenizer(config) -> tokenizer_lib.CaptionTokenizer:
   if name == "t5":
     return tokenizer_lib.storyworld_tokenizer(config.data.text_len)
   if name == "umt5":
-    path = config.text_encoder.get("tokenizer", "") or (
-        os.path.join(config.pretrained, "tokenizer") if config.get("pretrained", "") else "")
+    path = config.text_encoder.tokenizer or (os.path.join(config.pretrained, "tokenizer") if config.pretrained else "")
     if not path:
       raise ValueError("config.text_encoder.tokenizer: the umT5 tokenizer is needed; set it (or config.pretrained, "
                        "whose tokenizer/ directory `python -m onestory_jax.convert` writes)")
@@ -89,11 +88,10 @@ class System:
   def dummy_inputs(self, batch: int, memory_frames: int) -> tuple:
     f, h, w, c = self.latent_shape
     d = self.config.data
-    in_ch = self.model.latent_channels + (self.model.mask_channels + c if self.config.model.i2v else 0)
     return (jnp.zeros((batch, d.text_len), jnp.int32),
             jnp.zeros((batch, memory_frames, h, w, c), jnp.float32),
             jnp.ones((batch, memory_frames), bool),
-            jnp.zeros((batch, f, h, w, in_ch), jnp.float32),
+            jnp.zeros((batch, f, h, w, self.model.in_channels), jnp.float32),
             jnp.zeros((batch,), jnp.float32),
             jnp.zeros((batch, self.image_encoder.num_tokens(d.height, d.width),
                        self.image_encoder.token_dim(d.height, d.width)), jnp.float32))
@@ -118,10 +116,15 @@ class System:
         passes), or, when None, the default device.
     """
     r1, r2 = jax.random.split(rng)
-    loaded = pretrained.load_pretrained_encoders(self, mesh) if self.config.get("pretrained", "") else {}
+    loaded = pretrained.load_pretrained_encoders(self, mesh) if self.config.pretrained else {}
     codec = loaded["codec"] if "codec" in loaded else self.codec.init(r1)
     image = loaded["image_encoder"] if "image_encoder" in loaded else self.image_encoder.init(r2)
     return {"codec": codec, "image_encoder": image}
+
+  def abstract_encoder_params(self) -> dict:
+    """:meth:`encoder_params` as boxed (logically partitioned) ``jax.ShapeDtypeStruct`` leaves; nothing is
+    allocated or loaded."""
+    return {"codec": abstract_encoder_params(self.codec), "image_encoder": abstract_encoder_params(self.image_encoder)}
 
   # ------------------------------------------------------------------ pixels and latents
   def encode_shots(self, enc: dict, frames_uint8: jax.Array) -> jax.Array:
@@ -225,7 +228,20 @@ class System:
     return rf.output_to_velocity(out, x_t, t, self.config.flow.prediction)
 
 
-def make_system(config: ml_collections.ConfigDict) -> System:
+def abstract_encoder_params(encoder: Any) -> Any:
+  """A frozen codec's or image encoder's parameters as boxed ``jax.ShapeDtypeStruct`` leaves (nothing allocated).
+
+  Uses the encoder's own ``abstract_params()`` where it has one (the Wan VAE initialises through numpy, which
+  ``eval_shape`` cannot trace), else ``eval_shape`` of its ``init``.
+  """
+  if hasattr(encoder, "abstract_params"):
+    return encoder.abstract_params()
+  return jax.eval_shape(encoder.init, jax.random.key(0))
+
+
+def make_system(config: ml_collections.ConfigDict,
+                tokenizer: tokenizer_lib.CaptionTokenizer | None = None) -> System:
+  """The :class:`System` of a run config; ``tokenizer`` replaces the config's (:func:`make_tokenizer`)."""
   frozen = ml_collections.FrozenConfigDict(config)
   if frozen.conditioner.image_condition not in IMAGE_CONDITIONS:
     raise ValueError(f"config.conditioner.image_condition must be one of {IMAGE_CONDITIONS}, "
@@ -233,7 +249,7 @@ def make_system(config: ml_collections.ConfigDict) -> System:
   d = frozen.data
   codec = codec_lib.make_codec(frozen)
   image_encoder = image_encoder_lib.make_image_encoder(frozen)
-  tokenizer = make_tokenizer(frozen)
+  tokenizer = tokenizer or make_tokenizer(frozen)
   latent_shape = tuple(codec.latent_shape(d.frames_per_shot, d.height, d.width))
   model = onestory_lib.OneStory(
       config=frozen, latent_hw=latent_shape[1:3], latent_channels=codec.latent_channels,

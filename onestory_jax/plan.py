@@ -6,8 +6,8 @@ r"""Plans a training run without hardware: per-chip memory, FLOPs and MFU of the
 
 docs/planning.md has the measured fits of the paper setting and how to read the output.
 
-The training step of :mod:`onestory_jax.trainer` (``train_step`` with the trainer's optimiser, state shardings and
-batch sharding) is compiled ahead of time for the topology's chips through libtpu (``pip install
+The trainer's program (:func:`onestory_jax.trainer.build_train_program`: the same state, batch and frozen-encoder
+shardings and the same jitted step) is compiled ahead of time for the topology's chips through libtpu (``pip install
 'onestory_jax[tpu]'``, i.e. ``jax[tpu]==0.10.2``) with no TPU attached: the chips come from
 ``jax.experimental.topologies.get_topology_desc`` and everything else runs on the CPU backend. Nothing is
 allocated: the train state, the batch and the frozen encoders' parameters are abstract (``jax.ShapeDtypeStruct``
@@ -28,17 +28,12 @@ that many samples per chip), ``--config.model.remat=none|full|dots``, ``--config
 
 ``--quick`` compiles the same step on a simulated CPU mesh (one CPU device per chip, at most
 :data:`QUICK_MAX_DEVICES`) for users without libtpu. Its memory figures are the CPU compiler's: buffer assignment,
-fusion and rematerialisation differ from TPU's, so they only show the order of magnitude and the sharding.
+fusion and rematerialisation differ from TPU's, so they only show the order of magnitude and the sharding. Its peak
+is arguments + temporaries + the outputs that reuse no donated argument: the CPU runtime holds a program's
+temporaries as one block for the whole run, and the CPU compiler's own peak figure leaves them out.
 
-Differences from :class:`onestory_jax.trainer.Trainer` (which needs real devices and allocates the frozen
-encoders), built here from the trainer's public pieces (``train_step``, ``init_train_state``, ``make_optimizer``)
-and the same state shardings (:func:`sharding.train_state_shardings`: AdamW moments like their parameters):
-
-* the frozen codec / image-encoder parameters are arguments of the compiled step, sharded by the logical rules as a
-  ``config.pretrained`` restore lays them out (dimensions the mesh does not divide, like an RGB conv's 3 channels,
-  replicated), where the trainer closes over them;
-* without a tokenizer (no ``config.pretrained`` / ``config.text_encoder.tokenizer``) a placeholder stands in for
-  umT5's, which only the data pipeline uses (the embedding has ``config.text_encoder.vocab_size`` rows either way).
+Without a tokenizer (no ``config.pretrained`` / ``config.text_encoder.tokenizer``) a placeholder stands in for
+umT5's, which only the data pipeline uses (the embedding has ``config.text_encoder.vocab_size`` rows either way).
 """
 from __future__ import annotations
 
@@ -57,22 +52,14 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+from onestory_jax import chips
 from onestory_jax import flops as flops_lib
 from onestory_jax import next_shot
 from onestory_jax import sharding
 from onestory_jax import trainer as trainer_lib
 from onestory_jax.data import tokenizer as tokenizer_lib
-from onestory_jax.models import codec as codec_lib
-from onestory_jax.models import image_encoder as image_encoder_lib
-from onestory_jax.models import onestory as onestory_lib
 
 GIB = 1024 ** 3
-# HBM per chip, GiB (Google Cloud TPU documentation, the "System architecture" page of each version).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-# Topology name prefixes libtpu understands -> chip name; v4 chips are planned as one megacore device each.
-_GENERATIONS = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
-# TPU_ACCELERATOR_TYPE for a slice of n chips (v4 / v5p count TensorCores, two per chip).
-_ACCELERATOR_TYPE = {"v4": "v4-{cores}", "v5p": "v5p-{cores}", "v5e": "v5litepod-{chips}", "v6e": "v6e-{chips}"}
 QUICK_MAX_DEVICES = 64
 
 
@@ -81,7 +68,7 @@ QUICK_MAX_DEVICES = 64
 class Topology:
   """A TPU slice (or several, over DCN): ``v5p:4x4x4`` -> chip 'v5p', dims (4, 4, 4), 64 chips."""
   name: str  # as libtpu spells it, e.g. 'v5p:4x4x4'
-  chip: str  # key of flops.PEAK_BF16_FLOPS / HBM_GIB
+  chip: str  # a TPU of onestory_jax.chips
   dims: tuple[int, ...]
   num_slices: int = 1
 
@@ -95,30 +82,30 @@ class Topology:
 
   @property
   def hbm_bytes(self) -> int:
-    return HBM_GIB[self.chip] * GIB
+    return chips.get(self.chip).hbm_gib * GIB
 
 
 def parse_topology(name: str, num_slices: int = 1) -> Topology:
   """Parses ``<generation>:<AxBxC>`` (v4, v5p: 3 dims; v5e / v5litepod, v6e: 2 dims)."""
-  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e):(\d+(?:x\d+){1,2})", str(name).strip().lower())
+  generations = sorted(g for c in chips.TPUS for g in c.topology_names)
+  m = re.fullmatch(rf"({'|'.join(generations)}):(\d+(?:x\d+){{1,2}})", str(name).strip().lower())
   if not m:
     raise ValueError(f"--topology={name!r}: expected <generation>:<dims> with generation one of "
-                     f"{sorted(_GENERATIONS)}, e.g. v5p:4x4x4 or v6e:8x8")
-  chip = _GENERATIONS[m.group(1)]
+                     f"{generations}, e.g. v5p:4x4x4 or v6e:8x8")
+  chip = chips.of_topology_name(m.group(1))
   dims = tuple(int(d) for d in m.group(2).split("x"))
-  want = 3 if chip in ("v4", "v5p") else 2
-  if len(dims) != want or min(dims) < 1:
-    raise ValueError(f"--topology={name!r}: {chip} slices have {want} positive dimensions, got {m.group(2)}")
+  if len(dims) != chip.topology_dims or min(dims) < 1:
+    raise ValueError(f"--topology={name!r}: {chip.name} slices have {chip.topology_dims} positive dimensions, got "
+                     f"{m.group(2)}")
   if int(num_slices) < 1:
     raise ValueError(f"--num_slices={num_slices}: expected >= 1")
-  gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
-  return Topology(name=f"{gen}:{m.group(2)}", chip=chip, dims=dims, num_slices=int(num_slices))
+  return Topology(name=f"{chip.topology_names[0]}:{m.group(2)}", chip=chip.name, dims=dims,
+                  num_slices=int(num_slices))
 
 
 def tpu_devices(topo: Topology) -> list[Any]:
   """The compile-only TPU devices of ``topo`` (needs libtpu; no TPU and no TPU backend)."""
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", _ACCELERATOR_TYPE[topo.chip].format(
-      chips=topo.chips_per_slice, cores=2 * topo.chips_per_slice))
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", chips.get(topo.chip).accelerator_type(topo.chips_per_slice))
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   # A deviceless compile never opens a TPU, so it need not take libtpu's one-process lock (/tmp/libtpu_lockfile),
   # which any other jax process on the machine that loaded libtpu would otherwise hold.
@@ -139,109 +126,22 @@ def tpu_devices(topo: Topology) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def make_system(config: ml_collections.ConfigDict) -> next_shot.System:
+def planning_system(config: ml_collections.ConfigDict) -> next_shot.System:
   """``next_shot.make_system``, with a placeholder tokenizer when umT5's is not configured.
 
   The tokenizer is only used by the data pipeline; umT5's embedding size comes from
   ``config.text_encoder.vocab_size``, so the compiled step is the same.
   """
   te = config.text_encoder
-  if te.name != "umt5" or te.get("tokenizer", "") or config.get("pretrained", ""):
+  if te.name != "umt5" or te.tokenizer or config.pretrained:
     return next_shot.make_system(config)
-  frozen = ml_collections.FrozenConfigDict(config)
-  if frozen.conditioner.image_condition not in next_shot.IMAGE_CONDITIONS:
-    raise ValueError(f"config.conditioner.image_condition must be one of {next_shot.IMAGE_CONDITIONS}, "
-                     f"got {frozen.conditioner.image_condition!r}")
-  d = frozen.data
-  codec = codec_lib.make_codec(frozen)
-  image_encoder = image_encoder_lib.make_image_encoder(frozen)
-  tokenizer = tokenizer_lib.CaptionTokenizer.from_vocabulary(["placeholder"], int(d.text_len))
-  latent_shape = tuple(codec.latent_shape(d.frames_per_shot, d.height, d.width))
-  model = onestory_lib.OneStory(
-      config=frozen, latent_hw=latent_shape[1:3], latent_channels=codec.latent_channels,
-      mask_channels=codec.mask_channels, vocab_size=tokenizer.vocab_size,
-      image_dim=image_encoder.token_dim(d.height, d.width))
-  return next_shot.System(config=frozen, model=model, codec=codec, image_encoder=image_encoder,
-                          tokenizer=tokenizer, latent_shape=latent_shape)
+  placeholder = tokenizer_lib.CaptionTokenizer.from_vocabulary(["placeholder"], int(config.data.text_len))
+  return next_shot.make_system(config, tokenizer=placeholder)
 
 
-def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Shapes and dtypes of one global batch of the training pipeline (``onestory_jax.data.pipeline``)."""
-  d = config.data
-  b = int(d.batch_size)
-  return {"frames": ((b, 3, d.frames_per_shot, d.height, d.width, 3), jnp.uint8),
-          "tokens": ((b, d.text_len), jnp.int32),
-          "sel_labels": ((b, 2), jnp.float32),
-          "real_first": ((b, 2), jnp.bool_),
-          "memory_shots": ((b, 2), jnp.int32),
-          "synthetic": ((b,), jnp.bool_),
-          "story": ((b,), jnp.int32)}
-
-
-@dataclasses.dataclass
-class AbstractStep:
-  """The jitted training step and abstract (sharded ShapeDtypeStruct) arguments for it."""
-  step: Any  # jax.jit(train_step) taking (state, batch, encoders)
-  state: trainer_lib.TrainState
-  batch: dict
-  encoders: dict
-  mesh: jax.sharding.Mesh
-  system: next_shot.System
-
-
-def _drop_indivisible(s: jax.sharding.NamedSharding, leaf: Any) -> jax.sharding.NamedSharding:
-  """Replicates the dimensions of ``leaf`` that its mesh axes do not divide (e.g. an RGB output conv's 3 channels
-  under a 'conv_out' -> tensor rule), which jit would reject."""
-  spec = []
-  for i, axes in enumerate(tuple(s.spec) + (None,) * (len(leaf.shape) - len(s.spec))):
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    spec.append(axes if leaf.shape[i] % math.prod(s.mesh.shape[a] for a in names) == 0 else None)
-  return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def abstract_step(config: ml_collections.ConfigDict, devices: list[Any]) -> AbstractStep:
-  """Builds the trainer's training step over ``devices`` with abstract, sharded arguments (nothing allocated).
-
-  The state is what :class:`trainer.Trainer` initialises (``TrainState`` of the boxed parameters and the
-  optimiser state of :func:`trainer.make_optimizer`), sharded by the config's logical rules with ``step`` and
-  ``rng`` replicated; the batch is sharded along the ``batch`` rule; the step is ``trainer.train_step`` jitted with
-  the trainer's shardings and donation.
-  """
-  system = make_system(config)
-  mesh = sharding.make_mesh(config, devices)
-  gb = int(config.data.batch_size)
-  div = sharding.batch_divisor(mesh, config)
-  if gb % div:
-    raise ValueError(f"config.data.batch_size={gb} must be divisible by the batch mesh axes ({div} on mesh "
-                     f"{dict(mesh.shape)})")
-
-  key = jax.random.key(int(config.seed))
-  # Outside the mesh context: some encoders make concrete keys, which cannot run on compile-only TPU devices.
-  boxed_enc = {"codec": (system.codec.abstract_params() if hasattr(system.codec, "abstract_params")
-                         else jax.eval_shape(system.codec.init, key)),
-               "image_encoder": jax.eval_shape(system.image_encoder.init, key)}
-  with sharding.use_mesh(mesh, config):
-    boxed = jax.eval_shape(lambda r: trainer_lib.init_train_state(system, config, r), key)
-  tx = trainer_lib.make_optimizer(config, sharding.strip_boxes(boxed.params))
-  # Outside the mesh context too: optax runs the optimiser's init on placeholders to find the moments.
-  state_sh = sharding.train_state_shardings(boxed, tx, mesh, config)
-  state = _abstract(sharding.strip_boxes(boxed), state_sh)
-  plain_enc = sharding.strip_boxes(boxed_enc)
-  enc_sh = jax.tree.map(_drop_indivisible, sharding.logical_to_shardings(boxed_enc, mesh, config), plain_enc)
-  encoders = _abstract(plain_enc, enc_sh)
-  batch_sh = sharding.batch_sharding(mesh, config)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in batch_spec(config).items()}
-
-  def step(state, batch, enc):
-    return trainer_lib.train_step(state, batch, system=system, enc=enc, tx=tx)
-
-  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, enc_sh),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  return AbstractStep(step=jitted, state=state, batch=batch, encoders=encoders, mesh=mesh, system=system)
+def abstract_step(config: ml_collections.ConfigDict, devices: list[Any]) -> trainer_lib.TrainProgram:
+  """The trainer's program (:func:`trainer.build_train_program`) over ``devices``, nothing allocated."""
+  return trainer_lib.build_train_program(config, planning_system(config), sharding.make_mesh(config, devices))
 
 
 def _bytes_per_device(tree: Any) -> int:
@@ -304,11 +204,10 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 
     devices = tpu_devices(topo)
   t0 = time.perf_counter()
   built = abstract_step(config, devices)
-  with sharding.use_mesh(built.mesh, config):
-    lowered = built.step.lower(built.state, built.batch, built.encoders)
+  lowered = built.lower()
   t1 = time.perf_counter()
-  state_b = _bytes_per_device(_key_bytes_fix(built.state))
-  batch_b, enc_b = _bytes_per_device(built.batch), _bytes_per_device(built.encoders)
+  state_b = _bytes_per_device(_key_bytes_fix(built.abstract_state))
+  batch_b, enc_b = _bytes_per_device(built.abstract_batch), _bytes_per_device(built.abstract_encoders)
   hbm = topo.hbm_bytes
   memory = {"hbm_bytes": hbm, "state_bytes": state_b, "batch_bytes": batch_b, "encoder_bytes": enc_b}
   cost = {}
@@ -326,18 +225,25 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 
     alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
     code = int(mem.generated_code_size_in_bytes)
     total = arg + out - alias + temp + code
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    # The compiler's peak of simultaneously live buffers decides (it reuses dead argument buffers for temporaries);
-    # the total, every buffer at once, is an upper bound.
+    xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    if quick:
+      # The CPU runtime allocates a program's temporaries as one block for the whole run, and its reported peak
+      # leaves them out (it equals the arguments): every argument, the temporaries and the outputs that do not
+      # reuse a donated argument are live at once.
+      peak = max(xla_peak, arg + out - alias + temp)
+    else:
+      # libtpu's peak of simultaneously live buffers decides (it reuses dead argument buffers for temporaries);
+      # the total, every buffer at once, is an upper bound.
+      peak = xla_peak or total
     memory.update({"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temporary_bytes": temp,
-                   "generated_code_bytes": code, "total_bytes": total, "xla_peak_bytes": peak,
-                   "fits": (peak or total) <= hbm, "compiler_error": ""})
+                   "generated_code_bytes": code, "total_bytes": total, "xla_peak_bytes": xla_peak,
+                   "peak_bytes": peak, "fits": peak <= hbm, "compiler_error": ""})
   t2 = time.perf_counter()
   n_dev = len(devices)
   full = ml_collections.ConfigDict(config.to_dict())
   full.data.batch_size = full_batch
   sf = flops_lib.step_flops(full)
-  peak_flops = flops_lib.peak_flops_per_chip(topo.chip)
+  peak_flops = chips.get(topo.chip).peak_bf16_flops
   report = {
       "config": config.get("variant", ""), "topology": topo.name, "num_slices": topo.num_slices,
       "chip": topo.chip, "num_chips": topo.num_chips, "devices_compiled": n_dev,
@@ -376,7 +282,8 @@ def _out_of_memory(message: str, argument_bytes: int) -> dict:
   """
   first = message.strip().splitlines()[0] if message.strip() else message
   out = {"argument_bytes": argument_bytes, "output_bytes": None, "alias_bytes": None, "temporary_bytes": None,
-         "generated_code_bytes": None, "total_bytes": None, "xla_peak_bytes": 0, "fits": False, "compiler_error": first}
+         "generated_code_bytes": None, "total_bytes": None, "xla_peak_bytes": 0, "peak_bytes": None, "fits": False,
+         "compiler_error": first}
   m = _OOM.search(message)
   if m:
     need = int(float(m.group("need")) * _UNITS[m.group("u1")])
@@ -414,10 +321,11 @@ def format_report(r: dict) -> str:
     lines.append(f"  total      {g('total_bytes')}   of {_gib(m['hbm_bytes']).strip()} HBM: DOES NOT FIT")
   else:
     lines.append(f"  total      {g('total_bytes')}   (every buffer at once: an upper bound)")
-    used = m["xla_peak_bytes"] or m["total_bytes"]
+    used = m["peak_bytes"]
+    how = (" (arguments + temporaries + outputs: the CPU runtime holds temporaries for the whole run)"
+           if r["mode"].startswith("quick") else " (XLA buffer assignment)" if m["xla_peak_bytes"] else "")
     lines.append(f"  peak       {_gib(used)}   of {_gib(m['hbm_bytes']).strip()} HBM "
-                 f"({100 * used / m['hbm_bytes']:.1f}%){' (XLA buffer assignment)' if m['xla_peak_bytes'] else ''}: "
-                 f"{'fits' if m['fits'] else 'DOES NOT FIT'}")
+                 f"({100 * used / m['hbm_bytes']:.1f}%){how}: {'fits' if m['fits'] else 'DOES NOT FIT'}")
   if m.get("compiler_error"):
     lines.append(f"  the compiler refused: {m['compiler_error']}")
   lines += [

@@ -24,12 +24,12 @@ from onestory_jax import sharding
 from onestory_jax import video_io
 from onestory_jax import weights
 from onestory_jax.models import adaptive_conditioner as ac
-from onestory_jax.models import clip_vision
+from onestory_jax.models.wan import clip as clip_vision
 from onestory_jax.models import codec as codec_lib
 from onestory_jax.models import image_encoder as image_encoder_lib
-from onestory_jax.models import text_encoder as te
-from onestory_jax.models import wan_dit
-from onestory_jax.models import wan_vae
+from onestory_jax.models.wan import umt5 as te
+from onestory_jax.models.wan import dit as wan_dit
+from onestory_jax.models.wan import vae as wan_vae
 
 
 # ------------------------------------------------------------------ converted (published-format) weights
@@ -81,7 +81,7 @@ def load_pretrained_encoders(system: Any, mesh: jax.sharding.Mesh | None = None)
   out = {}
 
   def restore(component: str, abstract: Any) -> Any:
-    shardings = None if mesh is None else sharding.logical_to_shardings(abstract, mesh, c)
+    shardings = None if mesh is None else sharding.fitted_shardings(abstract, mesh, c)
     return weights.load_converted(dst, component, abstract, shardings)
 
   if isinstance(system.codec, codec_lib.WanVAECodec):
@@ -122,7 +122,7 @@ def pretrained_components(config) -> dict[str, str]:
 
   The DiT always (``transformer``); the text encoder (``text_encoder``) when it is umT5, the only one published.
   """
-  if not config.get("pretrained", ""):
+  if not config.pretrained:
     return {}
   out = {"dit": "transformer"}
   if config.text_encoder.name == "umt5":
@@ -136,8 +136,7 @@ _FIX_MODEL = "Set those config fields to the release's values (or use the config
 def check_dit_release(config, system: Any, release: dict) -> None:
   """Raises ValueError listing every size in which the run's DiT differs from the release's transformer config."""
   m = system.model
-  in_channels = m.latent_channels + (m.mask_channels + m.latent_channels if config.model.i2v else 0)
-  diffs = wan_dit.config_mismatches(config.model, release, in_channels=in_channels, out_channels=m.latent_channels,
+  diffs = wan_dit.config_mismatches(config.model, release, in_channels=m.in_channels, out_channels=m.latent_channels,
                                     text_dim=te.text_dim(config), image_dim=m.image_dim if config.model.i2v else None)
   ref = wan_dit.config_from_diffusers(release)
   if (ref["image_dim"] is not None) != bool(config.model.i2v):

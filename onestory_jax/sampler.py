@@ -179,8 +179,7 @@ def write_training_samples(trainer, params: Any, writer, step: int) -> None:
   from onestory_jax.data import storyworld  # pylint: disable=g-import-not-at-top
   s = trainer.system
   d = s.config.data
-  cfg = storyworld.StoryWorldConfig(height=d.height, width=d.width, frames_per_shot=d.frames_per_shot,
-                                    min_shots=3, max_shots=3)
+  cfg = storyworld.StoryWorldConfig.from_config(d, min_shots=3, max_shots=3)
   story = storyworld.generate_story(1234, "recall", cfg, num_shots=3)
   gen = getattr(trainer, "_sample_generator", None)
   if gen is None:  # compiled once, then reused with the current parameters

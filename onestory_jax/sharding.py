@@ -41,9 +41,9 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def dcn_shape(config) -> tuple[int, ...]:
-  """``config.mesh.dcn_shape`` (all ones when absent: a single slice / node)."""
+  """``config.mesh.dcn_shape``, checked (all ones: a single slice / node)."""
   axes = tuple(config.mesh.axes)
-  dcn = tuple(int(s) for s in config.mesh.get("dcn_shape", None) or (1,) * len(axes))
+  dcn = tuple(int(s) for s in config.mesh.dcn_shape)
   if len(dcn) != len(axes) or min(dcn) < 1:
     raise ValueError(f"config.mesh.dcn_shape: expected {len(axes)} positive ints, one per axis of "
                      f"config.mesh.axes={axes}; got {dcn}")
@@ -107,6 +107,39 @@ def logical_to_shardings(logical_tree: Any, mesh: Mesh, config) -> Any:
   """Maps a tree of logical PartitionSpecs (or boxed abstract values) to NamedShardings on ``mesh``."""
   specs = nn.get_partition_spec(logical_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules(config))
+
+
+def _fit(s: NamedSharding, leaf: Any) -> NamedSharding:
+  spec = []
+  for i, axes in enumerate(tuple(s.spec) + (None,) * (len(leaf.shape) - len(s.spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    spec.append(axes if leaf.shape[i] % int(np.prod([s.mesh.shape[a] for a in names])) == 0 else None)
+  return NamedSharding(s.mesh, P(*spec))
+
+
+def fitted_shardings(boxed_tree: Any, mesh: Mesh, config) -> Any:
+  """:func:`logical_to_shardings`, with every dimension that its mesh axes do not divide replicated.
+
+  For parameters laid out on a mesh they were not sized for: the frozen encoders (an RGB output conv's 3 channels
+  under a 'conv_out' -> tensor rule) and the model on the sampling mesh (:func:`inference_mesh`); ``jit`` and
+  ``device_put`` reject an indivisible dimension.
+  """
+  return jax.tree.map(_fit, logical_to_shardings(boxed_tree, mesh, config), strip_boxes(boxed_tree))
+
+
+def inference_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The sampling mesh over ``devices`` (default: all): the training mesh's axes, every device on ``fsdp``.
+
+  A story is generated one shot at a time (batch 1), so the batch axes of the training mesh have nothing to split;
+  the parameters are spread over every device by the logical rules (:func:`fitted_shardings`) and gathered layer by
+  layer, and one device holds the whole model when there is one.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  axes = tuple(config.mesh.axes)
+  if "fsdp" not in axes:
+    raise ValueError(f"config.mesh.axes={axes}: the sampling mesh needs an 'fsdp' axis")
+  shape = tuple(len(devices) if a == "fsdp" else 1 for a in axes)
+  return Mesh(np.asarray(devices).reshape(shape), axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_shardings: Any,

@@ -1,24 +1,15 @@
-"""OneStory training (paper Sec. 4.4): triplets, decoupled conditioning, L_shot + λ L_sel.
+"""OneStory training (paper Sec. 4.4): the optimiser, the sharded train state and step, and the loop.
 
-One jitted, explicitly sharded step over a mesh from config. Each batch is a 3-shot triplet (memory shot 0,
-memory shot 1, target) from the grain pipeline:
-
-* L_shot (Eq. 10): rectified flow on the target shot's latents, conditioned on the target caption only and on
-  the context tokens of the selected memory frames.
-* L_sel (Eq. 11): MSE of the Frame Selection scores against the per-frame pseudo-labels; total
-  ``L = L_shot + λ L_sel`` (Eq. 12).
-* Decoupled conditioning: during the first ``warmup_fraction_dc`` of the steps the context comes from ``K_sel``
-  frames sampled uniformly from the real first shot instead of the selector's top-K (the data pipeline feeds only
-  synthetic triplets then). L_sel is on throughout.
-* Classifier-free guidance dropout: the caption is replaced by the null (all-padding) caption with
-  ``p_drop_text``; the memory is emptied with ``p_drop_memory``. With ``p_i2v`` the target is trained as an I2MSV
-  first shot instead: no memory, its own first frame through the I2V channel path and image tokens.
+The loss of Eq. 12 and the decoupled-conditioning warm-up are :mod:`onestory_jax.objective`; the batches of
+3-shot triplets come from :mod:`onestory_jax.data.pipeline`. :func:`build_train_program` is the one definition of
+the sharded state and the jitted step (frozen encoders as sharded arguments): the :class:`Trainer` runs it,
+``python -m onestory_jax.plan`` compiles it for TPU topologies and ``python -m onestory_jax.benchmark`` times it.
 
 State is a :class:`TrainState`; checkpoints (orbax, asynchronous) hold it, the grain iterator and the config, so
 re-running the same command resumes exactly.
 
-Published weights (issue 3): with ``config.pretrained`` (the ``--dst`` of ``python -m onestory_jax.convert``) a fresh
-start restores the Wan DiT (``params["dit"]``, converted component ``transformer``) and, for umT5, the text encoder
+Published weights: with ``config.pretrained`` (the ``--dst`` of ``python -m onestory_jax.convert``) a fresh start
+restores the Wan DiT (``params["dit"]``, converted component ``transformer``) and, for umT5, the text encoder
 (``params["text_encoder"]``) straight into their shardings; Frame Selection starts fresh and the Adaptive
 Conditioner's patchifiers start from the restored patch embedding (FramePack initialisation, design notes); AdamW
 moments start at zero. A run that resumes from its workdir never re-reads ``config.pretrained`` for them.
@@ -28,6 +19,7 @@ run may change the Adaptive Conditioner's kernels, and a new kernel starts from 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -44,15 +36,14 @@ import numpy as np
 import optax
 
 from onestory_jax import checkpoints
+from onestory_jax import chips
 from onestory_jax import flops
 from onestory_jax import next_shot
+from onestory_jax import objective
 from onestory_jax import pretrained
-from onestory_jax import rectified_flow as rf
 from onestory_jax import sharding
 from onestory_jax import weights
 from onestory_jax.data import pipeline
-from onestory_jax.models import codec as codec_lib
-from onestory_jax.models import frame_selection as fs
 
 NEW_MODULES = ("frame_selection", "adaptive_conditioner")
 
@@ -106,63 +97,16 @@ def init_train_state(system: next_shot.System, config, rng: jax.Array) -> TrainS
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=r_state)
 
 
-# ---------------------------------------------------------------------------- loss
-def dc_warmup_steps(config) -> int:
-  return int(round(config.warmup_fraction_dc * config.num_train_steps))
-
-
-def uniform_first_shot_choice(rng: jax.Array, real_first: jax.Array, frames_per_shot: int, k: int):
-  """K frames drawn uniformly without replacement from the real first shot (the DC warm-up choice)."""
-  frame_mask = jnp.repeat(real_first, frames_per_shot, axis=1)  # [B, F]
-  u = jax.random.uniform(rng, frame_mask.shape)
-  _, idx = jax.lax.top_k(jnp.where(frame_mask, u, -1.0), k)
-  return idx, jnp.take_along_axis(frame_mask, idx, axis=1)
-
-
-def loss_fn(params, system: next_shot.System, enc: dict, batch: dict, rng: jax.Array, step: jax.Array):
-  c = system.config
-  f_lat = system.latent_shape[0]
-  lat = system.encode_shots(enc, batch["frames"])  # [B, 3, F, h, w, C]
-  b = lat.shape[0]
-  memory = lat[:, :2].reshape((b, 2 * f_lat) + lat.shape[3:])
-  x0 = lat[:, 2]
-  r_text, r_mem, r_i2v, r_warm, r_t, r_noise = jax.random.split(rng, 6)
-
-  i2v = jax.random.uniform(r_i2v, (b,)) < c.flow.p_i2v
-  keep_memory = (jax.random.uniform(r_mem, (b,)) >= c.flow.p_drop_memory) & ~i2v
-  memory_mask = jnp.broadcast_to(keep_memory[:, None], (b, 2 * f_lat))
-  tokens = jnp.where((jax.random.uniform(r_text, (b,)) < c.flow.p_drop_text)[:, None], 0, batch["tokens"])
-
-  warm = step < dc_warmup_steps(c)
-  f_idx, f_valid = uniform_first_shot_choice(r_warm, batch["real_first"], f_lat, c.selection.k_sel)
-  forced = (jnp.broadcast_to(warm, (b,)), f_idx, f_valid & keep_memory[:, None])
-
-  first = codec_lib.to_unit(batch["frames"][:, 2, 0])
-  memory_shot = jnp.repeat(batch["memory_shots"], f_lat, axis=1)
-  cond = system.condition(params, enc, tokens, memory, memory_mask, memory_shot=memory_shot, forced=forced,
-                          start_image=first, start_present=i2v)
-
-  t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std,
-                     shift=c.flow.timestep_shift)
-  noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
-  v = system.velocity(params, cond, rf.interpolate(x0, noise, t), t)
-  l_shot = rf.flow_loss(v, x0, noise, rf.loss_weight(t, c.flow.loss_weight_t))
-  labels = jnp.repeat(batch["sel_labels"], f_lat, axis=1)
-  l_sel = fs.selector_loss(cond.scores, labels, memory_mask)
-  loss = l_shot + c.selection.lambda_sel * l_sel
-  metrics = {"loss": loss, "l_shot": l_shot, "l_sel": l_sel,
-             "context_tokens": jnp.mean(jnp.sum(cond.context["mask"], axis=1).astype(jnp.float32))}
-  return loss, metrics
-
-
-def train_step(state: TrainState, batch: dict, *, system: next_shot.System, enc: dict,
+# ---------------------------------------------------------------------------- the step
+def train_step(state: TrainState, batch: dict, enc: dict, *, system: next_shot.System,
                tx: optax.GradientTransformation):
+  """One optimiser step on :func:`objective.loss_fn`; ``enc`` holds the frozen encoders' parameters."""
   rng, step_rng = jax.random.split(state.rng)
   # Frozen collections (config.optim.frozen, e.g. the pretrained umT5) are not differentiated: no backward pass
   # through them, and their zero gradients stay out of the global-norm clipping.
   frozen = {k: jax.lax.stop_gradient(v) for k, v in state.params.items() if k in system.config.optim.frozen}
   trainable = {k: v for k, v in state.params.items() if k not in frozen}
-  grad_fn = jax.value_and_grad(lambda p: loss_fn({**frozen, **p}, system, enc, batch, step_rng, state.step),
+  grad_fn = jax.value_and_grad(lambda p: objective.loss_fn({**frozen, **p}, system, enc, batch, step_rng, state.step),
                                has_aux=True)
   (_, metrics), grads = grad_fn(trainable)
   grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen)}
@@ -172,41 +116,86 @@ def train_step(state: TrainState, batch: dict, *, system: next_shot.System, enc:
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """The sharded train step of one config on one mesh, and the abstract arguments it compiles for.
+
+  ``abstract_*`` are ``jax.ShapeDtypeStruct`` trees carrying their shardings: nothing is allocated, so ``plan``
+  compiles the program for TPU topologies that are not attached.
+  """
+  system: next_shot.System
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  state_shardings: TrainState
+  abstract_state: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_batch: dict
+  encoder_shardings: dict
+  abstract_encoders: dict
+  step: Any  # jitted (state, batch, enc) -> (state, metrics); the state is donated
+
+  def lower(self):
+    """The step lowered for the abstract arguments (call ``.compile()`` on it)."""
+    with sharding.use_mesh(self.mesh, self.system.config):
+      return self.step.lower(self.abstract_state, self.abstract_batch, self.abstract_encoders)
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def build_train_program(config: ml_collections.ConfigDict, system: next_shot.System,
+                        mesh: jax.sharding.Mesh) -> TrainProgram:
+  """The one builder of the sharded train state and step (trainer, ``plan`` and ``benchmark`` all use it).
+
+  Parameters are sharded by ``config.logical_axis_rules``, AdamW's moments like their parameters, ``step`` and
+  ``rng`` replicated (:func:`sharding.train_state_shardings`); the batch along the ``batch`` rule; the frozen
+  encoders' parameters by the rules too, with the dimensions the mesh does not divide replicated
+  (:func:`sharding.fitted_shardings`), as :meth:`next_shot.System.encoder_params` lays them out.
+
+  Raises:
+    ValueError: the global batch is not divisible by the batch mesh axes.
+  """
+  gb = int(config.data.batch_size)
+  div = sharding.batch_divisor(mesh, config)
+  if gb % div:
+    raise ValueError(f"config.data.batch_size={gb} must be divisible by the batch mesh axes ({div} on mesh "
+                     f"{dict(mesh.shape)})")
+  # Outside the mesh context: some encoders make concrete keys, which cannot run on compile-only TPU devices.
+  boxed_enc = system.abstract_encoder_params()
+  with sharding.use_mesh(mesh, config):
+    boxed = jax.eval_shape(functools.partial(init_train_state, system, config), jax.random.key(int(config.seed)))
+  # Outside the mesh context too: optax runs the optimiser's init on placeholders to find the moments. AdamW's
+  # moments are built from unboxed parameters: shard them like their parameters, not replicated.
+  tx = make_optimizer(config, sharding.strip_boxes(boxed.params))
+  state_sh = sharding.train_state_shardings(boxed, tx, mesh, config)
+  enc_sh = sharding.fitted_shardings(boxed_enc, mesh, config)
+  batch_sh = sharding.batch_sharding(mesh, config)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+           for k, (shape, dtype) in pipeline.batch_spec(config).items()}
+  step = jax.jit(functools.partial(train_step, system=system, tx=tx), in_shardings=(state_sh, batch_sh, enc_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  return TrainProgram(system=system, mesh=mesh, tx=tx, state_shardings=state_sh,
+                      abstract_state=_with_shardings(sharding.strip_boxes(boxed), state_sh), batch_sharding=batch_sh,
+                      abstract_batch=batch, encoder_shardings=enc_sh,
+                      abstract_encoders=_with_shardings(sharding.strip_boxes(boxed_enc), enc_sh), step=step)
+
+
 # ---------------------------------------------------------------------------- setup
 class Trainer:
-  """Builds the mesh, the sharded state, the data iterator and the compiled step for one config."""
+  """The mesh, the frozen encoders, the train program, the state's initialisation and the data of one config."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
     self.config = config
     self.workdir = workdir
-    self.system = next_shot.make_system(config)
     self.mesh = sharding.make_mesh(config)
-    gb = config.data.batch_size
-    div = sharding.batch_divisor(self.mesh, config)
-    if gb % div or gb % jax.process_count():
-      raise ValueError(f"config.data.batch_size={gb} must be divisible by the batch mesh axes ({div}) and the "
-                       f"process count ({jax.process_count()})")
-    self.enc = self.system.encoder_params(jax.random.key(0), mesh=self.mesh)
-    with sharding.use_mesh(self.mesh, config):
-      self.state_shardings, self.abstract_state = self._abstract_state()
-      self.tx = make_optimizer(config, self.abstract_state.params)
-      self.batch_sharding = sharding.batch_sharding(self.mesh, config)
-      step = functools.partial(train_step, system=self.system, enc=self.enc, tx=self.tx)
-      self._step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
-                           out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                           donate_argnums=(0,))
-
-  def _init_fn(self, rng):
-    return init_train_state(self.system, self.config, rng)
-
-  def _abstract_state(self):
-    boxed = jax.eval_shape(self._init_fn, jax.random.key(self.config.seed))
-    # AdamW's moments are built from unboxed parameters: shard them like their parameters, not replicated.
-    tx = make_optimizer(self.config, sharding.strip_boxes(boxed.params))
-    shardings = sharding.train_state_shardings(boxed, tx, self.mesh, self.config)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            sharding.strip_boxes(boxed), shardings)
-    return shardings, abstract
+    if config.data.batch_size % jax.process_count():
+      raise ValueError(f"config.data.batch_size={config.data.batch_size} must be divisible by the process count "
+                       f"({jax.process_count()})")
+    self.program = build_train_program(config, next_shot.make_system(config), self.mesh)
+    self.system = self.program.system
+    enc = self.system.encoder_params(jax.random.key(0), mesh=self.mesh)
+    self.enc = jax.device_put(sharding.strip_boxes(enc), self.program.encoder_shardings)
 
   def init_state(self) -> TrainState:
     """Parameters and optimiser state initialised directly in their sharded layout.
@@ -227,7 +216,7 @@ class Trainer:
     """
     restored = pretrained.pretrained_components(self.config)
     rng = jax.random.key(self.config.seed)
-    if self.config.get("init_params", ""):
+    if self.config.init_params:
       if restored:
         raise ValueError("config.init_params and config.pretrained both set: fine-tune from one or the other")
       params = self._restore_init_params(self.config.init_params)
@@ -242,12 +231,12 @@ class Trainer:
     with sharding.use_mesh(self.mesh, self.config):
       params = dict(state.params)
       for name, component in restored.items():
-        params[name] = weights.load_converted(self.config.pretrained, component, self.abstract_state.params[name],
-                                              self.state_shardings.params[name])
+        params[name] = weights.load_converted(self.config.pretrained, component, self.program.abstract_state.params[name],
+                                              self.program.state_shardings.params[name])
         logging.info("Restored params[%r] from %s", name, weights.converted_path(self.config.pretrained, component))
       if "adaptive_conditioner" in params:
         params["adaptive_conditioner"] = self._framepack_patchifiers(
-            params["dit"]["patch_embedding"], list(self.abstract_state.params["adaptive_conditioner"]))
+            params["dit"]["patch_embedding"], list(self.program.abstract_state.params["adaptive_conditioner"]))
       return state.replace(params=params)
 
   def _restore_init_params(self, path: str) -> Any:
@@ -258,7 +247,7 @@ class Trainer:
     ``config.pretrained`` (:func:`pretrained.framepack_patchifiers`). Every other parameter must fit the export.
     """
     name = "adaptive_conditioner"
-    abstract = self.abstract_state.params
+    abstract = self.program.abstract_state.params
     saved = checkpoints.exported_param_shapes(path)
     if name not in saved or name not in abstract:
       return checkpoints.restore_exported_params(path, abstract)  # names what differs
@@ -283,18 +272,18 @@ class Trainer:
     """The conditioner's patchifiers ``names`` started from the DiT's ``patch_embedding`` (FramePack,
     :func:`pretrained.framepack_patchifiers`), in their shardings; call under the run's mesh."""
     sub = lambda tree: {n: tree["adaptive_conditioner"][n] for n in names}
-    return jax.jit(functools.partial(pretrained.framepack_patchifiers, conditioner=sub(self.abstract_state.params),
+    return jax.jit(functools.partial(pretrained.framepack_patchifiers, conditioner=sub(self.program.abstract_state.params),
                                      latent_channels=self.system.model.latent_channels),
-                   out_shardings=sub(self.state_shardings.params))(patch_embedding)
+                   out_shardings=sub(self.program.state_shardings.params))(patch_embedding)
 
   def _init_leaving_out(self, rng: jax.Array, names) -> TrainState:
     """The state from one compiled, sharded init, without the parameter collections in ``names`` (their random
     initialisation is left out of the compiled program; the caller restores them)."""
-    shardings = self.state_shardings.replace(
-        params={k: v for k, v in self.state_shardings.params.items() if k not in names})
+    shardings = self.program.state_shardings.replace(
+        params={k: v for k, v in self.program.state_shardings.params.items() if k not in names})
 
     def init(r):
-      state = sharding.strip_boxes(self._init_fn(r))
+      state = sharding.strip_boxes(init_train_state(self.system, self.config, r))
       return state.replace(params={k: v for k, v in state.params.items() if k not in names})
 
     with sharding.use_mesh(self.mesh, self.config):
@@ -303,10 +292,10 @@ class Trainer:
   def step(self, state: TrainState, local_batch: dict) -> tuple[TrainState, dict]:
     batch = sharding.host_local_to_global(local_batch, self.mesh, self.config)
     with sharding.use_mesh(self.mesh, self.config):
-      return self._step(state, batch)
+      return self.program.step(state, batch, self.enc)
 
   def dataset(self):
-    return pipeline.make_train_dataset(self.config, warmup_steps=dc_warmup_steps(self.config),
+    return pipeline.make_train_dataset(self.config, warmup_steps=objective.dc_warmup_steps(self.config),
                                        process_index=jax.process_index(), process_count=jax.process_count(),
                                        tokenizer=self.system.tokenizer)
 
@@ -321,11 +310,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mngr = checkpoints.checkpoint_manager(workdir, config)
   latest = mngr.latest_step()
   if latest is not None:  # the workdir wins: config.pretrained only seeds a fresh start
-    state = checkpoints.restore_checkpoint(mngr, latest, trainer.abstract_state, data_iter)
+    state = checkpoints.restore_checkpoint(mngr, latest, trainer.program.abstract_state, data_iter)
     logging.info("Resumed from step %d in %s", latest, workdir)
   else:
     state = trainer.init_state()
-    if config.get("pretrained", ""):
+    if config.pretrained:
       logging.info("Fresh start from the converted weights in %s", config.pretrained)
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
   start = int(jax.device_get(state.step))
@@ -345,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   metrics_acc = []
   # MFU from the analytic model FLOPs (context tokens included; onestory_jax/flops.py) and the chip's peak.
   model_flops = flops.step_flops(config).model_flops
-  chip = flops.chip_of(jax.devices()[0].device_kind)
+  chip = chips.of_device_kind(jax.devices()[0].device_kind)
   last_log = (start, time.perf_counter())
   for step in range(start + 1, total + 1):
     batch = next(data_iter)
@@ -362,13 +351,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       m = jax.device_get(metrics_acc)
       scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
       scalars["lr"] = float(learning_rate(config, config.optim.lr)(step))
-      scalars["dc_warmup"] = float(step <= dc_warmup_steps(config))
+      scalars["dc_warmup"] = float(step <= objective.dc_warmup_steps(config))
       now = time.perf_counter()
       step_time = (now - last_log[1]) / max(step - last_log[0], 1)
       last_log = (step, now)
       scalars["model_tflops_per_s"] = model_flops / step_time / 1e12
       if chip is not None:
-        scalars["mfu"] = flops.mfu(model_flops, step_time, jax.device_count(), chip)
+        scalars["mfu"] = flops.mfu(model_flops, step_time, jax.device_count(), chip.name)
       writer.write_scalars(step, scalars)
       metrics_acc = []
     if step % config.checkpoint_every_steps == 0 or step == total:

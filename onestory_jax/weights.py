@@ -106,6 +106,21 @@ class TensorInfo:
     return math.prod(self.shape) * self.dtype.itemsize
 
 
+def positive_int_fields(cfg: Mapping[str, Any], fields: Mapping[str, str], what: str) -> dict[str, int]:
+  """``{ours: cfg[theirs]}`` for the size fields of a release's ``config.json``.
+
+  Raises:
+    ValueError: a field is missing or not a positive int (``what`` names the config in the message).
+  """
+  out = {}
+  for ours, theirs in fields.items():
+    value = cfg.get(theirs)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{what}: field {theirs!r} must be a positive int, got {value!r}")
+    out[ours] = value
+  return out
+
+
 def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
   """The tensors of one ``.safetensors`` file (name -> :class:`TensorInfo`), from its header only."""
   size = os.path.getsize(path)

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import AxisType
 
 from onestory_jax.models import attention
-from onestory_jax.models import wan_dit
+from onestory_jax.models.wan import dit as wan_dit
 from tests.helpers import load_config
 
 B, L, LT, H, D = 2, 80, 40, 4, 16

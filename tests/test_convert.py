@@ -23,7 +23,7 @@ import torch
 from onestory_jax import convert
 from onestory_jax import sharding
 from onestory_jax import weights
-from onestory_jax.models import wan_dit
+from onestory_jax.models.wan import dit as wan_dit
 from tests.helpers import load_config
 from tests.helpers import ROOT
 from tests.test_parity_wan_dit import DIM

@@ -36,8 +36,7 @@ def test_shipped_frame_selection_finds_the_recalled_character():
   """On insert-and-recall stories with ground-truth memory, the best-scored frame shows the caption's character.
 
   Captions name a returning character only by its order and kind ("the same first round character"), so this needs
-  the shot encoding and the kind; the stage-4 selector, without the shot encoding, found it in 78-81% of recall
-  shots (seeds 100-195 and 5000-5047).
+  the shot encoding and the kind (README, "The shipped demo checkpoint", has the hit rates with and without it).
   """
   system, params, enc = checkpoints.load_for_sampling(None)
   f_lat = system.latent_shape[0]

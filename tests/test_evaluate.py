@@ -1,4 +1,4 @@
-"""Tests of the StoryWorld metrics (onestory_jax/evaluate.py)."""
+"""Tests of the StoryWorld metrics (onestory_jax/evaluate.py, onestory_jax/metrics/)."""
 import colorsys
 import copy
 import itertools
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from onestory_jax import evaluate
+from onestory_jax.metrics import shot_analysis
+from onestory_jax.metrics import storyworld_metrics
 from onestory_jax.data import storyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +55,7 @@ def _shared_shot(story: dict) -> tuple[int, int]:
 
 
 def test_srgb_to_lab_reference_values():
-  lab = evaluate.srgb_to_lab(np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0],
+  lab = shot_analysis.srgb_to_lab(np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0],
                                        [0.0, 0.0, 1.0]]))
   np.testing.assert_allclose(lab[0], [100.0, 0.0, 0.0], atol=0.02)
   np.testing.assert_allclose(lab[1], [0.0, 0.0, 0.0], atol=1e-9)
@@ -62,15 +64,15 @@ def test_srgb_to_lab_reference_values():
 
 
 def test_cluster_colours_finds_flat_colours_in_size_order():
-  red, green, blue = evaluate.srgb_to_lab(np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2],
+  red, green, blue = shot_analysis.srgb_to_lab(np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2],
                                                     [0.2, 0.3, 0.9]]))
   pixels = np.concatenate([np.repeat(red[None], 50, 0), np.repeat(green[None], 30, 0),
                            np.repeat(blue[None], 20, 0), (red + green)[None] / 2])  # one blend
-  centres, labels = evaluate.cluster_colours(pixels, merge_delta_e=10.0, max_clusters=8,
+  centres, labels = shot_analysis.cluster_colours(pixels, merge_delta_e=10.0, max_clusters=8,
                                              min_fraction=0.04)
   np.testing.assert_allclose(centres, np.stack([red, green, blue]), atol=1e-9)
   assert np.bincount(labels).tolist() in ([51, 30, 20], [50, 31, 20])
-  again = evaluate.cluster_colours(pixels[::-1].copy(), merge_delta_e=10.0, max_clusters=8,
+  again = shot_analysis.cluster_colours(pixels[::-1].copy(), merge_delta_e=10.0, max_clusters=8,
                                    min_fraction=0.04)
   np.testing.assert_allclose(again[0], centres)
 
@@ -83,7 +85,7 @@ def test_best_matching_equals_brute_force():
     best = max(sum(sim[r, c] for r, c in zip(rs, cs))
                for rs in itertools.combinations(range(rows), k)
                for cs in itertools.permutations(range(cols), k))
-    assert evaluate._best_matching(sim, n) == pytest.approx(best)
+    assert storyworld_metrics._best_matching(sim, n) == pytest.approx(best)
 
 
 def _moving_squares(colours, starts, step, t=8, size=5, hw=32, bg=(0.45, 0.42, 0.40)):
@@ -98,7 +100,7 @@ def _moving_squares(colours, starts, step, t=8, size=5, hw=32, bg=(0.45, 0.42, 0
 
 
 def test_analyze_shot_counts_and_tracks_a_moving_square():
-  shot = evaluate.analyze_shot(_moving_squares([(0.95, 0.2, 0.1)], [(10, 4)], (0, 1)))
+  shot = shot_analysis.analyze_shot(_moving_squares([(0.95, 0.2, 0.1)], [(10, 4)], (0, 1)))
   assert shot.count == 1 and shot.frame_counts.tolist() == [1] * 8
   assert shot.direction == "right"
   # Centroid of frames 6-7 minus frames 0-1: 6 px to the right.
@@ -107,31 +109,31 @@ def test_analyze_shot_counts_and_tracks_a_moving_square():
   assert len(good) == 1 and good[0].shape is not None
   np.testing.assert_allclose(good[0].shape, np.ones((4, 4)))  # a square fills its box
   assert shot.background_quality == 1.0 and shot.background_valid.all()
-  up = evaluate.analyze_shot(_moving_squares([(0.95, 0.2, 0.1)], [(20, 4)], (-1, 0)))
+  up = shot_analysis.analyze_shot(_moving_squares([(0.95, 0.2, 0.1)], [(20, 4)], (-1, 0)))
   assert up.direction == "up"
 
 
 def test_static_character_has_no_direction():
-  shot = evaluate.analyze_shot(_moving_squares([(0.2, 0.3, 0.95)], [(10, 10)], (0, 0)))
+  shot = shot_analysis.analyze_shot(_moving_squares([(0.2, 0.3, 0.95)], [(10, 10)], (0, 0)))
   assert shot.count == 1 and shot.direction is None
   assert shot.displacement == (0.0, 0.0)
 
 
 def test_same_coloured_characters_count_twice_and_match_both():
   red = (0.95, 0.2, 0.1)
-  two = evaluate.analyze_shot(_moving_squares([red, red], [(4, 2), (20, 2)], (0, 1)))
-  one = evaluate.analyze_shot(_moving_squares([red], [(4, 2)], (0, 1)))
+  two = shot_analysis.analyze_shot(_moving_squares([red, red], [(4, 2), (20, 2)], (0, 1)))
+  one = shot_analysis.analyze_shot(_moving_squares([red], [(4, 2)], (0, 1)))
   assert two.count == 2 and one.count == 1
   (cluster,) = [c for c in two.clusters if c.quality >= 0.5]
   assert cluster.multiplicity == 2
-  assert evaluate.character_pair_score(two, two, 2) == pytest.approx(1.0)
+  assert storyworld_metrics.character_pair_score(two, two, 2) == pytest.approx(1.0)
   # Only one of the two shared characters has a counterpart in `one`.
-  assert evaluate.character_pair_score(two, one, 2) == pytest.approx(0.5)
+  assert storyworld_metrics.character_pair_score(two, one, 2) == pytest.approx(0.5)
 
 
 def test_touching_characters_of_different_colours_are_two_entities():
   frames = _moving_squares([(0.95, 0.2, 0.1), (0.2, 0.3, 0.95)], [(10, 2), (10, 7)], (0, 1))
-  assert evaluate.analyze_shot(frames).count == 2
+  assert shot_analysis.analyze_shot(frames).count == 2
 
 
 # ----------------------------------------------------------------------------- story metrics
@@ -252,8 +254,8 @@ def test_noise_mosaic_from_a_few_colours_scores_low_c_cons(recall):
   palette = np.round(np.asarray(muted + vivid) * 255).astype(np.uint8)
   mosaic = [_palette_mosaic(f.shape, palette, rng) for f in frames]
   m = evaluate.evaluate_story(story, mosaic)
-  analyses = [evaluate.analyze_shot(f) for f in mosaic]
-  matched = [evaluate.character_pair_score(analyses[i], analyses[j], len(p["shared"]))
+  analyses = [shot_analysis.analyze_shot(f) for f in mosaic]
+  matched = [storyworld_metrics.character_pair_score(analyses[i], analyses[j], len(p["shared"]))
              for p in m["character_pairs"] for i, j in [p["shots"]]]
   assert np.mean(matched) > 0.9  # the colours alone match ...
   assert m["character_consistency"] < 0.15  # ... but 10+ entities per shot are clutter
@@ -382,6 +384,26 @@ def test_load_samples_errors(tmp_path, recall):
     evaluate.load_samples(str(tmp_path), 3)
   with pytest.raises(ValueError, match=r"unexpected keys \['shot_2'\]"):
     evaluate.load_samples(str(tmp_path), 1)
+
+
+def test_metric_registry(recall, recall_metrics, monkeypatch):
+  from onestory_jax import metrics  # pylint: disable=g-import-not-at-top
+  assert metrics.names() == ("character_consistency", "environment_consistency", "inter_avg",
+                             "direction_accuracy", "count_accuracy")
+  assert list(recall_metrics)[:5] == list(metrics.names())
+  assert metrics.get("inter_avg") is storyworld_metrics.inter_avg
+  with pytest.raises(ValueError, match="unknown metric"):
+    metrics.get("fvd")
+  with pytest.raises(ValueError, match="already registered"):
+    metrics.register_metric("inter_avg", lambda ev: 0.0)
+
+  def shots_shown(ev):
+    return float(len(ev.frames)) if ev.analyses else None
+
+  monkeypatch.setitem(metrics.METRICS, "shots_shown", shots_shown)
+  m = evaluate.evaluate_story(*recall)
+  assert m["shots_shown"] == 5.0
+  assert {k: v for k, v in m.items() if k != "shots_shown"} == recall_metrics
 
 
 # ----------------------------------------------------------------------------- CLI

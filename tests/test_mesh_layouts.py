@@ -1,4 +1,4 @@
-"""Train steps of the tiny config under every mesh layout equal the same steps on one device (issue 4, section 6).
+"""Train steps of the tiny config under every mesh layout equal the same steps on one device.
 
 Each layout builds an ``onestory_jax.trainer.Trainer`` on 8 simulated CPU devices (``config.mesh.shape`` =
 (data, fsdp, context, tensor)): data parallel (8,1,1,1), FSDP (1,8,1,1), FSDP + tensor (2,2,1,2), and context
@@ -49,7 +49,7 @@ def _config(shape):
 def _random_state(trainer, seed=0):
   """Host arrays shaped like ``trainer``'s state: random parameters, zero optimiser moments."""
   rng = np.random.default_rng(seed)
-  abstract = trainer.abstract_state
+  abstract = trainer.program.abstract_state
 
   def param(path, a):
     name = jax.tree_util.keystr(path[-1:])
@@ -73,17 +73,17 @@ def _build(shape, devices=None):
 
 
 def _lower(trainer, host_state, rng_data, batches):
-  state = jax.device_put(host_state.replace(rng=jax.random.wrap_key_data(rng_data)), trainer.state_shardings)
+  state = jax.device_put(host_state.replace(rng=jax.random.wrap_key_data(rng_data)), trainer.program.state_shardings)
   batches = [sharding.host_local_to_global(b, trainer.mesh, trainer.config) for b in batches]
   with sharding.use_mesh(trainer.mesh, trainer.config):
-    lowered = trainer._step.lower(state, batches[0])  # pylint: disable=protected-access
-  return lowered, state, batches
+    lowered = trainer.program.step.lower(state, batches[0], trainer.enc)
+  return lowered, state, batches, trainer.enc
 
 
-def _run(compiled, state, batches):
+def _run(compiled, state, batches, enc):
   metrics = []
   for batch in batches:
-    state, m = compiled(state, batch)
+    state, m = compiled(state, batch, enc)
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics
 
@@ -145,7 +145,7 @@ def test_steps_really_train_and_shard(runs):
   assert np.mean(everything > 1e-5) > 0.8 and everything.max() < 1e-2
   assert all(max(m) > 1e-4 for m in moved.values()), {k: max(m) for k, m in moved.items()}
   assert all(np.isfinite(float(m["loss"])) for m in metrics)
-  q_kernel = lambda name: tuple(trainers[name].state_shardings.params["dit"]["blocks_0"]["attn1"]["to_q"]["kernel"].spec)
+  q_kernel = lambda name: tuple(trainers[name].program.state_shardings.params["dit"]["blocks_0"]["attn1"]["to_q"]["kernel"].spec)
   assert q_kernel("fsdp") == q_kernel("fsdp_tensor") == ("fsdp", "tensor")  # (embed, heads)
   assert sharding.context_parallelism(trainers["context"].mesh, trainers["context"].config) == 4
   # Two DiT blocks, forward and backward: q, k, v and the output swapped in each self-attention.

@@ -1,6 +1,6 @@
 """Multi-host training on one machine: 2 JAX processes on 127.0.0.1, a checkpoint, a resume on other meshes.
 
-Issue 4, section 4. Every process runs the real entry point (``onestory_jax.train.main`` through
+Every process runs the real entry point (``onestory_jax.train.main`` through
 tests/multihost_worker.py, which only records what it sees) under ``jax.distributed``, started from
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` exactly as on a GPU cluster without a
 cluster manager (:mod:`onestory_jax.distributed`); collectives go over gloo. Each process simulates 2 CPU devices,
@@ -34,6 +34,7 @@ import pytest
 
 from onestory_jax import checkpoints
 from onestory_jax import distributed
+from onestory_jax import objective
 from onestory_jax import trainer as trainer_lib
 from onestory_jax.data import pipeline
 from tests.helpers import load_config
@@ -216,7 +217,7 @@ def test_one_process_restores_the_two_process_checkpoint(run_a):
   tr = trainer_lib.Trainer(config)
   mngr = checkpoints.checkpoint_manager(workdir, config)
   it = iter(tr.dataset())
-  state = checkpoints.restore_checkpoint(mngr, RESUME_FROM, tr.abstract_state, it)
+  state = checkpoints.restore_checkpoint(mngr, RESUME_FROM, tr.program.abstract_state, it)
   mngr.close()
   probe = state.params["dit"]["blocks_0"]["ffn"]["net_0"]["proj"]["kernel"]
   assert probe.sharding.shard_shape(probe.shape) == (4, 64)
@@ -229,7 +230,7 @@ def test_one_process_restores_the_two_process_checkpoint(run_a):
   # The next global batch holds the samples that the 2 processes would have loaded next, interleaved.
   batch = next(it)
   for p in range(NUM_PROCESSES):
-    ds = pipeline.make_train_dataset(config, warmup_steps=trainer_lib.dc_warmup_steps(config), process_index=p,
+    ds = pipeline.make_train_dataset(config, warmup_steps=objective.dc_warmup_steps(config), process_index=p,
                                      process_count=NUM_PROCESSES, tokenizer=tr.system.tokenizer)
     local = next(itertools.islice(iter(ds), RESUME_FROM, None))
     for k in batch:

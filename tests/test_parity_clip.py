@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from onestory_jax.models import clip_vision as cv
+from onestory_jax.models.wan import clip as cv
 from onestory_jax.models import image_encoder as ie_lib
 
 F32_TOL = 1e-5

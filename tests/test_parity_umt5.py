@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
 from onestory_jax.data import tokenizer as tk
-from onestory_jax.models import text_encoder as te
+from onestory_jax.models.wan import umt5 as te
 
 F32_TOL = 1e-5
 BF16_TOL = 3e-2

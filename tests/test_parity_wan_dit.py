@@ -1,4 +1,4 @@
-"""Numerical parity of the Wan DiT port with diffusers' ``WanTransformer3DModel`` (issue 3, section 4).
+"""Numerical parity of the Wan DiT port with diffusers' ``WanTransformer3DModel``.
 
 Each test builds a tiny random reference in-process (2 layers, 2 heads of width 16, FFN 64), saves it as safetensors
 in the published layout (``transformer/config.json`` + ``diffusion_pytorch_model.safetensors``), converts it with
@@ -12,11 +12,17 @@ Relative error is ``max|ours - reference| / max|reference|`` over the whole outp
   measured on these models).
 
 Latents are 3 x 4 x 6 (several frames, non-square), batch 2 with a different timestep per sample.
+
+Large timesteps: the features ``t * freqs`` reach ``t`` radians, so one ulp in a frequency moves them by ~1e-5 at
+t = 999. The timestep frequency table is checked entry by entry against diffusers' (float32, PyTorch's ``exp``),
+and T2V models with 5 heads of 12 and frequency dimensions 16 and 24 are compared at t = 3, 999 and 1000.
 """
 import json
+import math
 import os
 
 import diffusers
+from diffusers.models.embeddings import get_timestep_embedding
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +31,7 @@ import torch
 
 from onestory_jax import convert
 from onestory_jax import weights
-from onestory_jax.models import wan_dit
+from onestory_jax.models.wan import dit as wan_dit
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -37,6 +43,7 @@ LATENT = (3, 4, 6)  # latent frames, height, width
 TOKENS = LATENT[0] * (LATENT[1] // 2) * (LATENT[2] // 2)
 B = 2
 I2V_TEXT_LEN = 512  # diffusers' Wan attention assumes exactly 512 text tokens when image cross-attention is on
+LARGE_T_FREQS = (16, 24)  # timestep frequency dimensions (freq_dim) of the large-timestep parity tests
 
 
 def rel_err(ours, ref) -> float:
@@ -111,6 +118,15 @@ def i2v(tmp_path_factory):
   return ref, model, params, jax_fn(model), tmp
 
 
+@pytest.fixture(scope="module", params=LARGE_T_FREQS, ids=lambda f: f"freq{f}")
+def t2v_5x12(request, tmp_path_factory):
+  """T2V with 5 heads of 12 (head_dim 12: 3D RoPE splits it 4/4/4) and the timestep frequency dimension given."""
+  ref = reference(3, num_attention_heads=5, attention_head_dim=12, freq_dim=request.param)
+  model, params = convert_and_load(ref, str(tmp_path_factory.mktemp(f"t2v_5x12_freq{request.param}")))
+  assert model.freq_dim == request.param and model.head_dim == 12
+  return ref, model, params, jax_fn(model)
+
+
 @pytest.fixture(scope="module")
 def ti2v(tmp_path_factory):
   ref = reference(2)
@@ -128,6 +144,44 @@ def test_t2v_parity(t2v):
   assert rel_err(fwd(params, x, t, text), expected) <= F32_TOL
   # The two samples have different timesteps and inputs: the comparison is not between constants.
   assert rel_err(expected[1], expected[0]) > 0.1
+
+
+def _torch_timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+  """The frequency table of diffusers' ``get_timestep_embedding`` (downscale_freq_shift=0, as Wan), line by line."""
+  half = dim // 2
+  exponent = -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32)
+  return torch.exp(exponent / (half - 0)).numpy()
+
+
+def test_timestep_frequencies_equal_the_reference_table():
+  for dim in LARGE_T_FREQS + (8, 32):
+    np.testing.assert_array_equal(wan_dit.timestep_frequencies(dim), _torch_timestep_frequencies(dim),
+                                  err_msg=f"dim {dim}")
+  # Ours is the float32 rounding of the exact exponential; PyTorch's float32 exp is 1-ulp accurate, not always
+  # correctly rounded, so some widths differ in a few entries (22 and 26 in one, Wan's 256 in 3 of 128), by one
+  # ulp and never more.
+  for dim in range(2, 1026, 2):
+    ours, ref = wan_dit.timestep_frequencies(dim), _torch_timestep_frequencies(dim)
+    ulps = np.abs(ours.view(np.int32).astype(np.int64) - ref.view(np.int32))
+    assert ulps.max() <= 1, (dim, ulps)
+
+
+@pytest.mark.parametrize("dim", LARGE_T_FREQS + (256,))
+def test_timestep_features_match_diffusers_at_large_timesteps(dim):
+  t = np.asarray([0.0, 1.0, 3.0, 37.5, 500.0, 999.0, 1000.0], np.float32)
+  ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
+  ours = np.asarray(wan_dit.timestep_embedding(jnp.asarray(t), dim))
+  # Identical frequency tables leave only sin / cos rounding (one float32 ulp of the features); 256 has the
+  # reference's three off-by-one-ulp frequencies, each worth t * ulp(freq) ~ 2e-5 at t = 999.
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-7 if dim <= 32 else 5e-5)
+
+
+@pytest.mark.parametrize("t", (3.0, 999.0, 1000.0))
+def test_t2v_parity_at_small_and_large_timesteps(t2v_5x12, t):
+  ref, _, params, fwd = t2v_5x12
+  x, _, text, _ = make_inputs(7, in_channels=Z, text_len=7)
+  ts = np.asarray([t, t], np.float32)
+  assert rel_err(fwd(params, x, ts, text), run_ref(ref, x, ts, text)) <= F32_TOL
 
 
 def test_i2v_parity_with_timestep_text_and_image_conditioning(i2v):

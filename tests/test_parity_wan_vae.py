@@ -1,4 +1,4 @@
-"""Numerical parity of the Flax Wan VAE (onestory_jax/models/wan_vae.py) with diffusers' AutoencoderKLWan.
+"""Numerical parity of the Flax Wan VAE (onestory_jax/models/wan/vae.py) with diffusers' AutoencoderKLWan.
 
 Tiny random reference VAEs in both published layouts (Wan2.1: plain down / up blocks; Wan2.2: residual blocks and a
 2x2 pixel patchify) are built from config objects, saved with ``save_pretrained(safe_serialization=True)`` and
@@ -26,7 +26,7 @@ import safetensors.numpy
 import torch
 from diffusers import AutoencoderKLWan
 
-from onestory_jax.models import wan_vae
+from onestory_jax.models.wan import vae as wan_vae
 
 TOL_F32 = 1e-5
 TOL_BF16_ENCODE = 3e-2

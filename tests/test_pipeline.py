@@ -8,6 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from onestory_jax.data import pipeline
+from onestory_jax.data import sources
+from onestory_jax.data import storyworld_sources
 from onestory_jax.data import storyworld as sw
 from onestory_jax.data import tokenizer as tk
 
@@ -35,9 +37,7 @@ def _take(ds, n):
 
 
 def _story_of(config, index):
-  cfg = sw.StoryWorldConfig(config.data.height, config.data.width,
-                            config.data.frames_per_shot, config.data.min_shots,
-                            config.data.max_shots)
+  cfg = sw.StoryWorldConfig.from_config(config.data)
   return sw.generate_story(sw.story_seed(config.seed, int(index)), cfg=cfg)
 
 
@@ -226,3 +226,61 @@ def test_bad_configs_raise():
     pipeline.make_train_dataset(_config(p_insert=1.5), warmup_steps=0)
   with pytest.raises(ValueError, match=">= 2 stories"):
     pipeline.make_train_dataset(_config(num_train_stories=1), warmup_steps=0)
+
+
+def test_batches_follow_batch_spec():
+  config = _config(batch_size=4)
+  spec = pipeline.batch_spec(config)
+  (batch,) = _take(pipeline.make_train_dataset(config, warmup_steps=0), 1)
+  assert set(batch) == set(spec)
+  for key, (shape, dtype) in spec.items():
+    assert batch[key].shape == shape and batch[key].dtype == dtype, key
+  (local,) = _take(pipeline.make_train_dataset(config, warmup_steps=0, process_count=2), 1)
+  assert {k: v.shape for k, v in local.items()} == {k: (2,) + s[1:] for k, (s, _) in spec.items()}
+
+
+def test_sources_registry():
+  assert {"on_the_fly", "tfds"} <= set(sources.available_sources())
+  assert sources.SOURCES["on_the_fly"] is storyworld_sources.on_the_fly_source
+  stories = sources.make_story_source(_config())
+  assert isinstance(stories, sources.StorySource) and len(stories) == 100_000
+  with pytest.raises(ValueError, match=r"config.data.source must be one of \(.*'on_the_fly'.*'tfds'.*\), "
+                                       r"got 's3'"):
+    sources.make_story_source(_config(source="s3"))
+  sources.register_source("on_the_fly", storyworld_sources.on_the_fly_source)  # same factory: no-op
+  with pytest.raises(ValueError, match="already registered"):
+    sources.register_source("on_the_fly", lambda config: None)
+
+
+class _ConstantLabels(storyworld_sources.ProceduralStories):
+  """StoryWorld stories whose memory shots all get the pseudo-label 0.5."""
+
+  def pseudo_labels(self, story, memory_shots, target):
+    return np.full(len(memory_shots), 0.5, np.float32)
+
+
+def test_a_registered_source_drives_the_sampler(monkeypatch):
+  def factory(config):
+    return _ConstantLabels(sw.StoryWorldConfig.from_config(config.data), config.seed, 10)
+  monkeypatch.setitem(sources.SOURCES, "constant", factory)
+  config = _config(source="constant", p_inflate=0.0)
+  (batch,) = _take(pipeline.make_train_dataset(config, warmup_steps=0), 1)
+  assert np.all(batch["story"] < 10)
+  real = ~batch["synthetic"]
+  assert real.sum() >= 3 and np.all(batch["sel_labels"][real] == 0.5)
+  monkeypatch.setitem(sources.SOURCES, "not_a_source", lambda config: [1, 2])
+  with pytest.raises(TypeError, match="StorySource"):
+    pipeline.make_train_dataset(_config(source="not_a_source"), warmup_steps=0)
+
+
+def test_sampler_checks_the_layout():
+  config = _config()
+  stories = sources.make_story_source(config)
+  spec = pipeline.TripletSpec(seed=0, shuffle_seed=0, global_batch=8, warmup_steps=0,
+                              p_inflate=0.0, p_insert=0.5, p_syn_second=0.5)
+  tokenizer = tk.storyworld_tokenizer(config.data.text_len)
+  sample = pipeline.TripletSampler(spec, stories, tokenizer, pipeline.example_spec(config))(0, 3)
+  assert {k: (v.shape, v.dtype) for k, v in sample.items()} == pipeline.example_spec(config)
+  wrong = pipeline.example_spec(_config(height=16))
+  with pytest.raises(ValueError, match="'frames' has shape"):
+    pipeline.TripletSampler(spec, stories, tokenizer, wrong)(0, 3)

@@ -344,6 +344,20 @@ def test_example_story_files(pattern):
     assert isinstance(shot["characters"], list) and isinstance(shot["environment"], int)
 
 
+def test_config_from_experiment_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  data = ml_collections.ConfigDict({"height": 16, "width": 24, "frames_per_shot": 4,
+                                    "min_shots": 3, "max_shots": 5, "batch_size": 8})
+  assert sw.StoryWorldConfig.from_config(data) == sw.StoryWorldConfig(16, 24, 4, 3, 5)
+  assert sw.StoryWorldConfig.from_config(data, min_shots=3, max_shots=3).max_shots == 3
+  old = ml_collections.ConfigDict({"height": 16, "width": 16, "frames_per_shot": 4})  # no shot range
+  assert sw.StoryWorldConfig.from_config(old) == sw.StoryWorldConfig(16, 16, 4)
+  with pytest.raises(ValueError, match="unknown fields"):
+    sw.StoryWorldConfig.from_config(data, shots=3)
+  with pytest.raises(ValueError, match="height"):
+    sw.StoryWorldConfig.from_config(data, height=4)
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 

@@ -1,4 +1,4 @@
-"""Tests for the T5-style text encoder (models/text_encoder.py)."""
+"""Tests for the T5-style text encoder (models/wan/umt5.py)."""
 import math
 
 import flax.linen as nn
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import onestory
-from onestory_jax.models import text_encoder as te
+from onestory_jax.models.wan import umt5 as te
 
 VOCAB, D, LAYERS, HEADS, FF, BUCKETS, MAXDIST = 40, 16, 2, 4, 32, 8, 20
 

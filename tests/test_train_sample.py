@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from onestory_jax import checkpoints
+from onestory_jax import objective
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
 from onestory_jax import trainer as trainer_lib
@@ -61,7 +62,7 @@ def test_resume_gives_identical_next_batch_and_loss(trained):
 
   def restored_step():
     it = iter(tr.dataset())
-    state = checkpoints.restore_checkpoint(mngr, 2, tr.abstract_state, it)
+    state = checkpoints.restore_checkpoint(mngr, 2, tr.program.abstract_state, it)
     batch = next(it)
     _, metrics = tr.step(state, batch)
     return batch, jax.device_get(metrics)
@@ -85,7 +86,7 @@ def test_loss_weight_t_reweights_only_l_shot(trained):
   for weight_t in (0.0, 0.5):
     tr = trainer_lib.Trainer(_config(**{"flow.loss_weight_t": weight_t}))
     batch = next(iter(tr.dataset()))
-    _, metrics[weight_t] = jax.jit(lambda p, b, tr=tr: trainer_lib.loss_fn(
+    _, metrics[weight_t] = jax.jit(lambda p, b, tr=tr: objective.loss_fn(
         p, tr.system, tr.enc, b, jax.random.key(3), jax.numpy.asarray(STEPS)))(params, batch)
   assert float(metrics[0.5]["l_sel"]) == float(metrics[0.0]["l_sel"])
   assert 0.0 < float(metrics[0.5]["l_shot"]) < float(metrics[0.0]["l_shot"])
@@ -221,7 +222,7 @@ def test_init_params_fine_tunes_from_an_export(trained, tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))
   dit = state.params["dit"]["patch_embedding"]["kernel"]
-  assert dit.sharding == tr.state_shardings.params["dit"]["patch_embedding"]["kernel"]
+  assert dit.sharding == tr.program.state_shardings.params["dit"]["patch_embedding"]["kernel"]
   # A run whose model differs gets every differing parameter named, before anything trains.
   with pytest.raises(ValueError, match=r"does not fit the run's model \(1 difference;.*\n  \['frame_selection'\]"
                      r"\['queries'\]: export has shape \(4, 32\), the run's model \(6, 32\)"):
@@ -252,7 +253,7 @@ def test_init_params_can_change_the_conditioner_kernels(trained, tmp_path):
   np.testing.assert_allclose(new["patchifier_1"]["kernel"], np.concatenate([base, base], axis=2) / 2, rtol=1e-6)
   np.testing.assert_array_equal(new["patchifier_1"]["bias"], pe["bias"])
   kernel = state.params["adaptive_conditioner"]["patchifier_1"]["kernel"]
-  assert kernel.sharding == tr.state_shardings.params["adaptive_conditioner"]["patchifier_1"]["kernel"]
+  assert kernel.sharding == tr.program.state_shardings.params["adaptive_conditioner"]["patchifier_1"]["kernel"]
   for a, b in zip(jax.tree.leaves(params["dit"]), jax.tree.leaves(state.params["dit"])):
     np.testing.assert_array_equal(a, np.asarray(b))
   # Dropping a kernel keeps the others, whatever their new index.

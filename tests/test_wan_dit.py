@@ -1,4 +1,4 @@
-"""Tests for the Wan2.1 DiT (onestory_jax/models/wan_dit.py) and its 3D RoPE (rope.py)."""
+"""Tests for the Wan2.1 DiT (onestory_jax/models/wan/dit.py) and its 3D RoPE (wan/rope.py)."""
 import math
 
 import flax.linen as nn
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import onestory
-from onestory_jax.models import rope
-from onestory_jax.models import wan_dit
+from onestory_jax.models.wan import dit as wan_dit
+from onestory_jax.models.wan import rope
 
 C_IN, C_OUT, TEXT_DIM, IMAGE_DIM = 4, 3, 8, 6
 DIM, FFN, HEADS, LAYERS, FREQ = 32, 64, 2, 2, 16

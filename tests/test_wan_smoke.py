@@ -1,4 +1,4 @@
-"""Smoke test of issue 3, section 5: convert, train and sample on weights in the published Wan format.
+"""Smoke test of published weights: convert, train and sample on weights in the published Wan format.
 
 A tiny random Wan2.1-I2V release is built in-process in the diffusers layout: ``transformer/`` (a
 ``WanTransformer3DModel`` with the I2V image branch, saved in several shards), ``vae/`` (an ``AutoencoderKLWan`` with
@@ -36,13 +36,14 @@ from onestory_jax import sampler
 from onestory_jax import story as story_lib
 from onestory_jax import trainer as trainer_lib
 from onestory_jax import video_io
-from onestory_jax.data import pipeline
+from onestory_jax import weights
+from onestory_jax.data import sources
 from onestory_jax.data import storyworld
 from onestory_jax.models import adaptive_conditioner as ac
-from onestory_jax.models import clip_vision
-from onestory_jax.models import text_encoder as te
-from onestory_jax.models import wan_dit
-from onestory_jax.models import wan_vae
+from onestory_jax.models.wan import clip as clip_vision
+from onestory_jax.models.wan import dit as wan_dit
+from onestory_jax.models.wan import umt5 as te
+from onestory_jax.models.wan import vae as wan_vae
 from tests.helpers import load_config
 
 # Tiny sizes; the structure (channels 16 + 4 + 16, stride 4x8x8, image tokens through added k/v) is Wan2.1-I2V's.
@@ -283,7 +284,7 @@ def test_training_runs_with_finite_loss(trained):
 def test_training_batches_use_the_release_tokenizer(converted, trained):
   """Real text encoding in training: caption tokens come from the release's umT5 tokenizer (EOS-terminated)."""
   config = tiny_config("wan21_i2v_14b_480p", converted[0])
-  stories = pipeline.make_story_source(config)
+  stories = sources.make_story_source(config)
   tok = trained["tokenizer"]
   for batch in trained["batches"][:1]:
     for tokens, index in zip(batch["tokens"], batch["story"]):
@@ -328,7 +329,7 @@ def test_mismatched_conversions_are_explained(converted):
 # ----------------------------------------------------------------------------- sample
 
 
-def test_sample_a_two_shot_story(trained, tmp_path):
+def test_sample_a_two_shot_story(trained, tmp_path, monkeypatch):
   """I2MSV from the workdir: start image -> shot 1; shot 2 selects from shot 1's real VAE latents."""
   cfg = storyworld.StoryWorldConfig(height=HW, width=HW, frames_per_shot=FRAMES)
   story_raw = storyworld.generate_story(11, "consistency", cfg, num_shots=2)
@@ -337,7 +338,12 @@ def test_sample_a_two_shot_story(trained, tmp_path):
       {"shots": [{"caption": s["caption"]} for s in story_raw["shots"]], "start_image": "start.png"}))
   story = story_lib.load_story(str(tmp_path / "story.json"))
 
+  loads = []
+  load_converted = weights.load_converted
+  monkeypatch.setattr(weights, "load_converted", lambda dst, component, *a, **k: loads.append(component) or
+                      load_converted(dst, component, *a, **k))
   system, params, enc = checkpoints.load_for_sampling(trained["workdir"])
+  assert sorted(loads) == ["image_encoder", "vae"]  # each frozen encoder read once; the DiT from the workdir
   assert system.latent_shape == (2, HW // 8, HW // 8, Z)  # Wan2.1 VAE: stride (4, 8, 8), 16 channels
   assert all(system.tokenizer.eos_id in row for row in system.tokenizer.encode(story.captions))  # umT5's
   for a, b in zip(jax.tree.leaves(trained["enc"]), jax.tree.leaves(jax.device_get(enc))):

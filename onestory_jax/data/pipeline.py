@@ -1,9 +1,13 @@
 """Grain training pipeline: 3-shot triplets with shot inflation (paper Sec. 4.4).
 
-Every training sample is a triplet (memory shot 0, memory shot 1, target):
+Stories come from the :class:`~onestory_jax.data.sources.StorySource` that
+``config.data.source`` names (:func:`sources.make_story_source`; StoryWorld's are
+'on_the_fly' and 'tfds'). Every training sample is a triplet (memory shot 0, memory
+shot 1, target):
 
 * real triplet (story with >= 3 shots): shots a < b < c drawn at random, target c;
-  pseudo-labels from the annotations (:func:`storyworld.pseudo_labels`).
+  pseudo-labels from the source (``source.pseudo_labels``; StoryWorld's come from the
+  annotations, :func:`storyworld.pseudo_labels`).
 * inflated triplet (probability ``p_inflate``; always for 2-shot stories and during the
   decoupled-conditioning warm-up): two shots a < b of the story (S_first, target) plus
   a synthetic shot S_syn, either cross-video insertion (probability ``p_insert``: a
@@ -19,7 +23,8 @@ seed, i])``. The training step of position i is ``i // global_batch``; positions
 step < warmup_steps are always inflated. Process p of P takes positions p, p+P, ... and
 batches them, so the P local batches of a step together form the global batch.
 
-Sample (one example; batches add a leading dim)::
+Sample (one example; batches add a leading dim), declared in code by :func:`example_spec`
+and, per global batch, :func:`batch_spec`::
 
   frames      uint8   [3, T, H, W, 3]  memory shot 0, memory shot 1, target
   tokens      int32   [text_len]       target caption
@@ -35,25 +40,19 @@ Sample (one example; batches add a leading dim)::
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 
-from onestory_jax.data import storyworld
+from onestory_jax.data import sources
 from onestory_jax.data import tokenizer as tokenizer_lib
+
+
 
 INSERTED_LABEL = -1.0
 AUGMENTED_LABEL = 0.0
-# Background read-ahead of the in-process iterator (override with config.data keys of
-# the same name).
-READ_THREADS = 2
-PREFETCH_BUFFER_SIZE = 8
-
-ShotReader = Callable[[int], np.ndarray]
-
 
 @dataclasses.dataclass(frozen=True)
 class TripletSpec:
@@ -65,37 +64,6 @@ class TripletSpec:
   p_inflate: float
   p_insert: float
   p_syn_second: float
-
-
-class ProceduralStories:
-  """Story index -> procedurally generated story; shots rendered on demand."""
-
-  def __init__(self, cfg: storyworld.StoryWorldConfig, base_seed: int, num_stories: int):
-    self.cfg = cfg
-    self.base_seed = int(base_seed)
-    self.num_stories = int(num_stories)
-
-  def __len__(self) -> int:
-    return self.num_stories
-
-  def record(self, index: int) -> tuple[dict[str, Any], ShotReader]:
-    story = storyworld.generate_story(storyworld.story_seed(self.base_seed, index),
-                                      cfg=self.cfg)
-    return story, functools.partial(storyworld.render_shot, story)
-
-
-class TfdsStories:
-  """Story index -> record of a built StoryWorld TFDS split."""
-
-  def __init__(self, source: Any):
-    self.source = source
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def record(self, index: int) -> tuple[dict[str, Any], ShotReader]:
-    item = self.source[index]
-    return item["story"], item["frames"].__getitem__
 
 
 def augment_shot(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -131,16 +99,26 @@ def augment_shot(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class TripletSampler:
-  """(global position, story index) -> one training sample (see module docstring)."""
+  """(global position, story index) -> one training sample (see module docstring).
 
-  def __init__(self, spec: TripletSpec, stories: Any,
-               tokenizer: tokenizer_lib.CaptionTokenizer):
+  Args:
+    spec: the sampling knobs.
+    stories: the story source.
+    tokenizer: the caption tokenizer.
+    layout: :func:`example_spec` of the config: the sample's fields are cast to its dtypes
+      and must have its shapes.
+  """
+
+  def __init__(self, spec: TripletSpec, stories: sources.StorySource,
+               tokenizer: tokenizer_lib.CaptionTokenizer,
+               layout: dict[str, tuple[tuple[int, ...], Any]]):
     if len(stories) < 2:
       raise ValueError(f"the story source needs >= 2 stories (cross-video insertion), "
                        f"got {len(stories)}")
     self.spec = spec
     self.stories = stories
     self.tokenizer = tokenizer
+    self.layout = dict(layout)
 
   def __call__(self, position: int, story_index: int) -> dict[str, np.ndarray]:
     spec = self.spec
@@ -154,14 +132,14 @@ class TripletSampler:
     if not inflate:
       a, b, c = (int(k) for k in np.sort(rng.choice(n, size=3, replace=False)))
       memory = [read_shot(a), read_shot(b)]
-      labels = storyworld.pseudo_labels(story, [a, b], c)
+      labels = self.stories.pseudo_labels(story, [a, b], c)
       real_first = [True, False]
       shots = [a, b]
       target = c
     else:
       first, target = (int(k) for k in np.sort(rng.choice(n, size=2, replace=False)))
       first_frames = read_shot(first)
-      first_label = float(storyworld.pseudo_labels(story, [first], target)[0])
+      first_label = float(self.stories.pseudo_labels(story, [first], target)[0])
       if rng.random() < spec.p_insert:
         other = int(rng.integers(len(self.stories) - 1))
         if other >= int(story_index):
@@ -182,45 +160,47 @@ class TripletSampler:
         shots = [syn_shot, first]
     frames = np.stack(memory + [read_shot(target)])
     tokens = self.tokenizer.encode([story["shots"][target]["caption"]])[0]
-    return {
-        "frames": frames.astype(np.uint8),
-        "tokens": tokens.astype(np.int32),
-        "sel_labels": np.asarray(labels, np.float32),
-        "real_first": np.asarray(real_first, bool),
-        "memory_shots": np.asarray(shots, np.int32),
-        "synthetic": np.asarray(inflate, bool),
-        "story": np.asarray(story_index, np.int32),
-    }
+    return self._conform({"frames": frames, "tokens": tokens, "sel_labels": labels,
+                          "real_first": real_first, "memory_shots": shots,
+                          "synthetic": inflate, "story": story_index})
+
+  def _conform(self, sample: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``sample`` cast to the layout's dtypes; raises if a shape differs from the layout."""
+    if set(sample) != set(self.layout):
+      raise AssertionError(f"TripletSampler fields {sorted(sample)} differ from example_spec "
+                           f"{sorted(self.layout)}")
+    out = {}
+    for name, (shape, dtype) in self.layout.items():
+      value = np.asarray(sample[name], dtype)
+      if value.shape != tuple(shape):
+        raise ValueError(f"training sample field {name!r} has shape {value.shape}, but the "
+                         f"batch layout (example_spec of config.data) wants {tuple(shape)}")
+      out[name] = value
+    return out
 
 
-def _story_config(data: ml_collections.ConfigDict) -> storyworld.StoryWorldConfig:
-  return storyworld.StoryWorldConfig(
-      height=int(data.height), width=int(data.width),
-      frames_per_shot=int(data.frames_per_shot), min_shots=int(data.min_shots),
-      max_shots=int(data.max_shots))
+def example_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Shape and dtype of each field of one training sample (the table of the module docstring).
+
+  The one declaration of the sample layout: :class:`TripletSampler` casts its output to these
+  dtypes and checks these shapes, and :func:`batch_spec` adds the batch dimension.
+  """
+  d = config.data
+  shot = (int(d.frames_per_shot), int(d.height), int(d.width), 3)
+  return {"frames": ((3,) + shot, np.uint8),
+          "tokens": ((int(d.text_len),), np.int32),
+          "sel_labels": ((2,), np.float32),
+          "real_first": ((2,), np.bool_),
+          "memory_shots": ((2,), np.int32),
+          "synthetic": ((), np.bool_),
+          "story": ((), np.int32)}
 
 
-def make_story_source(config: ml_collections.ConfigDict) -> Any:
-  """The story source selected by config.data.source ('on_the_fly' | 'tfds')."""
-  data = config.data
-  story_cfg = _story_config(data)
-  if data.source == "on_the_fly":
-    return ProceduralStories(story_cfg, int(config.seed), int(data.num_train_stories))
-  if data.source == "tfds":
-    if not data.tfds_data_dir:
-      raise ValueError("config.data.tfds_data_dir must be set when config.data.source "
-                       "is 'tfds'")
-    from onestory_jax.data import storyworld_tfds  # pylint: disable=g-import-not-at-top
-    source = storyworld_tfds.storyworld_data_source(
-        data.tfds_data_dir, "train", data.get("tfds_config", None))
-    shape = source.features_shape[1:]
-    want = (story_cfg.frames_per_shot, story_cfg.height, story_cfg.width, 3)
-    if shape != want:
-      raise ValueError(f"StoryWorld TFDS data in {data.tfds_data_dir!r} has shots of shape "
-                       f"{shape}, but config.data asks for (frames_per_shot, height, width, "
-                       f"3) = {want}")
-    return TfdsStories(source)
-  raise ValueError(f"config.data.source must be 'on_the_fly' or 'tfds', got {data.source!r}")
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Shape and dtype of each field of one global batch (config.data.batch_size samples) of
+  :func:`make_train_dataset`; a process's local batch has batch_size // process_count rows."""
+  b = int(config.data.batch_size)
+  return {k: ((b,) + shape, dtype) for k, (shape, dtype) in example_spec(config).items()}
 
 
 def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
@@ -256,16 +236,15 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
                      global_batch=global_batch, warmup_steps=int(warmup_steps),
                      p_inflate=float(data.p_inflate), p_insert=float(data.p_insert),
                      p_syn_second=float(data.p_syn_second))
-  stories = make_story_source(config)
+  stories = sources.make_story_source(config)
   tokenizer = tokenizer or tokenizer_lib.storyworld_tokenizer(int(data.text_len))
-  sampler = TripletSampler(spec, stories, tokenizer)
+  sampler = TripletSampler(spec, stories, tokenizer, example_spec(config))
   ds = grain.MapDataset.range(len(stories)).shuffle(seed=spec.shuffle_seed).repeat()
   ds = ds.map_with_index(sampler)
   ds = ds[process_index::process_count]
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
   read_options = grain.ReadOptions(
-      num_threads=int(data.get("read_threads", READ_THREADS)),
-      prefetch_buffer_size=int(data.get("prefetch_buffer_size", PREFETCH_BUFFER_SIZE)))
+      num_threads=int(data.read_threads), prefetch_buffer_size=int(data.prefetch_buffer_size))
   it = ds.to_iter_dataset(read_options)
   if int(data.worker_count) > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.worker_count)))

@@ -39,7 +39,7 @@ the annotations here; see :func:`pseudo_labels`.
 Export one story, or build the TFDS dataset::
 
   python -m onestory_jax.data.storyworld export --seed=3 --pattern=recall --out=/tmp/s3
-  python -m onestory_jax.data.storyworld build_tfds --data_dir=/data/tfds --config=demo
+  python -m onestory_jax.data.storyworld_tfds --data_dir=/data/tfds --config=demo
 """
 from __future__ import annotations
 
@@ -106,6 +106,24 @@ class StoryWorldConfig:
       raise ValueError("StoryWorldConfig needs 2 <= min_shots <= max_shots <= "
                        f"{MAX_SHOTS_LIMIT}, got min_shots={self.min_shots}, "
                        f"max_shots={self.max_shots}")
+
+  @classmethod
+  def from_config(cls, data: Any, **overrides: int) -> StoryWorldConfig:
+    """The story sizes of an experiment's ``config.data`` (or of anything with those attributes).
+
+    Reads the attributes named like this class's fields (height, width, frames_per_shot,
+    min_shots, max_shots); one that ``data`` lacks keeps its default (configs of older
+    checkpoints may lack min_shots and max_shots). ``overrides`` replace fields.
+    """
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"StoryWorldConfig.from_config: unknown fields {unknown}")
+    values = {}
+    for field in dataclasses.fields(cls):
+      value = overrides.get(field.name, getattr(data, field.name, None))
+      if value is not None:
+        values[field.name] = int(value)
+    return cls(**values)
 
 
 def story_seed(base_seed: int, index: int) -> int:
@@ -581,33 +599,22 @@ def _define_flags() -> None:
   flags.DEFINE_integer("width", 32, "export: frame width.")
   flags.DEFINE_integer("frames_per_shot", 8, "export: frames per shot.")
   flags.DEFINE_integer("max_shots", 6, "export: most shots per story.")
-  flags.DEFINE_string("data_dir", None, "build_tfds: TFDS data dir to build into.")
-  flags.DEFINE_string("config", "demo", "build_tfds: builder config (demo | tiny).")
 
 
 _USAGE = ("usage: python -m onestory_jax.data.storyworld export --seed=S "
           "--pattern=<consistency|recall|compose> --out=DIR [--num_shots=N]\n"
-          "       python -m onestory_jax.data.storyworld build_tfds --data_dir=DIR "
-          "[--config=demo|tiny]")
+          "(the TFDS build: python -m onestory_jax.data.storyworld_tfds --data_dir=DIR [--config=demo|tiny])")
 
 
 def _main(argv: Sequence[str]) -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
   command = list(argv[1:])
-  if command == ["build_tfds"]:
-    if not fl.data_dir:
-      raise app.UsageError("build_tfds needs --data_dir")
-    from onestory_jax.data import storyworld_tfds  # pylint: disable=g-import-not-at-top
-    storyworld_tfds.build(fl.data_dir, fl.config)
-    print(f"built StoryWorld ({fl.config}) into {fl.data_dir}")
-    return
   if command != ["export"]:
     raise app.UsageError(f"{_USAGE}\ngot arguments {command}")
   if not fl.out:
     raise app.UsageError("export needs --out")
-  cfg = StoryWorldConfig(height=fl.height, width=fl.width,
-                         frames_per_shot=fl.frames_per_shot, max_shots=fl.max_shots)
+  cfg = StoryWorldConfig.from_config(fl)  # the size flags (min_shots keeps its default)
   story = generate_story(fl.seed, fl.pattern, cfg, fl.num_shots)
   export_story(story, fl.out)
   print(f"wrote {len(story['shots'])} shots ({story['pattern']}) to {fl.out}")

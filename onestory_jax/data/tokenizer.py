@@ -97,14 +97,20 @@ class CaptionTokenizer:
   def unk_id(self) -> int | None:
     return self._tokenizer.token_to_id(UNK)
 
-  def encode(self, texts: Sequence[str]) -> np.ndarray:
-    """Token ids int32 [len(texts), max_len], truncated and padded with pad_id."""
+  def _checked(self, texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list; raises ValueError on one str or a non-str item."""
+    who = f"{type(self).__name__}.encode"
     if isinstance(texts, str):
-      raise ValueError("CaptionTokenizer.encode expects a sequence of strings, got one str")
+      raise ValueError(f"{who} expects a sequence of strings, got one str")
     texts = list(texts)
     for t in texts:
       if not isinstance(t, str):
-        raise ValueError(f"CaptionTokenizer.encode: every text must be a str, got {t!r}")
+        raise ValueError(f"{who}: every text must be a str, got {t!r}")
+    return texts
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    """Token ids int32 [len(texts), max_len], truncated and padded with pad_id."""
+    texts = self._checked(texts)
     out = np.full((len(texts), self._max_len), self._pad_id, dtype=np.int32)
     for i, enc in enumerate(self._tokenizer.encode_batch(texts)):
       ids = enc.ids[: self._max_len]
@@ -177,12 +183,7 @@ class UMT5Tokenizer(CaptionTokenizer):
 
   def encode_with_mask(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids int32 [N, max_len] and the attention mask bool [N, max_len]."""
-    if isinstance(texts, str):
-      raise ValueError("UMT5Tokenizer.encode expects a sequence of strings, got one str")
-    texts = list(texts)
-    for t in texts:
-      if not isinstance(t, str):
-        raise ValueError(f"UMT5Tokenizer.encode: every text must be a str, got {t!r}")
+    texts = self._checked(texts)
     if self._clean:
       texts = [clean_prompt(t) for t in texts]
     ids = np.full((len(texts), self._max_len), self._pad_id, dtype=np.int32)

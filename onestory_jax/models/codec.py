@@ -8,7 +8,7 @@ the 14B configuration differ only in the object that :func:`make_codec` returns:
 * ``space_to_depth`` (demo): :class:`SpaceToDepthCodec`, a lossless, parameter-free
   rearrangement of (t, h, w) blocks into channels. Decoding is the exact inverse.
 * ``wan_vae`` (real configs): :class:`WanVAECodec`, the causal Wan VAE (Wan2.1: stride (4, 8, 8), 16 channels;
-  Wan2.2: stride (4, 16, 16), 48 channels) of :mod:`onestory_jax.models.wan_vae`. Its latents are the normalised
+  Wan2.2: stride (4, 16, 16), 48 channels) of :mod:`onestory_jax.models.wan.vae`. Its latents are the normalised
   ones the Wan DiT works on, ``(mean - latents_mean) / latents_std``; T = 1 + 4k pixel frames give 1 + k latent
   frames (the first latent frame covers frame 0 alone).
 
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onestory_jax.models import wan_vae
+from onestory_jax.models.wan import vae as wan_vae
 
 Array = Any  # jax.Array or np.ndarray
 

@@ -27,15 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from onestory_jax.models import wan_dit
+from onestory_jax.models import layers
+from onestory_jax.models.wan import dit as wan_dit
 
 _NEG = -1e9
-
-
-def _dense(features: int, axes: tuple[str, str], name: str, dtype) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -49,18 +44,16 @@ class CrossAttentionBlock(nn.Module):
     h = nn.LayerNorm(dtype=jnp.float32, name="norm_q")(q)
     kvn = nn.LayerNorm(dtype=jnp.float32, name="norm_kv")(kv)
     heads = self.num_heads
-    qh = einops.rearrange(_dense(self.dim, ("embed", "heads"), "to_q", self.dtype)(h), "b l (h d) -> b l h d", h=heads)
-    kh = einops.rearrange(_dense(self.dim, ("embed", "heads"), "to_k", self.dtype)(kvn), "b l (h d) -> b l h d",
-                          h=heads)
-    vh = einops.rearrange(_dense(self.dim, ("embed", "heads"), "to_v", self.dtype)(kvn), "b l (h d) -> b l h d",
-                          h=heads)
+    proj = lambda name, x: einops.rearrange(  # noqa: E731
+        layers.dense(self.dim, ("embed", "heads"), name, self.dtype)(x), "b l (h d) -> b l h d", h=heads)
+    qh, kh, vh = proj("to_q", h), proj("to_k", kvn), proj("to_v", kvn)
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
     out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, implementation="xla")
     out = einops.rearrange(out, "b l h d -> b l (h d)")
-    q = q + _dense(self.dim, ("heads", "embed"), "to_out", self.dtype)(out)
+    q = q + layers.dense(self.dim, ("heads", "embed"), "to_out", self.dtype)(out)
     h = nn.LayerNorm(dtype=jnp.float32, name="norm_mlp")(q)
-    h = _dense(4 * self.dim, ("embed", "mlp"), "mlp_in", self.dtype)(h)
-    h = _dense(self.dim, ("mlp", "embed"), "mlp_out", self.dtype)(jax.nn.gelu(h))
+    h = layers.dense(4 * self.dim, ("embed", "mlp"), "mlp_in", self.dtype)(h)
+    h = layers.dense(self.dim, ("mlp", "embed"), "mlp_out", self.dtype)(jax.nn.gelu(h))
     return q + h
 
 
@@ -79,7 +72,7 @@ class MemoryProjector(nn.Module):
                       nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))(x)
       x = jax.nn.silu(x)
-    x = _dense(self.dim, ("conv_out", "embed"), "proj", self.dtype)(x)
+    x = layers.dense(self.dim, ("conv_out", "embed"), "proj", self.dtype)(x)
     return einops.rearrange(x, "(b f) h w d -> b f (h w) d", b=b, f=f)
 
 
@@ -115,7 +108,7 @@ class FrameSelection(nn.Module):
     queries = self.param("queries", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("queries", "embed")),
                          (self.num_queries, self.dim))
     q = jnp.broadcast_to(queries.astype(self.dtype), (b, self.num_queries, self.dim))
-    text_p = _dense(self.dim, (None, "embed"), "phi_t", self.dtype)(text)  # phi_T
+    text_p = layers.dense(self.dim, (None, "embed"), "phi_t", self.dtype)(text)  # phi_T
     q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="caption_attn")(q, text_p, text_mask)  # Eq. 3
 
     m1 = MemoryProjector(self.dim, self.dtype, name="phi_v")(memory)  # [B, F, n, D]
@@ -126,7 +119,7 @@ class FrameSelection(nn.Module):
     kv_mask = jnp.repeat(memory_mask, n, axis=1)
     q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="memory_attn")(q, kv, kv_mask)  # Eq. 4
 
-    frame_emb = _dense(self.dim, (None, "embed"), "phi_p", self.dtype)(jnp.mean(m1, axis=2))  # phi_P: [B, F, D]
+    frame_emb = layers.dense(self.dim, (None, "embed"), "phi_p", self.dtype)(jnp.mean(m1, axis=2))  # phi_P: [B, F, D]
     s = jnp.einsum("bfd,bqd->bfq", frame_emb.astype(jnp.float32), q.astype(jnp.float32)) / math.sqrt(self.dim)
     return jnp.mean(s, axis=-1)  # Eq. 5, S = F_mean(s)
 

@@ -11,7 +11,7 @@ picks the backend from ``config.image_encoder.name``:
 
 * ``patches`` (demo): :class:`PatchImageEncoder`, lossless, parameter-free pixel patches.
 * ``clip_vision`` (Wan2.1-I2V configs): :class:`CLIPImageEncoder`, the CLIP ViT-H/14 tower of
-  :mod:`onestory_jax.models.clip_vision` with CLIPImageProcessor's preprocessing; its tokens are
+  :mod:`onestory_jax.models.wan.clip` with CLIPImageProcessor's preprocessing; its tokens are
   the penultimate layer's hidden states, as in diffusers' ``WanImageToVideoPipeline.encode_image``.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
-from onestory_jax.models import clip_vision
+from onestory_jax.models.wan import clip as clip_vision
 
 Array = Any
 

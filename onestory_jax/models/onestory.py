@@ -19,8 +19,13 @@ import ml_collections
 
 from onestory_jax.models import adaptive_conditioner as ac
 from onestory_jax.models import frame_selection as fs
-from onestory_jax.models import text_encoder as te
-from onestory_jax.models import wan_dit
+from onestory_jax.models.wan import dit as wan_dit
+from onestory_jax.models.wan import umt5 as te
+
+
+def dit_in_channels(latent_channels: int, mask_channels: int, i2v: bool) -> int:
+  """Channels of the DiT's input ``X``: the noisy latent, plus (Wan2.1-I2V) the first-frame mask and latent."""
+  return latent_channels + (mask_channels + latent_channels if i2v else 0)
 
 
 class OneStory(nn.Module):
@@ -41,9 +46,12 @@ class OneStory(nn.Module):
     self.adaptive_conditioner = ac.AdaptiveConditioner(
         kernels=tuple(tuple(k) for k in c.conditioner.kernels), patch=tuple(c.model.patch_size), dim=c.model.dim,
         budget=self.budget, dtype=dtype)
-    in_ch = self.latent_channels + (self.mask_channels + self.latent_channels if c.model.i2v else 0)
-    self.dit = wan_dit.make_dit(c, in_channels=in_ch, out_channels=self.latent_channels,
+    self.dit = wan_dit.make_dit(c, in_channels=self.in_channels, out_channels=self.latent_channels,
                                 text_dim=te.text_dim(c), image_dim=self.image_dim if c.model.i2v else None)
+
+  @property
+  def in_channels(self) -> int:
+    return dit_in_channels(self.latent_channels, self.mask_channels, self.config.model.i2v)
 
   @property
   def budget(self) -> int:

@@ -13,7 +13,7 @@ features, which decode with numpy alone:
 
 Build (configs: ``demo`` 32x32x8, 2000/200 stories; ``tiny`` 16x16x4, 6/2 stories)::
 
-  python -m onestory_jax.data.storyworld build_tfds --data_dir=/data/tfds --config=demo
+  python -m onestory_jax.data.storyworld_tfds --data_dir=/data/tfds --config=demo
 
 Read: ``storyworld_data_source(data_dir, 'train')[k] -> {'story', 'frames', 'index'}``.
 """
@@ -46,9 +46,7 @@ class StoryWorldBuilderConfig(tfds.core.BuilderConfig):
   num_validation: int = 200
 
   def story_config(self) -> storyworld.StoryWorldConfig:
-    return storyworld.StoryWorldConfig(
-        height=self.height, width=self.width, frames_per_shot=self.frames_per_shot,
-        min_shots=self.min_shots, max_shots=self.max_shots)
+    return storyworld.StoryWorldConfig.from_config(self)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -179,7 +177,7 @@ def storyworld_data_source(data_dir: str, split: str,
   if config_name not in built:
     raise ValueError(f"tfds data_dir {data_dir!r} has no built StoryWorld config "
                      f"{config_name!r} (found {built}); build it with `python -m "
-                     "onestory_jax.data.storyworld build_tfds "
+                     "onestory_jax.data.storyworld_tfds "
                      f"--data_dir={data_dir} --config={config_name}`")
   source = StoryWorldSource(data_dir, split, config_name)
   len(source)  # Opens it: fails early on a missing split.

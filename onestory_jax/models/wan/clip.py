@@ -43,6 +43,7 @@ import numpy as np
 
 from onestory_jax import sharding
 from onestory_jax import weights
+from onestory_jax.models import layers
 
 Dtype = Any
 
@@ -57,22 +58,12 @@ _ACTIVATIONS = {
 }
 
 
+# The projections start from N(0, 0.02); a converted checkpoint replaces them.
+_DENSE_INIT = nn.initializers.normal(0.02)
+
+
 def _partitioned(init, axes):
   return nn.with_logical_partitioning(init, axes)
-
-
-def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  """torch.nn.LayerNorm over the last axis: two-pass statistics in float32, ``scale`` and ``bias``."""
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-                      scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-                      bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name=name)
-
-
-def _dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype,
-           param_dtype: Dtype) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=_partitioned(nn.initializers.normal(0.02), axes),
-                  bias_init=_partitioned(nn.initializers.zeros, (axes[1],)))
 
 
 class CLIPAttention(nn.Module):
@@ -90,16 +81,16 @@ class CLIPAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     head_dim = d // self.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_DENSE_INIT)
     split = lambda t: t.reshape(b, n, self.num_heads, head_dim)  # noqa: E731
-    q = split(_dense(d, ("embed", "heads"), "q", **kw)(x))
-    k = split(_dense(d, ("embed", "heads"), "k", **kw)(x))
-    v = split(_dense(d, ("embed", "heads"), "v", **kw)(x))
+    q = split(layers.dense(d, ("embed", "heads"), "q", **kw)(x))
+    k = split(layers.dense(d, ("embed", "heads"), "k", **kw)(x))
+    v = split(layers.dense(d, ("embed", "heads"), "v", **kw)(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads"))
-    return _dense(d, ("heads", "embed"), "o", **kw)(out)
+    return layers.dense(d, ("heads", "embed"), "o", **kw)(out)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -115,11 +106,11 @@ class CLIPEncoderLayer(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = x.shape[-1]
-    x = x + CLIPAttention(self.num_heads, name="attn", **kw)(_layer_norm(self.eps, name="norm1", **kw)(x))
-    h = _layer_norm(self.eps, name="norm2", **kw)(x)
-    h = _ACTIVATIONS[self.act](_dense(self.intermediate_size, ("embed", "mlp"), "fc1", **kw)(h))
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    x = x + _dense(d, ("mlp", "embed"), "fc2", **kw)(h)
+    x = x + CLIPAttention(self.num_heads, name="attn", **kw)(layers.layer_norm(self.eps, name="norm1", **kw)(x))
+    h = layers.layer_norm(self.eps, name="norm2", **kw)(x)
+    fc1 = layers.dense(self.intermediate_size, ("embed", "mlp"), "fc1", kernel_init=_DENSE_INIT, **kw)
+    h = nn.with_logical_constraint(_ACTIVATIONS[self.act](fc1(h)), ("batch", "length", "mlp"))
+    x = x + layers.dense(d, ("mlp", "embed"), "fc2", kernel_init=_DENSE_INIT, **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -178,10 +169,10 @@ class CLIPVisionTransformer(nn.Module):
     self.position_embedding = self.param(
         "position_embedding", _partitioned(nn.initializers.normal(0.02), (None, "embed")),
         (self.num_tokens, d), self.param_dtype)
-    self.pre_norm = _layer_norm(self.eps, **kw)
+    self.pre_norm = layers.layer_norm(self.eps, **kw)
     self.layers = [CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.act, self.eps, **kw)
                    for _ in range(self.num_layers)]
-    self.post_norm = _layer_norm(self.eps, **kw)
+    self.post_norm = layers.layer_norm(self.eps, **kw)
 
   @property
   def num_tokens(self) -> int:
@@ -312,12 +303,7 @@ def config_from_transformers(cfg: dict) -> dict:
   if cfg.get("model_type") != "clip_vision_model":
     raise ValueError(f"CLIP config: model_type must be 'clip_vision_model' or 'clip', got "
                      f"{cfg.get('model_type')!r}")
-  out: dict[str, Any] = {"name": "clip_vision"}
-  for ours, theirs in _FIELDS.items():
-    value = cfg.get(theirs)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"CLIP config: field {theirs!r} must be a positive int, got {value!r}")
-    out[ours] = value
+  out: dict[str, Any] = {"name": "clip_vision", **weights.positive_int_fields(cfg, _FIELDS, "CLIP config")}
   out["num_channels"] = int(cfg.get("num_channels", 3))
   out["eps"] = float(cfg.get("layer_norm_eps", 1e-5))
   act = cfg.get("hidden_act", "quick_gelu")  # transformers' CLIPVisionConfig default

@@ -399,12 +399,7 @@ def config_from_transformers(cfg: dict) -> dict:
   if cfg.get("model_type") != "umt5":
     raise ValueError(f"umT5 config: model_type must be 'umt5', got {cfg.get('model_type')!r} "
                      "(T5 v1.1 shares one relative bias across layers; only umT5 is ported)")
-  out: dict[str, Any] = {"name": "umt5"}
-  for ours, theirs in _UMT5_FIELDS.items():
-    value = cfg.get(theirs)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"umT5 config: field {theirs!r} must be a positive int, got {value!r}")
-    out[ours] = value
+  out: dict[str, Any] = {"name": "umt5", **weights.positive_int_fields(cfg, _UMT5_FIELDS, "umT5 config")}
   out["eps"] = float(cfg.get("layer_norm_epsilon", 1e-6))
   ffn = cfg.get("feed_forward_proj", "gated-gelu")
   act = cfg.get("dense_act_fn", "gelu_new")

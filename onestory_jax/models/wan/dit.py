@@ -36,7 +36,7 @@ Published weights: :func:`torch_key_to_target` maps every tensor of a diffusers
 stacked ``blocks`` of ``scan_layers``), :func:`config_from_diffusers` reads the sizes from the
 release's ``config.json``; ``onestory_jax.convert`` streams a release through them.
 tests/test_parity_wan_dit.py checks the outputs against diffusers in float32 (relative error
-<= 1e-5) and states the bfloat16 error.
+<= 1e-5, timesteps up to 1000) and states the bfloat16 error.
 """
 from __future__ import annotations
 
@@ -48,10 +48,12 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from onestory_jax import weights
 from onestory_jax.models import attention as attention_lib
-from onestory_jax.models import rope
+from onestory_jax.models import layers
+from onestory_jax.models.wan import rope
 
 Array = jax.Array
 Dtype = Any
@@ -63,7 +65,6 @@ BLM = ("batch", "length", "mlp")  # feed-forward hidden
 CROSS_KV = ("batch", None, "heads", "kv")  # text / image keys: short sequences, kept whole on every device
 REMAT_POLICIES = ("none", "full", "dots")
 
-_xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
 
@@ -114,15 +115,31 @@ def unpatchify(tokens: Array, grid: tuple[int, int, int], patch: tuple[int, int,
       f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
 
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+  """The ``dim // 2`` frequencies of :func:`timestep_embedding`, float32, as diffusers' ``get_timestep_embedding``.
+
+  ``exp(-ln(max_period) * arange(dim // 2) / (dim // 2))`` (no frequency shift), evaluated in numpy, where the
+  reference's float32 steps are reproduced one by one: ``-ln(max_period)`` rounded to float32, times the float32
+  ``arange``, divided by ``dim // 2``, each rounded to float32; the exponential in float64, rounded once. XLA's
+  float32 ``exp`` is off by one ulp in most entries, which at t = 999 alone puts the DiT beyond the parity bound.
+  PyTorch's CPU ``exp`` is 1-ulp accurate rather than correctly rounded, so some widths keep a few one-ulp
+  differences from the reference (one entry of 22 and of 26 dims, 3 of the 128 of Wan's ``freq_dim`` 256; none at
+  8, 16, 24 or 32).
+  """
+  half = dim // 2
+  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+  exponent = (exponent / np.float32(half)).astype(np.float32)
+  return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
 def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
   """Sinusoidal features of timesteps ``t`` [B] -> ``[B, dim]`` float32, ordered [cos, sin].
 
-  ``freqs = exp(-ln(max_period) * arange(dim // 2) / (dim // 2))`` (no frequency shift).
+  ``args = t * freqs`` in float32 with the constant table of :func:`timestep_frequencies`.
   """
   if dim % 2:
     raise ValueError(f"timestep_embedding: dim (freq_dim) must be even; got {dim}")
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.asarray(timestep_frequencies(dim, max_period))
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
@@ -143,24 +160,6 @@ def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None, backe
   """
   return attention_lib.dot_product_attention(q, k, v, key_mask, kv_lengths, backend=backend,
                                              kv_follows_q=kv_follows_q)
-
-
-def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Dtype,
-           param_dtype: Dtype, kernel_init: Any = _xavier) -> nn.Dense:
-  return nn.Dense(
-      features, name=name, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(_zeros, (axes[1],)))
-
-
-def _layer_norm(eps: float, affine: bool, param_dtype: Dtype, axis: str | None = "embed",
-                name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm computed in float32 (diffusers' FP32LayerNorm)."""
-  return nn.LayerNorm(
-      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_bias=affine, use_scale=affine,
-      use_fast_variance=False, name=name,
-      scale_init=nn.with_logical_partitioning(_ones, (axis,)),
-      bias_init=nn.with_logical_partitioning(_zeros, (axis,)))
 
 
 def _rms_norm(eps: float, param_dtype: Dtype, name: str) -> nn.RMSNorm:
@@ -209,9 +208,9 @@ class TwoLayerMLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     init = nn.initializers.normal(self.init_std)
-    x = _dense(self.hidden, (None, "mlp"), "linear_1", self.dtype, self.param_dtype, init)(x)
+    x = layers.dense(self.hidden, (None, "mlp"), "linear_1", self.dtype, self.param_dtype, init)(x)
     x = nn.silu(x) if self.activation == "silu" else nn.gelu(x, approximate=True)
-    return _dense(self.features, ("mlp", "embed"), "linear_2", self.dtype, self.param_dtype, init)(x)
+    return layers.dense(self.features, ("mlp", "embed"), "linear_2", self.dtype, self.param_dtype, init)(x)
 
 
 class GeluProj(nn.Module):
@@ -225,7 +224,7 @@ class GeluProj(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = _dense(self.features, (self.in_axis, "mlp"), "proj", self.dtype, self.param_dtype)(x)
+    x = layers.dense(self.features, (self.in_axis, "mlp"), "proj", self.dtype, self.param_dtype)(x)
     if self.activation_axes is not None:
       x = nn.with_logical_constraint(x, self.activation_axes)
     return nn.gelu(x, approximate=self.approximate)
@@ -245,7 +244,7 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     x = GeluProj(self.hidden, self.approximate, self.in_axis, self.dtype, self.param_dtype,
                  self.activation_axes, name="net_0")(x)
-    return _dense(self.features, ("mlp", "embed"), "net_2", self.dtype, self.param_dtype)(x)
+    return layers.dense(self.features, ("mlp", "embed"), "net_2", self.dtype, self.param_dtype)(x)
 
 
 class ImageEmbedder(nn.Module):
@@ -256,10 +255,10 @@ class ImageEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, image: Array) -> Array:
-    x = _layer_norm(1e-5, True, self.param_dtype, None, "norm1")(image).astype(self.dtype)
+    x = layers.layer_norm(1e-5, param_dtype=self.param_dtype, axis=None, name="norm1")(image).astype(self.dtype)
     x = FeedForward(image.shape[-1], self.dim, False, None, self.dtype, self.param_dtype,
                     name="ff")(x)
-    return _layer_norm(1e-5, True, self.param_dtype, "embed", "norm2")(x).astype(self.dtype)
+    return layers.layer_norm(1e-5, param_dtype=self.param_dtype, name="norm2")(x).astype(self.dtype)
 
 
 class ConditionEmbedder(nn.Module):
@@ -279,8 +278,8 @@ class ConditionEmbedder(nn.Module):
     t_feat = timestep_embedding(timestep, self.freq_dim)
     temb = TwoLayerMLP(self.dim, self.dim, "silu", dtype=jnp.float32,
                        param_dtype=self.param_dtype, name="time_embedder")(t_feat)
-    t_proj = _dense(6 * self.dim, ("embed", "mlp"), "time_proj", jnp.float32,
-                    self.param_dtype)(nn.silu(temb))
+    t_proj = layers.dense(6 * self.dim, ("embed", "mlp"), "time_proj", jnp.float32,
+                          self.param_dtype)(nn.silu(temb))
     t_proj = t_proj.reshape(t_proj.shape[0], 6, self.dim)
     text_e = TwoLayerMLP(self.dim, self.dim, "gelu_tanh", dtype=self.dtype,
                          param_dtype=self.param_dtype, name="text_embedder")(text.astype(self.dtype))
@@ -290,65 +289,61 @@ class ConditionEmbedder(nn.Module):
     return temb, t_proj, text_e, image_e
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+  """What ``attn1`` and ``attn2`` share: projections at the model width, the RMS q/k norm across heads, heads."""
+  dim: int
+  num_heads: int
+  eps: float
+  qk_norm: bool
+  attention_impl: str = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _dense(self, name: str, axes: tuple[str, str] = ("embed", "heads")) -> nn.Dense:
+    return layers.dense(self.dim, axes, name, self.dtype, self.param_dtype)
+
+  def _norm(self, name: str, a: Array) -> Array:
+    return _rms_norm(self.eps, self.param_dtype, name)(a).astype(self.dtype) if self.qk_norm else a
+
+  def _heads(self, a: Array, axes: tuple[str | None, ...] = BLHD) -> Array:
+    return nn.with_logical_constraint(einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), axes)
+
+  def _out(self, o: Array) -> Array:
+    o = nn.with_logical_constraint(einops.rearrange(o, "b l h d -> b l (h d)"), BLH)
+    return self._dense("to_out_0", ("heads", "embed"))(o)
+
+
+class SelfAttention(_Attention):
   """``attn1``: q/k/v projections, RMS q/k norm across heads, 3D RoPE, attention over the valid prefix.
 
   ``kv_lengths`` [B] (or None = every token valid): tokens at positions ``>= kv_lengths[b]`` are padding keys.
   """
-  dim: int
-  num_heads: int
-  eps: float
-  qk_norm: bool
-  attention_impl: str = "auto"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, kv_lengths: Array | None) -> Array:
-    dense = lambda n, ax=("embed", "heads"): _dense(self.dim, ax, n, self.dtype, self.param_dtype)
-    q, k, v = dense("to_q")(x), dense("to_k")(x), dense("to_v")(x)
-    if self.qk_norm:
-      q = _rms_norm(self.eps, self.param_dtype, "norm_q")(q).astype(self.dtype)
-      k = _rms_norm(self.eps, self.param_dtype, "norm_k")(k).astype(self.dtype)
-    split = lambda a: nn.with_logical_constraint(
-        einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), BLHD)
-    q, k, v = split(q), split(k), split(v)
-    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    o = attention(q, k, v, None, self.attention_impl, kv_lengths=kv_lengths, kv_follows_q=True)
-    o = nn.with_logical_constraint(einops.rearrange(o, "b l h d -> b l (h d)"), BLH)
-    return dense("to_out_0", ("heads", "embed"))(o)
+    q = rope.apply_rope(self._heads(self._norm("norm_q", self._dense("to_q")(x))), cos, sin)
+    k = rope.apply_rope(self._heads(self._norm("norm_k", self._dense("to_k")(x))), cos, sin)
+    v = self._heads(self._dense("to_v")(x))
+    return self._out(attention(q, k, v, None, self.attention_impl, kv_lengths=kv_lengths, kv_follows_q=True))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
   """``attn2``: queries from the sequence, keys/values from text (+ image tokens for I2V, Wan's
   decoupled cross-attention: the two attention outputs are summed). No RoPE."""
-  dim: int
-  num_heads: int
-  eps: float
-  qk_norm: bool
-  has_image: bool
-  attention_impl: str = "auto"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  has_image: bool = False
 
   @nn.compact
   def __call__(self, x: Array, text: Array, image: Array | None,
                text_mask: Array | None) -> Array:
-    dense = lambda n, ax=("embed", "heads"): _dense(self.dim, ax, n, self.dtype, self.param_dtype)
-    norm = lambda n, a: (_rms_norm(self.eps, self.param_dtype, n)(a).astype(self.dtype)
-                         if self.qk_norm else a)
-    split = lambda a, axes=BLHD: nn.with_logical_constraint(
-        einops.rearrange(a, "b l (h d) -> b l h d", h=self.num_heads), axes)
-    q = split(norm("norm_q", dense("to_q")(x)))
-    k = split(norm("norm_k", dense("to_k")(text)), CROSS_KV)
-    v = split(dense("to_v")(text), CROSS_KV)
+    q = self._heads(self._norm("norm_q", self._dense("to_q")(x)))
+    k = self._heads(self._norm("norm_k", self._dense("to_k")(text)), CROSS_KV)
+    v = self._heads(self._dense("to_v")(text), CROSS_KV)
     o = attention(q, k, v, text_mask, self.attention_impl, kv_follows_q=False)
     if self.has_image:
-      k_img = split(norm("norm_added_k", dense("add_k_proj")(image)), CROSS_KV)
-      v_img = split(dense("add_v_proj")(image), CROSS_KV)
+      k_img = self._heads(self._norm("norm_added_k", self._dense("add_k_proj")(image)), CROSS_KV)
+      v_img = self._heads(self._dense("add_v_proj")(image), CROSS_KV)
       o = o + attention(q, k_img, v_img, None, self.attention_impl, kv_follows_q=False)
-    o = nn.with_logical_constraint(einops.rearrange(o, "b l h d -> b l (h d)"), BLH)
-    return dense("to_out_0", ("heads", "embed"))(o)
+    return self._out(o)
 
 
 class WanBlock(nn.Module):
@@ -397,21 +392,21 @@ class WanBlock(nn.Module):
     def residual(x: Array, y: Array, gate: Array) -> Array:
       return (x.astype(jnp.float32) + y.astype(jnp.float32) * gate).astype(x.dtype)
 
-    norm1 = _layer_norm(self.eps, False, self.param_dtype, name="norm1")
+    norm1 = layers.layer_norm(self.eps, param_dtype=self.param_dtype, affine=False, name="norm1")
     h = nn.with_logical_constraint((norm1(x) * (1.0 + mod(1)) + mod(0)).astype(self.dtype), BLD)
-    attn = SelfAttention(self.dim, self.num_heads, self.eps, self.qk_norm, self.attention_impl,
-                         self.dtype, self.param_dtype, name="attn1")
+    kw = dict(dim=self.dim, num_heads=self.num_heads, eps=self.eps, qk_norm=self.qk_norm,
+              attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = SelfAttention(**kw, name="attn1")
     x = nn.with_logical_constraint(residual(x, attn(h, cos, sin, kv_lengths), mod(2)), BLD)
 
     if self.cross_attn_norm:
-      h = _layer_norm(self.eps, True, self.param_dtype, name="norm2")(x).astype(self.dtype)
+      h = layers.layer_norm(self.eps, param_dtype=self.param_dtype, name="norm2")(x).astype(self.dtype)
     else:
       h = x
-    cross = CrossAttention(self.dim, self.num_heads, self.eps, self.qk_norm, self.has_image,
-                           self.attention_impl, self.dtype, self.param_dtype, name="attn2")
+    cross = CrossAttention(**kw, has_image=self.has_image, name="attn2")
     x = nn.with_logical_constraint(x + cross(h, text, image, text_mask).astype(x.dtype), BLD)
 
-    norm3 = _layer_norm(self.eps, False, self.param_dtype, name="norm3")
+    norm3 = layers.layer_norm(self.eps, param_dtype=self.param_dtype, affine=False, name="norm3")
     h = nn.with_logical_constraint((norm3(x) * (1.0 + mod(4)) + mod(3)).astype(self.dtype), BLD)
     ffn = FeedForward(self.ffn_dim, self.dim, True, "embed", self.dtype, self.param_dtype, BLM,
                       name="ffn")
@@ -640,10 +635,10 @@ class WanTransformer3D(nn.Module):
     else:  # temb [B, dim]
       shift = (table[0, 0].astype(jnp.float32) + temb)[:, None]
       scale = (table[0, 1].astype(jnp.float32) + temb)[:, None]
-    norm_out = _layer_norm(self.eps, False, self.param_dtype, name="norm_out")
+    norm_out = layers.layer_norm(self.eps, param_dtype=self.param_dtype, affine=False, name="norm_out")
     out = (norm_out(out) * (1.0 + scale) + shift).astype(self.dtype)
-    out = _dense(self.out_channels * pt * ph * pw, ("embed", "conv_out"), "proj_out", self.dtype,
-                 self.param_dtype, _zeros)(out)
+    out = layers.dense(self.out_channels * pt * ph * pw, ("embed", "conv_out"), "proj_out", self.dtype,
+                       self.param_dtype, _zeros)(out)
     return unpatchify(out, grid, self.patch_size)
 
 

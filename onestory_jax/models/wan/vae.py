@@ -15,7 +15,7 @@ Data are channels-last: videos ``[B, T, H, W, C]``, latents ``[B, F, h, w, z]``.
 Building blocks (all convolutions are "causal" in time: zero padding on the left only, never on the right):
 
 * causal 3D conv, kernel (3, 3, 3): 2 frames of left context, spatial zero padding 1;
-* RMS norm over channels: ``x / max(|x|_2, 1e-12) * sqrt(C) * gamma`` (no bias);
+* RMS norm over channels (:class:`ChannelL2Norm`): ``x / max(|x|_2, 1e-12) * sqrt(C) * gamma`` (no bias);
 * residual block: RMS-SiLU-conv-RMS-SiLU-conv plus a 1x1x1 shortcut conv when the width changes;
 * middle block: residual, single-head spatial self-attention within each frame, residual;
 * resampling: ``downsample2d`` (pad right / bottom by 1, 3x3 conv, stride 2), ``downsample3d`` (the same, then a
@@ -262,8 +262,13 @@ def _sub(cache: Cache, name: str) -> Cache:
   return None if cache is None else cache.get(name)
 
 
-class RMSNorm(nn.Module):
-  """``WanRMS_norm`` over the channel axis: ``x / max(|x|_2, 1e-12) * sqrt(C) * scale`` (normalised in float32)."""
+class ChannelL2Norm(nn.Module):
+  """``WanRMS_norm`` over the channel axis: ``x / max(|x|_2, 1e-12) * sqrt(C) * scale`` (normalised in float32).
+
+  An L2 normalisation of each position's channel vector (``F.normalize``), rescaled by ``sqrt(C)``: an RMS norm
+  without epsilon (the 1e-12 only clamps ``|x|_2`` away from zero), not T5's, which adds its epsilon to the mean
+  square inside the root (:class:`onestory_jax.models.wan.umt5.RMSNorm`). Its scale is partitioned on 'conv_in'.
+  """
   num: Numerics = Numerics()
 
   @nn.compact
@@ -289,9 +294,9 @@ class ResidualBlock(nn.Module):
       raise ValueError(f"ResidualBlock: expected {self.in_dim} input channels, got {x.shape[-1]}")
     h = (_conv(self.out_dim, (1, 1, 1), "conv_shortcut", self.num)(x) if self.in_dim != self.out_dim
          else x.astype(self.num.dtype))
-    y = nn.silu(RMSNorm(self.num, name="norm1")(x))
+    y = nn.silu(ChannelL2Norm(self.num, name="norm1")(x))
     y, c1 = _causal(_conv3(self.out_dim, "conv1", self.num), y, _sub(cache, "conv1"))
-    y = nn.silu(RMSNorm(self.num, name="norm2")(y))
+    y = nn.silu(ChannelL2Norm(self.num, name="norm2")(y))
     y, c2 = _causal(_conv3(self.out_dim, "conv2", self.num), y, _sub(cache, "conv2"))
     return y + h, {"conv1": c1, "conv2": c2}
 
@@ -303,7 +308,7 @@ class AttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, t, h, w, c = x.shape
-    y = RMSNorm(self.num, name="norm")(x)
+    y = ChannelL2Norm(self.num, name="norm")(x)
     qkv = _conv(3 * c, (1, 1), "to_qkv", self.num)(y).reshape(b * t, h * w, 3 * c)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     logits = jnp.einsum("nqc,nkc->nqk", q, k, precision=self.num.precision) / math.sqrt(c)
@@ -436,18 +441,27 @@ class UpBlock(nn.Module):
     return x, new
 
 
-class Encoder3d(nn.Module):
-  """``WanEncoder3d`` applied to one chunk; returns (features [B, t', h, w, 2 z], new cache)."""
+class _Coder(nn.Module):
+  """What the encoder and the decoder share: their sizes, numerics and causal input convolution."""
   config: WanVAEConfig
   num: Numerics = Numerics()
+
+  def _conv_in(self, x: Array, cache: Cache, features: int) -> tuple[Array, dict]:
+    """``conv_in`` on one chunk; returns (features, the new cache holding conv_in's)."""
+    new = {}
+    x, new["conv_in"] = _causal(_conv3(features, "conv_in", self.num), x, _sub(cache, "conv_in"))
+    return x, new
+
+
+class Encoder3d(_Coder):
+  """``WanEncoder3d`` applied to one chunk; returns (features [B, t', h, w, 2 z], new cache)."""
 
   @nn.compact
   def __call__(self, x: Array, cache: Cache = None) -> tuple[Array, Cache]:
     cfg, num = self.config, self.num
     mult = tuple(cfg.dim_mult)
     dims = [cfg.base_dim * m for m in (1,) + mult]
-    new = {}
-    x, new["conv_in"] = _causal(_conv3(dims[0], "conv_in", num), x, _sub(cache, "conv_in"))
+    x, new = self._conv_in(x, cache, dims[0])
     j = 0
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
       last = i == len(mult) - 1
@@ -470,15 +484,13 @@ class Encoder3d(nn.Module):
           new[name] = c
         j += 1
     x, new["mid_block"] = MidBlock(dims[-1], num, name="mid_block")(x, _sub(cache, "mid_block"))
-    x = nn.silu(RMSNorm(num, name="norm_out")(x))
+    x = nn.silu(ChannelL2Norm(num, name="norm_out")(x))
     x, new["conv_out"] = _causal(_conv3(2 * cfg.z_dim, "conv_out", num), x, _sub(cache, "conv_out"))
     return x, new
 
 
-class Decoder3d(nn.Module):
+class Decoder3d(_Coder):
   """``WanDecoder3d`` applied to one chunk (one latent frame); returns (pixels-or-patches, new cache)."""
-  config: WanVAEConfig
-  num: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: Array, cache: Cache = None) -> tuple[Array, Cache]:
@@ -486,8 +498,7 @@ class Decoder3d(nn.Module):
     mult = tuple(cfg.dim_mult)
     dims = [cfg.decoder_base_dim * m for m in (mult[-1],) + mult[::-1]]
     up_t = tuple(cfg.temperal_downsample)[::-1]
-    new = {}
-    x, new["conv_in"] = _causal(_conv3(dims[0], "conv_in", num), x, _sub(cache, "conv_in"))
+    x, new = self._conv_in(x, cache, dims[0])
     x, new["mid_block"] = MidBlock(dims[0], num, name="mid_block")(x, _sub(cache, "mid_block"))
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
       if i > 0 and not cfg.is_residual:
@@ -497,7 +508,7 @@ class Decoder3d(nn.Module):
       name = f"up_blocks_{i}"
       x, new[name] = UpBlock(in_dim, out_dim, cfg.num_res_blocks, mode, cfg.is_residual, num, name=name)(
           x, _sub(cache, name))
-    x = nn.silu(RMSNorm(num, name="norm_out")(x))
+    x = nn.silu(ChannelL2Norm(num, name="norm_out")(x))
     x, new["conv_out"] = _causal(_conv3(cfg.out_channels, "conv_out", num), x, _sub(cache, "conv_out"))
     return x, new
 
@@ -618,7 +629,7 @@ def _chunked(step, first: Array, rest: Array, n: int, per_chunk: int) -> Array:
 
 def encode(vae: WanVAE, params: Any, video: Array) -> Array:
   """Video [B, 1 + 4k, H, W, C] in [-1, 1] -> posterior mean [B, 1 + k, H/s, W/s, z] (un-normalised)."""
-  n = _check_video(vae.config, video, "wan_vae.encode")
+  n = _check_video(vae.config, video, "wan.vae.encode")
   step = lambda x, c: vae.apply({"params": params}, x, c, method=WanVAE.encode_chunk)  # noqa: E731
   return _chunked(step, video[:, :1], video[:, 1:], n, CHUNK_FRAMES)
 
@@ -627,7 +638,7 @@ def decode(vae: WanVAE, params: Any, z: Array) -> Array:
   """Un-normalised latents [B, F, h, w, z] -> video [B, 1 + 4 (F - 1), h*s, w*s, C], clamped to [-1, 1]."""
   cfg = vae.config
   if z.ndim != 5 or z.shape[-1] != cfg.z_dim or z.shape[1] < 1:
-    raise ValueError(f"wan_vae.decode: latents must be [B, F >= 1, h, w, {cfg.z_dim}], got shape {tuple(z.shape)}")
+    raise ValueError(f"wan.vae.decode: latents must be [B, F >= 1, h, w, {cfg.z_dim}], got shape {tuple(z.shape)}")
   step = lambda x, c: vae.apply({"params": params}, x, c, method=WanVAE.decode_chunk)  # noqa: E731
   return _chunked(step, z[:, :1], z[:, 1:], z.shape[1] - 1, 1)
 
@@ -676,7 +687,7 @@ def torch_key_to_target(name: str) -> weights.Target:
     ValueError: for any name that is not a parameter of ``AutoencoderKLWan`` (the message names the key).
   """
   if not _KEY.fullmatch(name):
-    raise ValueError(f"wan_vae.torch_key_to_target: unknown AutoencoderKLWan key {name!r}")
+    raise ValueError(f"wan.vae.torch_key_to_target: unknown AutoencoderKLWan key {name!r}")
   parts = name.split(".")
   path: list[str] = []
   for p in parts[:-1]:
