@@ -1,4 +1,5 @@
 """onestory_jax: OneStory (arXiv 2512.07802) next-shot video generation in JAX/Flax."""
+
 import pathlib
 
 import setuptools
@@ -25,8 +26,14 @@ setuptools.setup(
     extras_require={
         # The reference PyTorch stack (CPU) for the numerical-parity tests of the Wan ports, torch pinned to the CPU
         # wheel that this platform provides; and the formatter that .ci/run checks (pyink, see pyproject.toml).
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "diffusers==0.42.1",
-                 "transformers==5.23.0", "pyink==26.5.1"],
+        "test": [
+            "pytest==9.2.0",
+            "pytest-xdist==3.8.0",
+            "torch==2.13.0",
+            "diffusers==0.42.1",
+            "transformers==5.23.0",
+            "pyink==26.5.1",
+        ],
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda]==0.10.2"],
     },

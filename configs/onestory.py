@@ -31,6 +31,7 @@ or ``--config.mesh.shape='(1,-1,1,1)'``.
 The same model code (Wan DiT + Frame Selection + Adaptive Conditioner) serves every
 variant; only sizes and the codec / text-encoder / image-encoder backends change.
 """
+
 import ml_collections
 
 
@@ -218,11 +219,33 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------- Wan backbones
 # Sizes of the published models (diffusers config.json of each release); `convert` checks a release against them.
-_UMT5_XXL = dict(name="umt5", vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                 rel_buckets=32, rel_max_distance=128, eps=1e-6, tokenizer="")
-_CLIP_VIT_H14 = dict(name="clip_vision", hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16,
-                     patch_size=14, image_size=224, layer=-2, eps=1e-5, act="gelu",
-                     mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+_UMT5_XXL = dict(
+    name="umt5",
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    rel_buckets=32,
+    rel_max_distance=128,
+    eps=1e-6,
+    tokenizer="",
+)
+_CLIP_VIT_H14 = dict(
+    name="clip_vision",
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_layers=32,
+    num_heads=16,
+    patch_size=14,
+    image_size=224,
+    layer=-2,
+    eps=1e-5,
+    act="gelu",
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+)
 _DITS = {
     "wan21_i2v_14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, i2v=True),
     "wan21_t2v_1_3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, i2v=False),
@@ -230,8 +253,9 @@ _DITS = {
 }
 
 
-def _wan(c: ml_collections.ConfigDict, dit: str, vae: str, height: int, width: int, frames: int,
-         image_encoder: bool) -> ml_collections.ConfigDict:
+def _wan(
+    c: ml_collections.ConfigDict, dit: str, vae: str, height: int, width: int, frames: int, image_encoder: bool
+) -> ml_collections.ConfigDict:
   """A Wan backbone at the paper's settings; the OneStory parts keep the design-notes defaults."""
   d = c.data
   d.height, d.width, d.frames_per_shot = height, width, frames

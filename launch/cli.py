@@ -14,6 +14,7 @@ The trainer is ``python -m onestory_jax.train --config=configs/onestory.py:VARIA
 (onestory_jax/train.py), which calls ``jax.distributed.initialize()`` when it runs on several hosts; for GPU nodes
 this launcher exports JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID per node. See launch/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # `python launch/cli.py` from a checkout: the chip table is onestory_jax/chips.py
   sys.path.insert(0, REPO_ROOT)
 from onestory_jax import chips  # pylint: disable=g-import-not-at-top,wrong-import-position  # standard library only
+
 DEFAULT_VARIANT = "wan21_i2v_14b_480p"
 LOG_FILE = "logs/train.log"  # per worker, relative to --repo-dir on that worker
 LOCAL_TARBALL = "/tmp/onestory_jax_src.tgz"
@@ -39,27 +41,36 @@ VENV_PYTHON = ".venv/bin/python"  # created by `setup` inside --repo-dir
 _POD_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # valid chip counts for v5litepod / v6e
 
 # Fixed remote scripts, one line each (``bash -c SCRIPT NAME ARGS...``): user values arrive only as "$1", "$2", ...
-SETUP_SCRIPT = "; ".join((
-    "set -eu",
-    "repo=$1 extra=$2 src=$3 ref=$4 py=$5",
-    'if [ -f "$src" ]; then mkdir -p -- "$repo" && tar -xzf "$src" -C "$repo"',
-    'else [ -d "$repo/.git" ] || git clone -q -- "$src" "$repo"',
-    'git -C "$repo" fetch -q origin "$ref" && git -C "$repo" checkout -q --detach FETCH_HEAD; fi',
-    'cd -- "$repo"',
-    "python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv",
-    'python3 -m uv venv -q --allow-existing --seed --python "$py" .venv',
-    '.venv/bin/python -m pip install -q -e ".[$extra]"',
-    '.venv/bin/python -c "import jax, onestory_jax; print(jax.__version__)"'))
+SETUP_SCRIPT = "; ".join(
+    (
+        "set -eu",
+        "repo=$1 extra=$2 src=$3 ref=$4 py=$5",
+        'if [ -f "$src" ]; then mkdir -p -- "$repo" && tar -xzf "$src" -C "$repo"',
+        'else [ -d "$repo/.git" ] || git clone -q -- "$src" "$repo"',
+        'git -C "$repo" fetch -q origin "$ref" && git -C "$repo" checkout -q --detach FETCH_HEAD; fi',
+        'cd -- "$repo"',
+        "python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv",
+        'python3 -m uv venv -q --allow-existing --seed --python "$py" .venv',
+        '.venv/bin/python -m pip install -q -e ".[$extra]"',
+        '.venv/bin/python -c "import jax, onestory_jax; print(jax.__version__)"',
+    )
+)
 # Detached start: a new session (setsid -f), immune to hangups, stdout/stderr appended to the per-worker log file.
-DETACH_SCRIPT = ('cd -- "$1" && mkdir -p -- "$(dirname -- "$2")" && log=$2 && shift 2 && '
-                 'exec "$@" >>"$log" 2>&1 </dev/null')
+DETACH_SCRIPT = (
+    'cd -- "$1" && mkdir -p -- "$(dirname -- "$2")" && log=$2 && shift 2 && ' 'exec "$@" >>"$log" 2>&1 </dev/null'
+)
 # "[o]nestory" keeps pgrep from matching this script's own command line.
 _TRAINER_PIDS = 'pgrep -f "[o]nestory_jax[.]train"'
 _KILL = 'if [ -n "$pids" ]; then echo "$(hostname): killing $pids"; {sudo}kill -9 $pids || true; fi'
-KILL_TPU_SCRIPT = "; ".join((
-    "pids=$( { sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null; " + _TRAINER_PIDS + '; } | sort -u | tr "\\n" " ")',
-    _KILL.format(sudo="sudo "),
-    "sudo rm -f /tmp/libtpu_lockfile"))
+KILL_TPU_SCRIPT = "; ".join(
+    (
+        "pids=$( { sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null; "
+        + _TRAINER_PIDS
+        + '; } | sort -u | tr "\\n" " ")',
+        _KILL.format(sudo="sudo "),
+        "sudo rm -f /tmp/libtpu_lockfile",
+    )
+)
 KILL_GPU_SCRIPT = "; ".join(("pids=$(" + _TRAINER_PIDS + ' | tr "\\n" " ")', _KILL.format(sudo="")))
 
 
@@ -92,8 +103,9 @@ class Runner:
     if self.dry_run:
       return
     lock = threading.Lock()
-    procs = [subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _, argv in jobs]
+    procs = [
+        subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _, argv in jobs
+    ]
 
     def pump(prefix: str, proc: subprocess.Popen) -> None:
       for line in proc.stdout:
@@ -148,12 +160,16 @@ def tpu_hosts(accelerator_type: str) -> int:
   m = re.fullmatch(r"([a-z0-9]+)-(\d+)", accelerator_type)
   chip = m and chips.of_accelerator_prefix(m.group(1))
   if not chip:
-    raise ValueError(f"--accelerator-type: unknown accelerator type {accelerator_type!r}; expected FAMILY-SIZE with "
-                     f"FAMILY in {sorted(c.accelerator_prefix for c in chips.TPUS)} (e.g. v5p-128, v6e-64)")
+    raise ValueError(
+        f"--accelerator-type: unknown accelerator type {accelerator_type!r}; expected FAMILY-SIZE with "
+        f"FAMILY in {sorted(c.accelerator_prefix for c in chips.TPUS)} (e.g. v5p-128, v6e-64)"
+    )
   size, cores_per_chip, single_host_chips = int(m.group(2)), chip.cores_per_chip, chip.single_host_chips
   if cores_per_chip == 2 and (size < 8 or size % 8):
-    raise ValueError(f"--accelerator-type: {accelerator_type!r}: {m.group(1)} sizes count TensorCores and are "
-                     "multiples of 8 (v5p-8 = 4 chips = 1 host)")
+    raise ValueError(
+        f"--accelerator-type: {accelerator_type!r}: {m.group(1)} sizes count TensorCores and are "
+        "multiples of 8 (v5p-8 = 4 chips = 1 host)"
+    )
   if cores_per_chip == 1 and size not in _POD_SIZES:
     raise ValueError(f"--accelerator-type: {accelerator_type!r}: {m.group(1)} sizes are one of {_POD_SIZES}")
   n_chips = size // cores_per_chip
@@ -165,11 +181,18 @@ def tpu_hosts(accelerator_type: str) -> int:
 
 def _train_argv(args: argparse.Namespace, python: str, config_file: str) -> list[str]:
   if not re.fullmatch(r"[A-Za-z0-9_]+", args.variant):
-    raise ValueError(f"--variant must be a variant name of configs/onestory.py (e.g. {DEFAULT_VARIANT}), "
-                     f"got {args.variant!r}")
+    raise ValueError(
+        f"--variant must be a variant name of configs/onestory.py (e.g. {DEFAULT_VARIANT}), " f"got {args.variant!r}"
+    )
   overrides = _key_values("--set", args.set, r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", "num_train_steps or mesh.shape")
-  return [python, "-m", "onestory_jax.train", f"--config={config_file}:{args.variant}", f"--workdir={args.workdir}",
-          *(f"--config.{k}={v}" for k, v in overrides)]
+  return [
+      python,
+      "-m",
+      "onestory_jax.train",
+      f"--config={config_file}:{args.variant}",
+      f"--workdir={args.workdir}",
+      *(f"--config.{k}={v}" for k, v in overrides),
+  ]
 
 
 def _env(args: argparse.Namespace, extra: Sequence[tuple[str, str]] = ()) -> list[str]:
@@ -180,14 +203,35 @@ def _env(args: argparse.Namespace, extra: Sequence[tuple[str, str]] = ()) -> lis
 def _detached(args: argparse.Namespace, env: Sequence[str]) -> list[str]:
   """Remote argv that starts the trainer detached in --repo-dir, logging to LOG_FILE there."""
   train = _train_argv(args, VENV_PYTHON, "configs/onestory.py")
-  return ["setsid", "-f", "nohup", "bash", "-c", DETACH_SCRIPT, "onestory-train", args.repo_dir, LOG_FILE,
-          "env", *env, *train]
+  return [
+      "setsid",
+      "-f",
+      "nohup",
+      "bash",
+      "-c",
+      DETACH_SCRIPT,
+      "onestory-train",
+      args.repo_dir,
+      LOG_FILE,
+      "env",
+      *env,
+      *train,
+  ]
 
 
 def _setup_argv(args: argparse.Namespace, extra: str) -> list[str]:
   source = _positional("--repo-url", args.repo_url) if args.repo_url else REMOTE_TARBALL
-  return ["bash", "-c", SETUP_SCRIPT, "onestory-setup", args.repo_dir, extra, source,
-          _positional("--repo-ref", args.repo_ref), args.python_version]
+  return [
+      "bash",
+      "-c",
+      SETUP_SCRIPT,
+      "onestory-setup",
+      args.repo_dir,
+      extra,
+      source,
+      _positional("--repo-ref", args.repo_ref),
+      args.python_version,
+  ]
 
 
 def _pack(runner: Runner, args: argparse.Namespace) -> bool:
@@ -206,13 +250,23 @@ def _tail_argv(args: argparse.Namespace) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- TPU verbs
 
 
-def _gcloud_tpu(args: argparse.Namespace, group: str, verb: str, *flags: str,
-                positionals: Sequence[str] = ()) -> list[str]:
+def _gcloud_tpu(
+    args: argparse.Namespace, group: str, verb: str, *flags: str, positionals: Sequence[str] = ()
+) -> list[str]:
   """``gcloud compute tpus GROUP VERB NAME FLAGS --zone --project`` (POSITIONALS replace NAME, e.g. for scp)."""
   name = _positional("--name", args.name)
   project = [f"--project={args.project}"] if args.project else []
-  return ["gcloud", "compute", "tpus", group, verb, *(positionals or [name]), *flags,
-          f"--zone={_positional('--zone', args.zone)}", *project]
+  return [
+      "gcloud",
+      "compute",
+      "tpus",
+      group,
+      verb,
+      *(positionals or [name]),
+      *flags,
+      f"--zone={_positional('--zone', args.zone)}",
+      *project,
+  ]
 
 
 def _tpu_ssh(args: argparse.Namespace, worker: str, remote: Sequence[str]) -> list[str]:
@@ -225,8 +279,17 @@ def tpu_create(args: argparse.Namespace, runner: Runner) -> None:
   tpu_hosts(args.accelerator_type)
   runtime = args.runtime_version or chips.of_accelerator_prefix(args.accelerator_type.split("-")[0]).runtime_version
   tier = ["--spot"] if args.spot else ["--reserved"] if args.reserved else []
-  runner.run(_gcloud_tpu(args, "queued-resources", "create", f"--node-id={args.name}",
-                         f"--accelerator-type={args.accelerator_type}", f"--runtime-version={runtime}", *tier))
+  runner.run(
+      _gcloud_tpu(
+          args,
+          "queued-resources",
+          "create",
+          f"--node-id={args.name}",
+          f"--accelerator-type={args.accelerator_type}",
+          f"--runtime-version={runtime}",
+          *tier,
+      )
+  )
 
 
 def tpu_status(args: argparse.Namespace, runner: Runner) -> None:
@@ -235,8 +298,9 @@ def tpu_status(args: argparse.Namespace, runner: Runner) -> None:
 
 def tpu_setup(args: argparse.Namespace, runner: Runner) -> None:
   if _pack(runner, args):
-    runner.run(_gcloud_tpu(args, "tpu-vm", "scp", "--worker=all",
-                           positionals=[LOCAL_TARBALL, f"{args.name}:{REMOTE_TARBALL}"]))
+    runner.run(
+        _gcloud_tpu(args, "tpu-vm", "scp", "--worker=all", positionals=[LOCAL_TARBALL, f"{args.name}:{REMOTE_TARBALL}"])
+    )
   runner.run(_tpu_ssh(args, "all", _setup_argv(args, "tpu")))
 
 
@@ -296,14 +360,18 @@ def gpu_train(args: argparse.Namespace, runner: Runner) -> None:
     runner.run(["env", *_env(args), *train])
     return
   if not (args.workdir.startswith("gs://") or args.workdir.startswith("/")):
-    raise ValueError(f"--workdir must be gs://BUCKET/PATH or an absolute path on a filesystem shared by all hosts "
-                     f"when --hosts lists several nodes, got {args.workdir!r}")
+    raise ValueError(
+        f"--workdir must be gs://BUCKET/PATH or an absolute path on a filesystem shared by all hosts "
+        f"when --hosts lists several nodes, got {args.workdir!r}"
+    )
   if args.workdir.startswith("gs://"):
     _gcs_path("--workdir", args.workdir)
   coordinator = args.coordinator or f"{hosts[0].rsplit('@', 1)[-1]}:{args.coordinator_port}"
   for i, host in enumerate(hosts):
-    env = _env(args, [("JAX_COORDINATOR_ADDRESS", coordinator), ("JAX_NUM_PROCESSES", str(len(hosts))),
-                      ("JAX_PROCESS_ID", str(i))])
+    env = _env(
+        args,
+        [("JAX_COORDINATOR_ADDRESS", coordinator), ("JAX_NUM_PROCESSES", str(len(hosts))), ("JAX_PROCESS_ID", str(i))],
+    )
     runner.run(_ssh(host, _detached(args, env)))
 
 
@@ -373,7 +441,8 @@ def _parser() -> argparse.ArgumentParser:
       ("logs", tpu_logs, "follow every worker's log, prefixed by its index", logs),
       ("kill", tpu_kill, "kill processes holding the TPU chips, and stale trainers, on all workers", None),
       ("stop", tpu_stop, "stop the TPU VM", None),
-      ("delete", tpu_delete, "delete the queued resource and its TPU VM", None)):
+      ("delete", tpu_delete, "delete the queued resource and its TPU VM", None),
+  ):
     p = verb(g, name, func, help_)
     tpu(p)
     if extra:
@@ -383,12 +452,14 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workers", type=int, default=0, help="number of workers (instead of --accelerator-type)")
 
   g = platforms.add_parser("gpu", help="GPU nodes: this node, or several over ssh").add_subparsers(
-      dest="verb", required=True)
+      dest="verb", required=True
+  )
   for name, func, help_, extra in (
       ("setup", gpu_setup, "pip install -e '.[gpu]' here, or on every --hosts node", setup),
       ("train", gpu_train, "train here (all local GPUs), or on every --hosts node with the JAX coordinator env", train),
       ("logs", gpu_logs, "follow every host's log, prefixed by its index", logs),
-      ("kill", gpu_kill, "kill stale trainers here or on every --hosts node", remote)):
+      ("kill", gpu_kill, "kill stale trainers here or on every --hosts node", remote),
+  ):
     p = verb(g, name, func, help_)
     extra(p)
     p.add_argument("--hosts", default="", help="comma-separated ssh destinations; process i runs on host i")

@@ -12,6 +12,7 @@ backward, frozen ones forward, no rematerialisation) and the MFU they give again
 devices (``mfu_vs_matmul``; on CPU the simulated devices share the host's cores, so the peak is counted once), and,
 on a chip of :mod:`onestory_jax.chips`, against its spec-sheet bf16 peak (``mfu``).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
     t = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2.0 * n ** 3 / best
+  return 2.0 * n**3 / best
 
 
 def benchmark_train_step(config, steps: int) -> dict:
@@ -68,10 +69,18 @@ def benchmark_train_step(config, steps: int) -> dict:
   noise_tokens = (f // p[0]) * (h // p[1]) * (w // p[2])
   ctx_tokens = tr.system.model.budget
   tokens = config.data.batch_size * (noise_tokens + ctx_tokens)
-  return {"config": config.variant, "devices": jax.device_count(), "global_batch": config.data.batch_size,
-          "noise_tokens_per_shot": noise_tokens, "context_tokens_per_shot": ctx_tokens,
-          "step_time_s": step_time, "steps_per_s": 1.0 / step_time, "tokens_per_s": tokens / step_time,
-          "step_flops": flops, "achieved_flops_per_s": flops / step_time}
+  return {
+      "config": config.variant,
+      "devices": jax.device_count(),
+      "global_batch": config.data.batch_size,
+      "noise_tokens_per_shot": noise_tokens,
+      "context_tokens_per_shot": ctx_tokens,
+      "step_time_s": step_time,
+      "steps_per_s": 1.0 / step_time,
+      "tokens_per_s": tokens / step_time,
+      "step_flops": flops,
+      "achieved_flops_per_s": flops / step_time,
+  }
 
 
 def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
@@ -81,9 +90,12 @@ def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
   n = jax.device_count()
   # Simulated CPU devices share the host's cores: the one-device matmul measurement is already the whole host.
   devices_peak = matmul_peak * (1 if dev.platform == "cpu" else n)
-  out = {"analytic_step_flops": sf.model_flops, "analytic_dit_flops": sf.dit_flops,
-         "analytic_flops_per_s": sf.model_flops / step_time,
-         "mfu_vs_matmul": sf.model_flops / (step_time * devices_peak)}
+  out = {
+      "analytic_step_flops": sf.model_flops,
+      "analytic_dit_flops": sf.dit_flops,
+      "analytic_flops_per_s": sf.model_flops / step_time,
+      "mfu_vs_matmul": sf.model_flops / (step_time * devices_peak),
+  }
   chip = chips.of_device_kind(dev.device_kind)
   if chip is not None:
     out["chip"] = chip.name

@@ -10,6 +10,7 @@
 * Sampling and exports read only the parameters of a training checkpoint (no optimiser state), onto the sampling
   mesh (:func:`sharding.inference_mesh`), never the training mesh: :func:`load_for_sampling`, :func:`export_params`.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,16 +30,21 @@ DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "asse
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=True)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True
+  )
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter, config) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iter),
-      config=ocp.args.JsonSave(json.loads(config.to_json()))))
+  mngr.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iter),
+          config=ocp.args.JsonSave(json.loads(config.to_json())),
+      ),
+  )
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None) -> Any:
@@ -62,9 +68,12 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state: A
   state = mngr.restore(step, args=ocp.args.Composite(**items)).state
   if common is not None:
     data_iter.set_state(json.loads(common))
-    logging.warning("Checkpoint %d was saved by another number of processes than %d; every process resumes the data "
-                    "stream at the saved position (same samples per global batch, in another order within it)",
-                    step, jax.process_count())
+    logging.warning(
+        "Checkpoint %d was saved by another number of processes than %d; every process resumes the data "
+        "stream at the saved position (same samples per global batch, in another order within it)",
+        step,
+        jax.process_count(),
+    )
   return state
 
 
@@ -83,21 +92,25 @@ def _common_data_state(mngr: ocp.CheckpointManager, step: int) -> str | None:
   saved = sorted(data_dir.glob("process_*-of-*.json"))
   states = {f.read_text().strip() for f in saved}
   if len(states) != 1:
-    raise ValueError(f"{data_dir}: no data iterator state for process {jax.process_index()} of "
-                     f"{jax.process_count()}, and the {len(saved)} saved ones ({', '.join(f.name for f in saved)}) "
-                     "differ, so none of them fits another process count; resume with the process count that "
-                     "saved the checkpoint")
+    raise ValueError(
+        f"{data_dir}: no data iterator state for process {jax.process_index()} of "
+        f"{jax.process_count()}, and the {len(saved)} saved ones ({', '.join(f.name for f in saved)}) "
+        "differ, so none of them fits another process count; resume with the process count that "
+        "saved the checkpoint"
+    )
   return states.pop()
 
 
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
   """A config from its JSON form (lists become tuples again)."""
+
   def fix(x):
     if isinstance(x, dict):
       return {k: fix(v) for k, v in x.items()}
     if isinstance(x, list):
       return tuple(fix(v) for v in x)
     return x
+
   return ml_collections.ConfigDict(fix(d))
 
 
@@ -124,8 +137,9 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any)
   """The parameters of the train state saved at ``step``, restored into ``abstract_params`` (a tree of
   ``jax.ShapeDtypeStruct`` with shardings); the optimiser state is not read."""
   item = {"params": abstract_params}
-  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                partial_restore=True)
+  args = ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+  )
   return mngr.restore(step, args=ocp.args.Composite(state=args)).state["params"]
 
 
@@ -135,8 +149,9 @@ def _sampling_layout(config) -> tuple[next_shot.System, jax.sharding.Mesh, Any]:
   mesh = sharding.inference_mesh(config)
   boxed = jax.eval_shape(system.init_params, jax.random.key(0))
   shardings = sharding.fitted_shardings(boxed, mesh, config)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          sharding.strip_boxes(boxed), shardings)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sharding.strip_boxes(boxed), shardings
+  )
   return system, mesh, abstract
 
 
@@ -170,8 +185,10 @@ def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> Non
 def _exported_params_dir(path: str) -> str:
   params_dir = os.path.join(os.path.abspath(path), "params")
   if not os.path.isdir(params_dir):
-    raise ValueError(f"{path}: not an exported checkpoint (no params/ directory); write one with "
-                     "python -m onestory_jax.checkpoints export --workdir=WORKDIR --out=DIR")
+    raise ValueError(
+        f"{path}: not an exported checkpoint (no params/ directory); write one with "
+        "python -m onestory_jax.checkpoints export --workdir=WORKDIR --out=DIR"
+    )
   return params_dir
 
 
@@ -196,12 +213,17 @@ def restore_exported_params(path: str, abstract_params: Any) -> Any:
   saved, wanted = shapes(exported_param_shapes(path)), shapes(abstract_params)
   diffs = [f"{k}: missing from the export" for k in sorted(wanted.keys() - saved.keys())]
   diffs += [f"{k}: in the export, not in the run's model" for k in sorted(saved.keys() - wanted.keys())]
-  diffs += [f"{k}: export has shape {saved[k]}, the run's model {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
-            if saved[k] != wanted[k]]
+  diffs += [
+      f"{k}: export has shape {saved[k]}, the run's model {wanted[k]}"
+      for k in sorted(wanted.keys() & saved.keys())
+      if saved[k] != wanted[k]
+  ]
   if diffs:
     plural = "s" if len(diffs) > 1 else ""
-    raise ValueError(f"{params_dir} does not fit the run's model ({len(diffs)} difference{plural}; the export's "
-                     "config.json holds the sizes it was trained with):\n  " + "\n  ".join(diffs[:20]))
+    raise ValueError(
+        f"{params_dir} does not fit the run's model ({len(diffs)} difference{plural}; the export's "
+        "config.json holds the sizes it was trained with):\n  " + "\n  ".join(diffs[:20])
+    )
   return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
 
 
@@ -227,8 +249,9 @@ def load_for_sampling(path: str | None) -> tuple[next_shot.System, Any, dict]:
     params = restore_params(mngr, step, abstract)
     mngr.close()
   enc = system.encoder_params(jax.random.key(0), mesh=mesh)
-  enc = jax.device_put(sharding.strip_boxes(enc),
-                       sharding.fitted_shardings(system.abstract_encoder_params(), mesh, config))
+  enc = jax.device_put(
+      sharding.strip_boxes(enc), sharding.fitted_shardings(system.abstract_encoder_params(), mesh, config)
+  )
   return system, params, enc
 
 
@@ -236,17 +259,20 @@ def main(argv):
   """``python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR [--sample_shift=S ...]``: parameter-only
   export; the ``--sample_*`` flags set the exported config's default sampler settings."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) != 2 or argv[1] != "export":
     raise app.UsageError("usage: python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR")
   f = flags.FLAGS
-  export_params(f.workdir, f.out, sample={"steps": f.sample_steps, "shift": f.sample_shift,
-                                          "guidance": f.sample_guidance})
+  export_params(
+      f.workdir, f.out, sample={"steps": f.sample_steps, "shift": f.sample_shift, "guidance": f.sample_guidance}
+  )
   print(f"Exported {flags.FLAGS.workdir} to {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
+
   _flags.DEFINE_string("workdir", None, "Training workdir to export (its latest checkpoint).")
   _flags.DEFINE_string("out", None, "Output directory (config.json + params/).")
   _flags.DEFINE_integer("sample_steps", None, "Default sampler steps of the export (default: as trained).")

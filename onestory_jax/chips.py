@@ -10,6 +10,7 @@ Peak dense bfloat16 matmul FLOP/s of one chip (no structured sparsity) and HBM p
 TPU slices are named two ways: libtpu topologies (``v5p:4x4x4``, chips along each dimension) and Cloud TPU
 accelerator types (``v5p-128``), which count TensorCores for v4 / v5p (two per chip) and chips for v5e / v6e.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ class Chip:
     runtime_version: TPU only: the default TPU VM runtime version.
     single_host_chips: TPU only: the largest slice one TPU VM host serves (multi-host slices have 4 per host).
   """
+
   name: str
   peak_bf16_flops: float
   device_kinds: tuple[str, ...]
@@ -54,8 +56,9 @@ class Chip:
 # Order matters for device kinds: 'tpu v5 lite' must be tried before 'tpu v5'.
 CHIPS = (
     Chip("v6e", 918e12, ("tpu v6 lite", "tpu v6e"), 32, ("v6e",), 2, "v6e", 1, "v2-alpha-tpuv6e", 8),
-    Chip("v5e", 197e12, ("tpu v5 lite", "tpu v5e"), 16, ("v5e", "v5litepod"), 2, "v5litepod", 1,
-         "v2-alpha-tpuv5-lite", 8),
+    Chip(
+        "v5e", 197e12, ("tpu v5 lite", "tpu v5e"), 16, ("v5e", "v5litepod"), 2, "v5litepod", 1, "v2-alpha-tpuv5-lite", 8
+    ),
     Chip("v5p", 459e12, ("tpu v5p", "tpu v5"), 95, ("v5p",), 3, "v5p", 2, "v2-alpha-tpuv5", 4),
     Chip("v4", 275e12, ("tpu v4",), 32, ("v4",), 3, "v4", 2, "tpu-ubuntu2204-base", 4),
     Chip("a100", 312e12, ("a100",)),

@@ -34,6 +34,7 @@ streaming starts: Python, jax and orbax loaded) and ``peak_rss_bytes`` (the larg
 ``getrusage`` high-water mark of the process). The growth follows --batch_mb and, with --scan_layers, the largest
 stacked parameter, not the size of the checkpoint (the README has the measured figures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,6 +75,7 @@ class Component:
     abstract_params: ``(config.json dict, scanned) -> abstract parameter tree`` (unboxed ShapeDtypeStructs).
     assets: release directories copied verbatim next to the checkpoint (tokenizer files and the like).
   """
+
   name: str
   subdir: str
   stem: str
@@ -84,12 +86,14 @@ class Component:
 
 def _transformer_key_map(cfg: dict, scanned: bool) -> weights.KeyMap:
   from onestory_jax.models.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+
   layers = wan_dit.config_from_diffusers(cfg)["num_layers"]
   return functools.partial(wan_dit.torch_key_to_target, num_layers=layers, scanned=scanned)
 
 
 def _transformer_params(cfg: dict, scanned: bool) -> Tree:
   from onestory_jax.models.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+
   return wan_dit.abstract_params(wan_dit.dit_from_diffusers(cfg, scan_layers=scanned))
 
 
@@ -107,27 +111,38 @@ def _port(module: str, name: str) -> Callable[..., Any]:
 # The VAE and the encoders are ported in their own modules; each exposes its key map and its abstract parameter
 # tree built from the release's config.json. These lines are the whole wiring (none of them has scanned layers).
 COMPONENTS: dict[str, Component] = {
-    c.name: c for c in (
-        Component("transformer", "transformer", "diffusion_pytorch_model", _transformer_key_map,
-                  _transformer_params),
-        Component("vae", "vae", "diffusion_pytorch_model",
-                  lambda cfg, scanned: _port("wan.vae", "torch_key_to_target"),
-                  lambda cfg, scanned: _port("wan.vae", "abstract_params_from_diffusers")(cfg)),
-        Component("text_encoder", "text_encoder", "model",
-                  lambda cfg, scanned: _port("wan.umt5", "umt5_key_map_from_transformers")(cfg),
-                  lambda cfg, scanned: _port("wan.umt5", "umt5_abstract_params_from_transformers")(cfg),
-                  assets=("tokenizer",)),
-        Component("image_encoder", "image_encoder", "model",
-                  lambda cfg, scanned: _port("wan.clip", "torch_key_to_target"),
-                  lambda cfg, scanned: _port("wan.clip", "abstract_params_from_transformers")(cfg),
-                  assets=("image_processor",)),
+    c.name: c
+    for c in (
+        Component("transformer", "transformer", "diffusion_pytorch_model", _transformer_key_map, _transformer_params),
+        Component(
+            "vae",
+            "vae",
+            "diffusion_pytorch_model",
+            lambda cfg, scanned: _port("wan.vae", "torch_key_to_target"),
+            lambda cfg, scanned: _port("wan.vae", "abstract_params_from_diffusers")(cfg),
+        ),
+        Component(
+            "text_encoder",
+            "text_encoder",
+            "model",
+            lambda cfg, scanned: _port("wan.umt5", "umt5_key_map_from_transformers")(cfg),
+            lambda cfg, scanned: _port("wan.umt5", "umt5_abstract_params_from_transformers")(cfg),
+            assets=("tokenizer",),
+        ),
+        Component(
+            "image_encoder",
+            "image_encoder",
+            "model",
+            lambda cfg, scanned: _port("wan.clip", "torch_key_to_target"),
+            lambda cfg, scanned: _port("wan.clip", "abstract_params_from_transformers")(cfg),
+            assets=("image_processor",),
+        ),
     )
 }
 # Asset files copied from the release: configuration and tokenizer data only (never pickles).
 _ASSET_SUFFIXES = (".json", ".txt", ".model")
 # --dtype values other than 'stored'.
-_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-           "float16": np.dtype(np.float16)}
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
 # ----------------------------------------------------------------------------- memory accounting
@@ -194,8 +209,14 @@ def _out_dtype(stored: np.dtype, dtype: np.dtype | None) -> np.dtype:
   return stored if dtype is None else dtype
 
 
-def _convert_one(info: weights.TensorInfo, transform: weights.Transform, expected: tuple[int, ...],
-                 dtype: np.dtype | None, dest: str, meter: MemoryMeter) -> np.ndarray:
+def _convert_one(
+    info: weights.TensorInfo,
+    transform: weights.Transform,
+    expected: tuple[int, ...],
+    dtype: np.dtype | None,
+    dest: str,
+    meter: MemoryMeter,
+) -> np.ndarray:
   """Reads and converts one tensor; the returned array is counted as held by ``meter``."""
   x = weights.read_tensor(info)
   meter.hold(x.nbytes)
@@ -205,8 +226,10 @@ def _convert_one(info: weights.TensorInfo, transform: weights.Transform, expecte
     meter.release(x.nbytes)
   del x
   if tuple(y.shape) != tuple(expected):
-    raise ValueError(f"{info.file}: tensor {info.name!r} -> {dest} has shape {list(y.shape)} after its transform; "
-                     f"the model expects {list(expected)}")
+    raise ValueError(
+        f"{info.file}: tensor {info.name!r} -> {dest} has shape {list(y.shape)} after its transform; "
+        f"the model expects {list(expected)}"
+    )
   return y
 
 
@@ -215,9 +238,15 @@ def _slot_order(slot: weights.Slot) -> tuple[str, int]:
   return info.file, info.offset
 
 
-def stream_convert(plan: weights.ConversionPlan, out_path: str, *, dtype: np.dtype | None = None,
-                   batch_bytes: int = 512 * 2**20, meter: MemoryMeter | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def stream_convert(
+    plan: weights.ConversionPlan,
+    out_path: str,
+    *,
+    dtype: np.dtype | None = None,
+    batch_bytes: int = 512 * 2**20,
+    meter: MemoryMeter | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
   """Writes the parameters of a valid plan to an orbax checkpoint at ``out_path``, streaming.
 
   Ordinary parameters are converted in the order in which they lie in the shards; a stacked (scanned) parameter is
@@ -228,13 +257,21 @@ def stream_convert(plan: weights.ConversionPlan, out_path: str, *, dtype: np.dty
     Statistics: parameters and tensors written, bytes read and written, dtypes written.
   """
   import orbax.checkpoint.experimental.v1 as ocp  # pylint: disable=g-import-not-at-top
+
   if not plan.ok:
     raise ValueError(f"stream_convert: the plan for {out_path} has validation errors:\n{plan.summary()}")
   meter = meter or MemoryMeter()
   batch: dict[tuple[str, ...], np.ndarray] = {}
   held = 0
-  stats = {"parameters": 0, "tensors": 0, "bytes_read": 0, "bytes_written": 0, "largest_parameter_bytes": 0,
-           "batches": 0, "dtypes": {}}
+  stats = {
+      "parameters": 0,
+      "tensors": 0,
+      "bytes_read": 0,
+      "bytes_written": 0,
+      "largest_parameter_bytes": 0,
+      "batches": 0,
+      "dtypes": {},
+  }
 
   # The arrays are never touched again once saved, so orbax need not copy them first; chunks of at most 16 MiB keep
   # its encoding buffers small and let a sharded restore read only the chunks of each device's shard.
@@ -285,9 +322,11 @@ def stream_convert(plan: weights.ConversionPlan, out_path: str, *, dtype: np.dty
       flush()
       done = stats["bytes_read"] / max(1, total)
       elapsed = time.time() - t0
-      log(f"    {n + 1}/{len(slots)} parameters, {stats['bytes_read'] / 2**20:.1f} MiB read "
+      log(
+          f"    {n + 1}/{len(slots)} parameters, {stats['bytes_read'] / 2**20:.1f} MiB read "
           f"({100 * done:.0f}%, {stats['bytes_read'] / 2**20 / max(elapsed, 1e-9):.1f} MiB/s, "
-          f"ETA {elapsed * (1 - done) / max(done, 1e-9):.0f} s)")
+          f"ETA {elapsed * (1 - done) / max(done, 1e-9):.0f} s)"
+      )
   flush()
   ocp.partial.finalize(out_path)
   return stats
@@ -313,9 +352,17 @@ def _remove_tree(path: str) -> None:
       shutil.rmtree(full)
 
 
-def convert_component(src: str, dst: str, component: str | Component, *, scanned: bool = False,
-                      dtype: str | None = None, batch_bytes: int = 512 * 2**20, overwrite: bool = False,
-                      log: Callable[[str], None] = print) -> dict:
+def convert_component(
+    src: str,
+    dst: str,
+    component: str | Component,
+    *,
+    scanned: bool = False,
+    dtype: str | None = None,
+    batch_bytes: int = 512 * 2**20,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
   """Validates and converts one component of a release; returns its report entry.
 
   The entry has ``status``: ``ok`` (written to ``dst/<name>``) or ``invalid`` (validation failed; nothing written),
@@ -351,8 +398,10 @@ def convert_component(src: str, dst: str, component: str | Component, *, scanned
       "scanned": scanned,
       **plan.report(),
   }
-  log(f"[{comp.name}] {len(tensors)} tensors in {len(entry['files'])} file(s), "
-      f"{entry['checkpoint_bytes'] / 2**20:.1f} MiB")
+  log(
+      f"[{comp.name}] {len(tensors)} tensors in {len(entry['files'])} file(s), "
+      f"{entry['checkpoint_bytes'] / 2**20:.1f} MiB"
+  )
   if not plan.ok:
     entry["status"] = "invalid"
     log(f"[{comp.name}] does not match the model; nothing written:\n{plan.summary()}")
@@ -385,15 +434,23 @@ def convert_component(src: str, dst: str, component: str | Component, *, scanned
         if name.endswith(_ASSET_SUFFIXES) and os.path.isfile(os.path.join(asset_dir, name)):
           shutil.copyfile(os.path.join(asset_dir, name), os.path.join(dst, asset, name))
           copied.append(f"{asset}/{name}")
-  entry.update(status="ok", output=out_path, assets=copied, seconds=round(time.time() - t0, 3),
-               peak_live_bytes=meter.peak_live, rss_at_start_bytes=rss_at_start, peak_rss_bytes=meter.peak_rss,
-               **stats)
-  log(f"[{comp.name}] wrote {stats['parameters']} parameters ({stats['bytes_written'] / 2**20:.1f} MiB, "
+  entry.update(
+      status="ok",
+      output=out_path,
+      assets=copied,
+      seconds=round(time.time() - t0, 3),
+      peak_live_bytes=meter.peak_live,
+      rss_at_start_bytes=rss_at_start,
+      peak_rss_bytes=meter.peak_rss,
+      **stats,
+  )
+  log(
+      f"[{comp.name}] wrote {stats['parameters']} parameters ({stats['bytes_written'] / 2**20:.1f} MiB, "
       f"{', '.join(sorted(stats['dtypes']))}) to {out_path} in {entry['seconds']:.1f} s; peak held "
       f"{meter.peak_live / 2**20:.1f} MiB; RSS {rss_at_start / 2**20:.1f} MiB before streaming, peak "
-      f"{meter.peak_rss / 2**20:.1f} MiB")
+      f"{meter.peak_rss / 2**20:.1f} MiB"
+  )
   return entry
-
 
 
 # ----------------------------------------------------------------------------- command line
@@ -403,14 +460,24 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m onestory_jax.convert", description=__doc__.split("\n")[0])
   p.add_argument("--src", required=True, help="Directory of the diffusers-format release.")
   p.add_argument("--dst", required=True, help="Output directory.")
-  p.add_argument("--components", default="",
-                 help="Comma-separated subset of transformer,vae,text_encoder,image_encoder "
-                      "(default: every one whose directory the release has).")
+  p.add_argument(
+      "--components",
+      default="",
+      help="Comma-separated subset of transformer,vae,text_encoder,image_encoder "
+      "(default: every one whose directory the release has).",
+  )
   p.add_argument("--dtype", default="stored", help="stored (default) | float32 | bfloat16 | float16.")
-  p.add_argument("--scan_layers", action="store_true",
-                 help="Stack the DiT blocks for models run with config.model.scan_layers=True.")
-  p.add_argument("--batch_mb", type=float, default=512.0,
-                 help="Converted MiB handed to orbax per partial save (bounds the host memory).")
+  p.add_argument(
+      "--scan_layers",
+      action="store_true",
+      help="Stack the DiT blocks for models run with config.model.scan_layers=True.",
+  )
+  p.add_argument(
+      "--batch_mb",
+      type=float,
+      default=512.0,
+      help="Converted MiB handed to orbax per partial save (bounds the host memory).",
+  )
   p.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
   return p.parse_args(list(argv))
 
@@ -423,29 +490,46 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.batch_mb <= 0:
     raise ValueError(f"--batch_mb: expected a positive number; got {args.batch_mb}")
   names = [c for c in args.components.split(",") if c] or [
-      c.name for c in COMPONENTS.values() if os.path.isdir(os.path.join(args.src, c.subdir))]
+      c.name for c in COMPONENTS.values() if os.path.isdir(os.path.join(args.src, c.subdir))
+  ]
   unknown = [c for c in names if c not in COMPONENTS]
   if unknown or not names:
-    raise ValueError(f"--components: {'unknown ' + str(unknown) if unknown else 'none found in ' + args.src}; "
-                     f"expected some of {sorted(COMPONENTS)}")
+    raise ValueError(
+        f"--components: {'unknown ' + str(unknown) if unknown else 'none found in ' + args.src}; "
+        f"expected some of {sorted(COMPONENTS)}"
+    )
   os.makedirs(args.dst, exist_ok=True)
-  report: dict[str, Any] = {"src": os.path.abspath(args.src), "dst": os.path.abspath(args.dst),
-                            "dtype": args.dtype, "scan_layers": args.scan_layers, "rss_before_bytes": _rss_bytes(),
-                            "components": {}}
+  report: dict[str, Any] = {
+      "src": os.path.abspath(args.src),
+      "dst": os.path.abspath(args.dst),
+      "dtype": args.dtype,
+      "scan_layers": args.scan_layers,
+      "rss_before_bytes": _rss_bytes(),
+      "components": {},
+  }
   for name in names:
     report["components"][name] = convert_component(
-        args.src, args.dst, name, scanned=args.scan_layers, dtype=args.dtype,
-        batch_bytes=int(args.batch_mb * 2**20), overwrite=args.overwrite)
+        args.src,
+        args.dst,
+        name,
+        scanned=args.scan_layers,
+        dtype=args.dtype,
+        batch_bytes=int(args.batch_mb * 2**20),
+        overwrite=args.overwrite,
+    )
   report["maxrss_bytes"] = _maxrss_bytes()
-  report["peak_rss_bytes"] = max([report["rss_before_bytes"]] + [
-      c.get("peak_rss_bytes", 0) for c in report["components"].values()])
+  report["peak_rss_bytes"] = max(
+      [report["rss_before_bytes"]] + [c.get("peak_rss_bytes", 0) for c in report["components"].values()]
+  )
   report["ok"] = all(c["status"] == "ok" for c in report["components"].values())
   with open(os.path.join(args.dst, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   ckpt = sum(c["checkpoint_bytes"] for c in report["components"].values())
-  print(f"source checkpoint {ckpt / 2**20:.1f} MiB; RSS before {report['rss_before_bytes'] / 2**20:.1f} MiB, "
-        f"peak RSS {report['peak_rss_bytes'] / 2**20:.1f} MiB (getrusage maxrss {report['maxrss_bytes'] / 2**20:.1f}"
-        f" MiB); report: {os.path.join(args.dst, 'report.json')}")
+  print(
+      f"source checkpoint {ckpt / 2**20:.1f} MiB; RSS before {report['rss_before_bytes'] / 2**20:.1f} MiB, "
+      f"peak RSS {report['peak_rss_bytes'] / 2**20:.1f} MiB (getrusage maxrss {report['maxrss_bytes'] / 2**20:.1f}"
+      f" MiB); report: {os.path.join(args.dst, 'report.json')}"
+  )
   if not report["ok"]:
     bad = [n for n, c in report["components"].items() if c["status"] != "ok"]
     print(f"FAILED: {bad} do not match their models (see the lists above and report.json)", file=sys.stderr)

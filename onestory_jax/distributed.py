@@ -32,6 +32,7 @@ on every node, which this module passes to ``jax.distributed.initialize`` explic
 node). Anything else runs as a single process. A half-set environment (a process id without a count, a coordinator
 with neither, a malformed value) raises a ValueError that names the variables.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,6 +63,7 @@ class Launch:
     process_id: this process's id when known here.
     local_device_ids: the devices this process drives, or None for all of its node's.
   """
+
   method: str
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -129,9 +131,11 @@ def detect(environ: Mapping[str, str] | None = None, *, tpu_vm: bool | None = No
   if explicit:
     missing = [k for k in (COORDINATOR, NUM_PROCESSES, PROCESS_ID) if not env.get(k, "").strip()]
     if missing:
-      raise ValueError(f"{' and '.join(explicit)} set but {' and '.join(missing)} not: a multi-process launch "
-                       f"without a cluster manager sets all of {COORDINATOR} (host:port of process 0), "
-                       f"{NUM_PROCESSES} and {PROCESS_ID} on every process")
+      raise ValueError(
+          f"{' and '.join(explicit)} set but {' and '.join(missing)} not: a multi-process launch "
+          f"without a cluster manager sets all of {COORDINATOR} (host:port of process 0), "
+          f"{NUM_PROCESSES} and {PROCESS_ID} on every process"
+      )
     n = _int(env, NUM_PROCESSES, 1)
     i = _int(env, PROCESS_ID, 0)
     if i >= n:
@@ -147,9 +151,11 @@ def detect(environ: Mapping[str, str] | None = None, *, tpu_vm: bool | None = No
   if all(k in env for k in _OMPI) and _int(env, "OMPI_COMM_WORLD_SIZE", 1) > 1:
     return Launch("ompi", address, local_device_ids=ids)
   if address is not None:
-    raise ValueError(f"{COORDINATOR} set but neither {NUM_PROCESSES} nor {PROCESS_ID}, and no SLURM, Open MPI "
-                     f"or Cloud TPU launch was detected to supply them: set {NUM_PROCESSES} and {PROCESS_ID} "
-                     f"on every process, or unset {COORDINATOR} for a single-process run")
+    raise ValueError(
+        f"{COORDINATOR} set but neither {NUM_PROCESSES} nor {PROCESS_ID}, and no SLURM, Open MPI "
+        f"or Cloud TPU launch was detected to supply them: set {NUM_PROCESSES} and {PROCESS_ID} "
+        f"on every process, or unset {COORDINATOR} for a single-process run"
+    )
   return Launch("single")
 
 
@@ -163,13 +169,25 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> Launch:
   if not launch.multi_process or jax.distributed.is_initialized():
     return launch
   if launch.method == "explicit":
-    jax.distributed.initialize(coordinator_address=launch.coordinator_address,
-                               num_processes=launch.num_processes, process_id=launch.process_id,
-                               local_device_ids=launch.local_device_ids, cluster_detection_method="deactivate")
+    jax.distributed.initialize(
+        coordinator_address=launch.coordinator_address,
+        num_processes=launch.num_processes,
+        process_id=launch.process_id,
+        local_device_ids=launch.local_device_ids,
+        cluster_detection_method="deactivate",
+    )
   else:  # jax detects the cluster itself; pinning the method keeps it from picking another one
-    jax.distributed.initialize(coordinator_address=launch.coordinator_address,
-                               local_device_ids=launch.local_device_ids,
-                               cluster_detection_method=None if launch.method == "tpu" else launch.method)
-  logging.info("jax.distributed (%s): process %d of %d, %d local of %d devices", launch.method,
-               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    jax.distributed.initialize(
+        coordinator_address=launch.coordinator_address,
+        local_device_ids=launch.local_device_ids,
+        cluster_detection_method=None if launch.method == "tpu" else launch.method,
+    )
+  logging.info(
+      "jax.distributed (%s): process %d of %d, %d local of %d devices",
+      launch.method,
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
   return launch

@@ -14,6 +14,7 @@ metrics are defined in :mod:`onestory_jax.metrics.storyworld_metrics`, on the pe
 rationale. This module checks the inputs, runs every registered metric and adds the per-pair and
 per-shot records.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,31 +43,26 @@ def validate_story(story: Any) -> None:
   if not isinstance(shots, list) or not shots:
     raise ValueError("story.shots: expected a non-empty list of shots")
   for key in ("height", "width"):
-    if key in story and (isinstance(story[key], bool) or not isinstance(story[key], int)
-                         or story[key] < 1):
+    if key in story and (isinstance(story[key], bool) or not isinstance(story[key], int) or story[key] < 1):
       raise ValueError(f"story.{key}: expected a positive int, got {story[key]!r}")
   for i, shot in enumerate(shots):
     if not isinstance(shot, dict):
       raise ValueError(f"story.shots[{i}]: expected an object, got {type(shot).__name__}")
     chars = shot.get("characters")
     if not isinstance(chars, list) or not all(isinstance(c, (int, str)) for c in chars):
-      raise ValueError(f"story.shots[{i}].characters: expected a list of character ids, "
-                       f"got {chars!r}")
+      raise ValueError(f"story.shots[{i}].characters: expected a list of character ids, " f"got {chars!r}")
     if len(set(chars)) != len(chars):
       raise ValueError(f"story.shots[{i}].characters: duplicate ids in {chars!r}")
     if not isinstance(shot.get("environment"), (int, str)):
-      raise ValueError(f"story.shots[{i}].environment: expected an environment id, "
-                       f"got {shot.get('environment')!r}")
+      raise ValueError(f"story.shots[{i}].environment: expected an environment id, " f"got {shot.get('environment')!r}")
     if shot.get("action") not in ACTIONS:
-      raise ValueError(f"story.shots[{i}].action: expected one of {ACTIONS}, "
-                       f"got {shot.get('action')!r}")
+      raise ValueError(f"story.shots[{i}].action: expected one of {ACTIONS}, " f"got {shot.get('action')!r}")
 
 
 def _check_frames(story: dict, frames: Sequence[np.ndarray], source: str) -> None:
   shots = story["shots"]
   if len(frames) != len(shots):
-    raise ValueError(f"{source}: expected {len(shots)} shots (one per story shot), "
-                     f"got {len(frames)}")
+    raise ValueError(f"{source}: expected {len(shots)} shots (one per story shot), " f"got {len(frames)}")
   h, w = story.get("height"), story.get("width")
   for i, f in enumerate(frames):
     where = f"{source}: shot_{i}"
@@ -79,11 +75,14 @@ def _check_frames(story: dict, frames: Sequence[np.ndarray], source: str) -> Non
     if f.shape[0] < 2:
       raise ValueError(f"{where}: expected at least 2 frames, got {f.shape[0]}")
     if (h is not None and f.shape[1] != h) or (w is not None and f.shape[2] != w):
-      raise ValueError(f"{where}: expected frames of {h} x {w} pixels (story height x width), "
-                       f"got {f.shape[1]} x {f.shape[2]}")
+      raise ValueError(
+          f"{where}: expected frames of {h} x {w} pixels (story height x width), " f"got {f.shape[1]} x {f.shape[2]}"
+      )
 
-def evaluate_story(story: dict, frames: Sequence[np.ndarray], cfg: MetricConfig = MetricConfig(),
-                   *, source: str = "frames") -> dict:
+
+def evaluate_story(
+    story: dict, frames: Sequence[np.ndarray], cfg: MetricConfig = MetricConfig(), *, source: str = "frames"
+) -> dict:
   """All registered metrics of one generated StoryWorld story.
 
   Args:
@@ -133,12 +132,15 @@ def load_samples(samples_dir: str, num_shots: int) -> list[np.ndarray]:
     keys = set(data.files)
     extra = sorted(k for k in keys if k.startswith("shot_") and k not in expected)
     if extra:
-      raise ValueError(f"{path}: unexpected keys {extra}; the story has {num_shots} shots "
-                       f"(shot_0 .. shot_{num_shots - 1})")
+      raise ValueError(
+          f"{path}: unexpected keys {extra}; the story has {num_shots} shots " f"(shot_0 .. shot_{num_shots - 1})"
+      )
     for key in expected:
       if key not in keys:
-        raise ValueError(f"{path}: missing key {key!r} (found {sorted(keys)}); expected one uint8 "
-                         f"[T, H, W, 3] array per story shot")
+        raise ValueError(
+            f"{path}: missing key {key!r} (found {sorted(keys)}); expected one uint8 "
+            f"[T, H, W, 3] array per story shot"
+        )
     return [data[key] for key in expected]
 
 
@@ -147,8 +149,7 @@ def _load_manifest(samples_dir: str) -> dict | None:
   if not os.path.isfile(path):
     return None
   manifest = video_io.read_json_object(path)
-  return {k: v for k, v in manifest.items()
-          if v is None or isinstance(v, (str, int, float, bool))}
+  return {k: v for k, v in manifest.items() if v is None or isinstance(v, (str, int, float, bool))}
 
 
 def run(story_path: str, samples_dir: str, cfg: MetricConfig = MetricConfig()) -> dict:
@@ -166,6 +167,7 @@ def run(story_path: str, samples_dir: str, cfg: MetricConfig = MetricConfig()) -
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   fl = flags.FLAGS
   if len(argv) > 1:
     sys.stderr.write(f"evaluate: error: unexpected arguments {list(argv[1:])}\n")
@@ -187,6 +189,7 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   flags.DEFINE_string("story", None, "StoryWorld story JSON (the annotations).")
   flags.DEFINE_string("samples", None, "Directory holding frames.npz (keys shot_0, shot_1, ...).")
   flags.DEFINE_string("output", None, "Optional path to also write the metrics JSON to.")
@@ -194,5 +197,6 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   app.run(main)

@@ -34,6 +34,7 @@ reported as ``remat_recompute`` and, as is conventional (PaLM's MFU), not counte
 
 MFU = model FLOPs per step / (step time x chips x peak dense bf16 FLOP/s per chip), :func:`mfu`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onestory_jax import chips
+
 
 # --------------------------------------------------------------------------------------------- MFU
 def mfu(step_flops: float, step_time_s: float, num_chips: int, chip: str) -> float:
@@ -126,6 +128,7 @@ def traced_matmul_flops(fn: Callable[..., Any], *args: Any) -> float:
 @dataclasses.dataclass(frozen=True)
 class Shapes:
   """The sizes of one training step that the FLOPs depend on, read from a config (:func:`shapes_of`)."""
+
   batch: int  # global batch
   noise_tokens: int  # N, per shot
   context_tokens: int  # C, the Adaptive Conditioner's static budget
@@ -146,6 +149,7 @@ def shapes_of(config) -> Shapes:
   from onestory_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
   from onestory_jax.models import onestory as onestory_lib  # pylint: disable=g-import-not-at-top
   from onestory_jax.models.wan import umt5 as te  # pylint: disable=g-import-not-at-top
+
   d, m = config.data, config.model
   codec = codec_lib.make_codec(config)
   f, h, w, c = codec.latent_shape(d.frames_per_shot, d.height, d.width)
@@ -155,12 +159,18 @@ def shapes_of(config) -> Shapes:
   image = image_encoder_lib.make_image_encoder(config)
   i2v = bool(m.i2v)
   return Shapes(
-      batch=int(d.batch_size), noise_tokens=(f // pt) * (h // ph) * (w // pw),
+      batch=int(d.batch_size),
+      noise_tokens=(f // pt) * (h // ph) * (w // pw),
       context_tokens=ac.budget_tokens((h, w), m.patch_size, config.conditioner.budget_frames),
-      latent_shape=(f, h, w, c), in_channels=onestory_lib.dit_in_channels(c, codec.mask_channels, i2v), out_channels=c,
-      text_len=int(d.text_len), text_dim=te.text_dim(config),
+      latent_shape=(f, h, w, c),
+      in_channels=onestory_lib.dit_in_channels(c, codec.mask_channels, i2v),
+      out_channels=c,
+      text_len=int(d.text_len),
+      text_dim=te.text_dim(config),
       image_tokens=image.num_tokens(d.height, d.width) if i2v else 0,
-      image_dim=image.token_dim(d.height, d.width), memory_frames=2 * f)
+      image_dim=image.token_dim(d.height, d.width),
+      memory_frames=2 * f,
+  )
 
 
 def dit_forward_flops(config, s: Shapes | None = None) -> dict[str, float]:
@@ -174,9 +184,11 @@ def dit_forward_flops(config, s: Shapes | None = None) -> dict[str, float]:
   times = 2 if s.context_tokens else 1  # noise and context timesteps through the time MLPs
   out = {
       "patch_embedding": 2.0 * n * pt * ph * pw * s.in_channels * dim,
-      "condition_embedder": (2.0 * times * (int(m.freq_dim) * dim + dim * dim + dim * 6 * dim)
-                             + 2.0 * lt * (s.text_dim * dim + dim * dim)
-                             + (2.0 * li * (s.image_dim * s.image_dim + s.image_dim * dim) if li else 0.0)),
+      "condition_embedder": (
+          2.0 * times * (int(m.freq_dim) * dim + dim * dim + dim * 6 * dim)
+          + 2.0 * lt * (s.text_dim * dim + dim * dim)
+          + (2.0 * li * (s.image_dim * s.image_dim + s.image_dim * dim) if li else 0.0)
+      ),
       "self_attention_proj": layers * 8.0 * seq * dim * dim,
       "self_attention_scores": layers * 4.0 * seq * seq * dim,
       "text_cross_attention": layers * (4.0 * seq * dim * dim + 4.0 * lt * dim * dim + 4.0 * seq * lt * dim),
@@ -255,6 +267,7 @@ def frozen_encoder_flops(config, s: Shapes | None = None) -> dict[str, float]:
   from onestory_jax import sharding  # pylint: disable=g-import-not-at-top
   from onestory_jax.models import codec as codec_lib  # pylint: disable=g-import-not-at-top
   from onestory_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
+
   s = s or shapes_of(config)
   d = config.data
   sds = jax.ShapeDtypeStruct
@@ -270,14 +283,14 @@ def frozen_encoder_flops(config, s: Shapes | None = None) -> dict[str, float]:
       out["codec_decode"] = traced_matmul_flops(codec.decode, codec_params, sds((1, 1, h, w, c), jnp.float32))
     image = image_encoder_lib.make_image_encoder(config)
     image_params = sharding.strip_boxes(next_shot.abstract_encoder_params(image))
-    out["image_encoder"] = traced_matmul_flops(image.encode, image_params,
-                                               sds((1, d.height, d.width, 3), jnp.float32))
+    out["image_encoder"] = traced_matmul_flops(image.encode, image_params, sds((1, d.height, d.width, 3), jnp.float32))
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One line of the step's FLOPs: ``forward`` FLOPs of the global batch, run ``passes`` times."""
+
   name: str
   forward: float
   passes: int  # 3 = forward + backward, 1 = forward only
@@ -292,6 +305,7 @@ class Entry:
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
   """FLOPs of one global training step, by entry (:func:`step_flops`)."""
+
   entries: tuple[Entry, ...]
   shapes: Shapes
   dit_forward_parts: dict[str, float]  # per sample
@@ -318,19 +332,28 @@ class StepFlops:
     raise KeyError(f"no FLOPs entry {name!r}; have {[e.name for e in self.entries]}")
 
   def as_dict(self) -> dict:
-    return {"global_batch": self.shapes.batch, "noise_tokens_per_shot": self.shapes.noise_tokens,
-            "context_tokens_per_shot": self.shapes.context_tokens, "model_flops": self.model_flops,
-            "executed_flops": self.executed_flops, "dit_flops": self.dit_flops,
-            "entries": {e.name: {"forward": e.forward, "passes": e.passes, "total": e.total, "in_mfu": e.in_mfu,
-                                 "note": e.note} for e in self.entries},
-            "dit_forward_per_sample": dict(self.dit_forward_parts)}
+    return {
+        "global_batch": self.shapes.batch,
+        "noise_tokens_per_shot": self.shapes.noise_tokens,
+        "context_tokens_per_shot": self.shapes.context_tokens,
+        "model_flops": self.model_flops,
+        "executed_flops": self.executed_flops,
+        "dit_flops": self.dit_flops,
+        "entries": {
+            e.name: {"forward": e.forward, "passes": e.passes, "total": e.total, "in_mfu": e.in_mfu, "note": e.note}
+            for e in self.entries
+        },
+        "dit_forward_per_sample": dict(self.dit_forward_parts),
+    }
 
   def table(self) -> str:
     """A readable table of the entries (FLOPs per global step)."""
     rows = [f"  {'entry':<18} {'forward':>11} {'passes':>6} {'total':>11}  {'MFU':<3}  note"]
     for e in self.entries:
-      rows.append(f"  {e.name:<18} {e.forward:>11.4g} {e.passes:>6d} {e.total:>11.4g}  {'yes' if e.in_mfu else 'no':<3}"
-                  f"  {e.note}")
+      rows.append(
+          f"  {e.name:<18} {e.forward:>11.4g} {e.passes:>6d} {e.total:>11.4g}  {'yes' if e.in_mfu else 'no':<3}"
+          f"  {e.note}"
+      )
     rows.append(f"  {'model FLOPs (MFU)':<18} {'':>11} {'':>6} {self.model_flops:>11.4g}")
     rows.append(f"  {'executed FLOPs':<18} {'':>11} {'':>6} {self.executed_flops:>11.4g}")
     return "\n".join(rows)
@@ -363,18 +386,45 @@ def _step_flops(config) -> StepFlops:
     return 3 if trainable(name) else 1
 
   entries = [
-      Entry("dit", b * sum(dit.values()), passes("dit"), True,
-            f"Wan DiT on {s.noise_tokens} noise + {s.context_tokens} context tokens per sample"),
-      Entry("frame_selection", b * frame_selection_flops(config, s), passes("frame_selection"), True,
-            f"Eqs. 3-5 over {s.memory_frames} memory frames"),
-      Entry("conditioner", b * conditioner_flops(config, s), passes("adaptive_conditioner"), True,
-            f"Eq. 7 patchifiers, {int(config.selection.k_sel)} frames x {len(config.conditioner.kernels)} levels"),
-      Entry("text_encoder", b * text_encoder_flops(config, s), passes("text_encoder"), True,
-            f"{config.text_encoder.name}, {s.text_len} tokens" + ("" if trainable("text_encoder") else ", frozen")),
+      Entry(
+          "dit",
+          b * sum(dit.values()),
+          passes("dit"),
+          True,
+          f"Wan DiT on {s.noise_tokens} noise + {s.context_tokens} context tokens per sample",
+      ),
+      Entry(
+          "frame_selection",
+          b * frame_selection_flops(config, s),
+          passes("frame_selection"),
+          True,
+          f"Eqs. 3-5 over {s.memory_frames} memory frames",
+      ),
+      Entry(
+          "conditioner",
+          b * conditioner_flops(config, s),
+          passes("adaptive_conditioner"),
+          True,
+          f"Eq. 7 patchifiers, {int(config.selection.k_sel)} frames x {len(config.conditioner.kernels)} levels",
+      ),
+      Entry(
+          "text_encoder",
+          b * text_encoder_flops(config, s),
+          passes("text_encoder"),
+          True,
+          f"{config.text_encoder.name}, {s.text_len} tokens" + ("" if trainable("text_encoder") else ", frozen"),
+      ),
   ]
   for name, fwd in frozen_encoder_flops(config, s).items():
     if fwd:
       entries.append(Entry(name, b * fwd, 1, True, "frozen, forward only (traced matmul/conv FLOPs)"))
-  entries.append(Entry("remat_recompute", b * dit_remat_flops(config, s), 1, False,
-                       f"DiT forward recomputed under remat={config.model.remat!r}"))
+  entries.append(
+      Entry(
+          "remat_recompute",
+          b * dit_remat_flops(config, s),
+          1,
+          False,
+          f"DiT forward recomputed under remat={config.model.remat!r}",
+      )
+  )
   return StepFlops(entries=tuple(entries), shapes=s, dit_forward_parts=dit)

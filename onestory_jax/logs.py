@@ -1,4 +1,5 @@
 """Console logging for the entry points: our messages, clu's progress/metrics, and warnings from libraries."""
+
 import logging as py_logging
 
 from absl import logging

@@ -14,6 +14,7 @@ the character consistency of the same stories' ground truth and of the ground tr
 character recoloured at random (of any colour, or of its own colour name). Without ``--workdir`` the shipped
 demo checkpoint is used.
 """
+
 from __future__ import annotations
 
 import copy
@@ -79,17 +80,28 @@ def reference_scores(stories: list[dict], seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   scores = {"ground_truth": [], "random_colour": [], "random_colour_same_name": []}
   for s in stories:
-    for name, frames in (("ground_truth", storyworld.render_story(s)),
-                         ("random_colour", recolour_returning_characters(s, rng, same_name=False)),
-                         ("random_colour_same_name", recolour_returning_characters(s, rng, same_name=True))):
+    for name, frames in (
+        ("ground_truth", storyworld.render_story(s)),
+        ("random_colour", recolour_returning_characters(s, rng, same_name=False)),
+        ("random_colour_same_name", recolour_returning_characters(s, rng, same_name=True)),
+    ):
       value = evaluate.evaluate_story(s, frames).get("character_consistency")
       if value is not None:
         scores[name].append(float(value))
   return {k: float(np.mean(v)) if v else None for k, v in scores.items()}
 
 
-def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, first_seed: int = 0, *,
-        steps: int | None = None, shift: float | None = None, guidance: float | None = None) -> dict:
+def run(
+    workdir: str | None,
+    pattern: str,
+    num_stories: int,
+    out: str | None,
+    first_seed: int = 0,
+    *,
+    steps: int | None = None,
+    shift: float | None = None,
+    guidance: float | None = None,
+) -> dict:
   """Runs the ablation; ``steps`` / ``shift`` / ``guidance`` default to the checkpoint config's ``sample`` fields."""
   system, params, enc = checkpoints.load_for_sampling(workdir)
   c = system.config
@@ -100,8 +112,7 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
   cfg = storyworld.StoryWorldConfig.from_config(c.data, min_shots=default.min_shots, max_shots=default.max_shots)
   stories = [storyworld.generate_story(first_seed + i, pattern, cfg) for i in range(num_stories)]
   max_shots = max(len(s["shots"]) for s in stories)
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=max_shots, steps=steps, shift=shift,
-                              guidance=guidance)
+  gen = sampler.ShotGenerator(system, params, enc, max_shots=max_shots, steps=steps, shift=shift, guidance=guidance)
   scores = {m: {k: [] for k in METRICS} for m in sampler.MEMORY_MODES}
   by_later_shot = {m: {} for m in sampler.MEMORY_MODES}  # C-Cons of pairs, keyed by the later shot's index
   per_story = {m: [] for m in sampler.MEMORY_MODES}  # C-Cons of each story, for the paired comparison
@@ -134,29 +145,52 @@ def run(workdir: str | None, pattern: str, num_stories: int, out: str | None, fi
   diffs = np.asarray([f - n for f, n in zip(per_story["full"], per_story["none"]) if f is not None and n is not None])
   paired = None
   if diffs.size:
-    paired = {"stories": int(diffs.size), "mean": float(diffs.mean()),
-              "standard_error": float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else None,
-              "stories_better_with_memory": int(np.sum(diffs > 0)), "stories_worse": int(np.sum(diffs < 0))}
-  return {"pattern": pattern, "num_stories": num_stories, "first_seed": first_seed, "sample_steps": steps,
-          "shift": shift, "guidance": guidance,
-          "selection_top1_character_hit": float(np.mean(top1_hits)) if top1_hits else None,
-          # Per-story C-Cons(full) - C-Cons(none), same seeds: mean, its standard error, and how many stories gain.
-          "character_consistency_gain": paired,
-          # The same stories without a model: ground truth, and returning characters recoloured at random.
-          "character_consistency_reference": reference_scores(stories, seed=first_seed),
-          **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()}
-             for mode in sampler.MEMORY_MODES},
-          "character_consistency_by_later_shot": {
-              mode: {str(k): round(float(np.mean(v)), 4) for k, v in sorted(by_later_shot[mode].items())}
-              for mode in sampler.MEMORY_MODES}}
+    paired = {
+        "stories": int(diffs.size),
+        "mean": float(diffs.mean()),
+        "standard_error": float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else None,
+        "stories_better_with_memory": int(np.sum(diffs > 0)),
+        "stories_worse": int(np.sum(diffs < 0)),
+    }
+  return {
+      "pattern": pattern,
+      "num_stories": num_stories,
+      "first_seed": first_seed,
+      "sample_steps": steps,
+      "shift": shift,
+      "guidance": guidance,
+      "selection_top1_character_hit": float(np.mean(top1_hits)) if top1_hits else None,
+      # Per-story C-Cons(full) - C-Cons(none), same seeds: mean, its standard error, and how many stories gain.
+      "character_consistency_gain": paired,
+      # The same stories without a model: ground truth, and returning characters recoloured at random.
+      "character_consistency_reference": reference_scores(stories, seed=first_seed),
+      **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()} for mode in sampler.MEMORY_MODES},
+      "character_consistency_by_later_shot": {
+          mode: {str(k): round(float(np.mean(v)), 4) for k, v in sorted(by_later_shot[mode].items())}
+          for mode in sampler.MEMORY_MODES
+      },
+  }
 
 
 def main(argv):
   del argv
   logs.quiet_libraries()
   f = flags.FLAGS
-  print(json.dumps(run(f.workdir, f.pattern, f.num_stories, f.out, f.first_seed, steps=f.steps, shift=f.shift,
-                       guidance=f.guidance), indent=2))
+  print(
+      json.dumps(
+          run(
+              f.workdir,
+              f.pattern,
+              f.num_stories,
+              f.out,
+              f.first_seed,
+              steps=f.steps,
+              shift=f.shift,
+              guidance=f.guidance,
+          ),
+          indent=2,
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ it, the frozen Wan VAE and CLIP ViT-H/14 image encoder are the converted ones
 config), and the umT5 tokenizer is the release's ``tokenizer/``; the trainable DiT and umT5 encoder are restored by
 :meth:`onestory_jax.trainer.Trainer.init_state`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ IMAGE_CONDITIONS = ("none", "top_memory_frame", "last_frame")
 @flax.struct.dataclass
 class Condition:
   """Everything the DiT needs for one shot besides the noisy latent (all arrays, so it crosses jit)."""
+
   text: jax.Array  # [B, Lt, Dt] caption embedding
   null_text: jax.Array  # [B, Lt, Dt] empty-caption embedding (classifier-free guidance)
   scores: jax.Array  # [B, F] Frame Selection scores (Eq. 5)
@@ -60,8 +62,10 @@ def make_tokenizer(config) -> tokenizer_lib.CaptionTokenizer:
   if name == "umt5":
     path = config.text_encoder.tokenizer or (os.path.join(config.pretrained, "tokenizer") if config.pretrained else "")
     if not path:
-      raise ValueError("config.text_encoder.tokenizer: the umT5 tokenizer is needed; set it (or config.pretrained, "
-                       "whose tokenizer/ directory `python -m onestory_jax.convert` writes)")
+      raise ValueError(
+          "config.text_encoder.tokenizer: the umT5 tokenizer is needed; set it (or config.pretrained, "
+          "whose tokenizer/ directory `python -m onestory_jax.convert` writes)"
+      )
     return tokenizer_lib.load_umt5_tokenizer(path, int(config.data.text_len))
   raise ValueError(f"config.text_encoder.name: unknown text encoder {name!r}; available: 't5', 'umt5'")
 
@@ -69,6 +73,7 @@ def make_tokenizer(config) -> tokenizer_lib.CaptionTokenizer:
 @dataclasses.dataclass(frozen=True)
 class System:
   """The OneStory model plus its frozen codec, image encoder and tokenizer, for one config."""
+
   config: ml_collections.FrozenConfigDict
   model: onestory_lib.OneStory
   codec: Any
@@ -88,13 +93,17 @@ class System:
   def dummy_inputs(self, batch: int, memory_frames: int) -> tuple:
     f, h, w, c = self.latent_shape
     d = self.config.data
-    return (jnp.zeros((batch, d.text_len), jnp.int32),
-            jnp.zeros((batch, memory_frames, h, w, c), jnp.float32),
-            jnp.ones((batch, memory_frames), bool),
-            jnp.zeros((batch, f, h, w, self.model.in_channels), jnp.float32),
-            jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch, self.image_encoder.num_tokens(d.height, d.width),
-                       self.image_encoder.token_dim(d.height, d.width)), jnp.float32))
+    return (
+        jnp.zeros((batch, d.text_len), jnp.int32),
+        jnp.zeros((batch, memory_frames, h, w, c), jnp.float32),
+        jnp.ones((batch, memory_frames), bool),
+        jnp.zeros((batch, f, h, w, self.model.in_channels), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros(
+            (batch, self.image_encoder.num_tokens(d.height, d.width), self.image_encoder.token_dim(d.height, d.width)),
+            jnp.float32,
+        ),
+    )
 
   def init_params(self, rng: jax.Array) -> Any:
     """Boxed (logically partitioned) parameters; use under :func:`sharding.use_mesh`."""
@@ -159,10 +168,19 @@ class System:
     return tok * present.astype(tok.dtype)[:, None, None]
 
   # ------------------------------------------------------------------ conditioning
-  def condition(self, params: Any, enc: dict, tokens: jax.Array, memory: jax.Array, memory_mask: jax.Array,
-                *, memory_shot: jax.Array | None = None,
-                forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                start_image: jax.Array | None = None, start_present: jax.Array | None = None) -> Condition:
+  def condition(
+      self,
+      params: Any,
+      enc: dict,
+      tokens: jax.Array,
+      memory: jax.Array,
+      memory_mask: jax.Array,
+      *,
+      memory_shot: jax.Array | None = None,
+      forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+      start_image: jax.Array | None = None,
+      start_present: jax.Array | None = None,
+  ) -> Condition:
     """Builds the condition of the next shot.
 
     Args:
@@ -215,11 +233,20 @@ class System:
       image_present = start_present
     image_tok = self.image_tokens(enc, image, image_present)
     channels = self.first_frame_channels(enc, start_image, start_present)
-    return Condition(text=text, null_text=null_text, scores=scores, indices=idx, valid=valid, context=context,
-                     image=image_tok, channels=channels)
+    return Condition(
+        text=text,
+        null_text=null_text,
+        scores=scores,
+        indices=idx,
+        valid=valid,
+        context=context,
+        image=image_tok,
+        channels=channels,
+    )
 
-  def velocity(self, params: Any, cond: Condition, x_t: jax.Array, t: jax.Array, *,
-               null_text: bool = False) -> jax.Array:
+  def velocity(
+      self, params: Any, cond: Condition, x_t: jax.Array, t: jax.Array, *, null_text: bool = False
+  ) -> jax.Array:
     """DiT velocity for noisy latents ``x_t`` [B, F, h, w, C] at flow time ``t`` [B] in [0, 1]."""
     x = jnp.concatenate([x_t, cond.channels.astype(x_t.dtype)], axis=-1) if self.config.model.i2v else x_t
     text = cond.null_text if null_text else cond.text
@@ -239,21 +266,32 @@ def abstract_encoder_params(encoder: Any) -> Any:
   return jax.eval_shape(encoder.init, jax.random.key(0))
 
 
-def make_system(config: ml_collections.ConfigDict,
-                tokenizer: tokenizer_lib.CaptionTokenizer | None = None) -> System:
+def make_system(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.CaptionTokenizer | None = None) -> System:
   """The :class:`System` of a run config; ``tokenizer`` replaces the config's (:func:`make_tokenizer`)."""
   frozen = ml_collections.FrozenConfigDict(config)
   if frozen.conditioner.image_condition not in IMAGE_CONDITIONS:
-    raise ValueError(f"config.conditioner.image_condition must be one of {IMAGE_CONDITIONS}, "
-                     f"got {frozen.conditioner.image_condition!r}")
+    raise ValueError(
+        f"config.conditioner.image_condition must be one of {IMAGE_CONDITIONS}, "
+        f"got {frozen.conditioner.image_condition!r}"
+    )
   d = frozen.data
   codec = codec_lib.make_codec(frozen)
   image_encoder = image_encoder_lib.make_image_encoder(frozen)
   tokenizer = tokenizer or make_tokenizer(frozen)
   latent_shape = tuple(codec.latent_shape(d.frames_per_shot, d.height, d.width))
   model = onestory_lib.OneStory(
-      config=frozen, latent_hw=latent_shape[1:3], latent_channels=codec.latent_channels,
-      mask_channels=codec.mask_channels, vocab_size=tokenizer.vocab_size,
-      image_dim=image_encoder.token_dim(d.height, d.width))
-  return System(config=frozen, model=model, codec=codec, image_encoder=image_encoder, tokenizer=tokenizer,
-                latent_shape=latent_shape)
+      config=frozen,
+      latent_hw=latent_shape[1:3],
+      latent_channels=codec.latent_channels,
+      mask_channels=codec.mask_channels,
+      vocab_size=tokenizer.vocab_size,
+      image_dim=image_encoder.token_dim(d.height, d.width),
+  )
+  return System(
+      config=frozen,
+      model=model,
+      codec=codec,
+      image_encoder=image_encoder,
+      tokenizer=tokenizer,
+      latent_shape=latent_shape,
+  )

@@ -15,6 +15,7 @@ shot 1, target):
   trained as an I2MSV first shot instead: no memory, its own first frame through the I2V channel path and image
   tokens.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -84,17 +85,29 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
 
   first = codec_lib.to_unit(batch["frames"][:, 2, 0])
   memory_shot = jnp.repeat(batch["memory_shots"], f_lat, axis=1)
-  cond = system.condition(params, enc, tokens, memory, memory_mask, memory_shot=memory_shot, forced=forced,
-                          start_image=first, start_present=i2v)
+  cond = system.condition(
+      params,
+      enc,
+      tokens,
+      memory,
+      memory_mask,
+      memory_shot=memory_shot,
+      forced=forced,
+      start_image=first,
+      start_present=i2v,
+  )
 
-  t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std,
-                     shift=c.flow.timestep_shift)
+  t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std, shift=c.flow.timestep_shift)
   noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
   v = system.velocity(params, cond, rf.interpolate(x0, noise, t), t)
   l_shot = rf.flow_loss(v, x0, noise, rf.loss_weight(t, c.flow.loss_weight_t))
   labels = jnp.repeat(batch["sel_labels"], f_lat, axis=1)
   l_sel = fs.selector_loss(cond.scores, labels, memory_mask)
   loss = l_shot + c.selection.lambda_sel * l_sel
-  metrics = {"loss": loss, "l_shot": l_shot, "l_sel": l_sel,
-             "context_tokens": jnp.mean(jnp.sum(cond.context["mask"], axis=1).astype(jnp.float32))}
+  metrics = {
+      "loss": loss,
+      "l_shot": l_shot,
+      "l_sel": l_sel,
+      "context_tokens": jnp.mean(jnp.sum(cond.context["mask"], axis=1).astype(jnp.float32)),
+  }
   return loss, metrics

@@ -35,6 +35,7 @@ temporaries as one block for the whole run, and the CPU compiler's own peak figu
 Without a tokenizer (no ``config.pretrained`` / ``config.text_encoder.tokenizer``) a placeholder stands in for
 umT5's, which only the data pipeline uses (the embedding has ``config.text_encoder.vocab_size`` rows either way).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,7 @@ from onestory_jax import sharding
 from onestory_jax import trainer as trainer_lib
 from onestory_jax.data import tokenizer as tokenizer_lib
 
-GIB = 1024 ** 3
+GIB = 1024**3
 QUICK_MAX_DEVICES = 64
 
 
@@ -67,6 +68,7 @@ QUICK_MAX_DEVICES = 64
 @dataclasses.dataclass(frozen=True)
 class Topology:
   """A TPU slice (or several, over DCN): ``v5p:4x4x4`` -> chip 'v5p', dims (4, 4, 4), 64 chips."""
+
   name: str  # as libtpu spells it, e.g. 'v5p:4x4x4'
   chip: str  # a TPU of onestory_jax.chips
   dims: tuple[int, ...]
@@ -90,17 +92,19 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
   generations = sorted(g for c in chips.TPUS for g in c.topology_names)
   m = re.fullmatch(rf"({'|'.join(generations)}):(\d+(?:x\d+){{1,2}})", str(name).strip().lower())
   if not m:
-    raise ValueError(f"--topology={name!r}: expected <generation>:<dims> with generation one of "
-                     f"{generations}, e.g. v5p:4x4x4 or v6e:8x8")
+    raise ValueError(
+        f"--topology={name!r}: expected <generation>:<dims> with generation one of "
+        f"{generations}, e.g. v5p:4x4x4 or v6e:8x8"
+    )
   chip = chips.of_topology_name(m.group(1))
   dims = tuple(int(d) for d in m.group(2).split("x"))
   if len(dims) != chip.topology_dims or min(dims) < 1:
-    raise ValueError(f"--topology={name!r}: {chip.name} slices have {chip.topology_dims} positive dimensions, got "
-                     f"{m.group(2)}")
+    raise ValueError(
+        f"--topology={name!r}: {chip.name} slices have {chip.topology_dims} positive dimensions, got " f"{m.group(2)}"
+    )
   if int(num_slices) < 1:
     raise ValueError(f"--num_slices={num_slices}: expected >= 1")
-  return Topology(name=f"{chip.topology_names[0]}:{m.group(2)}", chip=chip.name, dims=dims,
-                  num_slices=int(num_slices))
+  return Topology(name=f"{chip.topology_names[0]}:{m.group(2)}", chip=chip.name, dims=dims, num_slices=int(num_slices))
 
 
 def tpu_devices(topo: Topology) -> list[Any]:
@@ -111,14 +115,17 @@ def tpu_devices(topo: Topology) -> list[Any]:
   # which any other jax process on the machine that loaded libtpu would otherwise hold.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   kwargs = {"chip_config_name": "megacore"} if topo.chip == "v4" else {}
   if topo.num_slices > 1:
     kwargs["num_slices"] = topo.num_slices
   try:
     desc = topologies.get_topology_desc(topology_name=topo.name, platform="tpu", **kwargs)
   except Exception as e:  # libtpu missing or a topology it rejects; jax raises several types here
-    raise ValueError(f"--topology={topo.name}: libtpu could not describe it ({type(e).__name__}: {e}). Install the "
-                     "TPU compiler with pip install 'jax[tpu]==0.10.2' (the 'tpu' extra), or use --quick") from e
+    raise ValueError(
+        f"--topology={topo.name}: libtpu could not describe it ({type(e).__name__}: {e}). Install the "
+        "TPU compiler with pip install 'jax[tpu]==0.10.2' (the 'tpu' extra), or use --quick"
+    ) from e
   devices = list(desc.devices)
   if len(devices) != topo.num_chips:
     raise ValueError(f"--topology={topo.name}: libtpu gave {len(devices)} devices for {topo.num_chips} chips")
@@ -160,16 +167,25 @@ def _bytes_per_device(tree: Any) -> int:
 
 def _key_bytes_fix(tree: Any) -> Any:
   """Typed PRNG keys report an opaque dtype; count them as their uint32 data."""
+
   def fix(leaf):
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       return jax.ShapeDtypeStruct(leaf.shape + (2,), jnp.uint32, sharding=None)
     return leaf
+
   return jax.tree.map(fix, tree)
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def plan(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 1, quick: bool = False,
-         step_time: float | None = None, devices: list[Any] | None = None) -> dict:
+def plan(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    *,
+    num_slices: int = 1,
+    quick: bool = False,
+    step_time: float | None = None,
+    devices: list[Any] | None = None,
+) -> dict:
   """Compiles the training step of ``config`` for ``topology`` and reports per-chip memory, FLOPs and MFU.
 
   Args:
@@ -194,11 +210,15 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 
     if n < topo.num_chips:
       gb = int(config.data.batch_size)
       if (gb * n) % topo.num_chips:
-        raise ValueError(f"--quick simulates {n} of {topo.num_chips} chips and scales config.data.batch_size={gb} "
-                         f"by {n}/{topo.num_chips} to keep the per-chip batch; that is not an integer")
+        raise ValueError(
+            f"--quick simulates {n} of {topo.num_chips} chips and scales config.data.batch_size={gb} "
+            f"by {n}/{topo.num_chips} to keep the per-chip batch; that is not an integer"
+        )
       config.data.batch_size = gb * n // topo.num_chips
-      notes.append(f"quick mode simulates {n} of the {topo.num_chips} chips; global batch scaled to "
-                   f"{config.data.batch_size} to keep the per-chip batch")
+      notes.append(
+          f"quick mode simulates {n} of the {topo.num_chips} chips; global batch scaled to "
+          f"{config.data.batch_size} to keep the per-chip batch"
+      )
     notes.append("quick mode: memory figures are the CPU compiler's, not TPU HBM figures")
   else:
     devices = tpu_devices(topo)
@@ -235,9 +255,20 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 
       # libtpu's peak of simultaneously live buffers decides (it reuses dead argument buffers for temporaries);
       # the total, every buffer at once, is an upper bound.
       peak = xla_peak or total
-    memory.update({"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temporary_bytes": temp,
-                   "generated_code_bytes": code, "total_bytes": total, "xla_peak_bytes": xla_peak,
-                   "peak_bytes": peak, "fits": peak <= hbm, "compiler_error": ""})
+    memory.update(
+        {
+            "argument_bytes": arg,
+            "output_bytes": out,
+            "alias_bytes": alias,
+            "temporary_bytes": temp,
+            "generated_code_bytes": code,
+            "total_bytes": total,
+            "xla_peak_bytes": xla_peak,
+            "peak_bytes": peak,
+            "fits": peak <= hbm,
+            "compiler_error": "",
+        }
+    )
   t2 = time.perf_counter()
   n_dev = len(devices)
   full = ml_collections.ConfigDict(config.to_dict())
@@ -245,17 +276,26 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 
   sf = flops_lib.step_flops(full)
   peak_flops = chips.get(topo.chip).peak_bf16_flops
   report = {
-      "config": config.get("variant", ""), "topology": topo.name, "num_slices": topo.num_slices,
-      "chip": topo.chip, "num_chips": topo.num_chips, "devices_compiled": n_dev,
+      "config": config.get("variant", ""),
+      "topology": topo.name,
+      "num_slices": topo.num_slices,
+      "chip": topo.chip,
+      "num_chips": topo.num_chips,
+      "devices_compiled": n_dev,
       "mode": "quick (CPU)" if quick else "tpu (libtpu, deviceless)",
       "mesh": {k: int(v) for k, v in built.mesh.shape.items()},
-      "global_batch": full_batch, "batch_per_chip": full_batch / topo.num_chips,
-      "remat": config.model.remat, "scan_layers": bool(config.model.scan_layers),
+      "global_batch": full_batch,
+      "batch_per_chip": full_batch / topo.num_chips,
+      "remat": config.model.remat,
+      "scan_layers": bool(config.model.scan_layers),
       "memory_per_chip": memory,
       "flops": {
-          "model_flops_per_step": sf.model_flops, "dit_flops_per_step": sf.dit_flops,
-          "executed_flops_per_step": sf.executed_flops, "model_flops_per_chip": sf.model_flops / topo.num_chips,
-          "xla_flops_per_chip": float(cost.get("flops", 0.0)), "peak_flops_per_chip": peak_flops,
+          "model_flops_per_step": sf.model_flops,
+          "dit_flops_per_step": sf.dit_flops,
+          "executed_flops_per_step": sf.executed_flops,
+          "model_flops_per_chip": sf.model_flops / topo.num_chips,
+          "xla_flops_per_chip": float(cost.get("flops", 0.0)),
+          "peak_flops_per_chip": peak_flops,
           "step_time_at_100pct_mfu_s": sf.model_flops / (topo.num_chips * peak_flops),
           "entries": {e.name: e.total for e in sf.entries},
       },
@@ -269,9 +309,11 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, num_slices: int = 
   return report
 
 
-_OOM = re.compile(r"required for (?P<what>[^(]*?)\s*\((?P<need>[\d.]+)(?P<u1>[KMGT]?)\)\s*exceeds available HBM "
-                  r"\((?P<have>[\d.]+)(?P<u2>[KMGT]?)\)")
-_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+_OOM = re.compile(
+    r"required for (?P<what>[^(]*?)\s*\((?P<need>[\d.]+)(?P<u1>[KMGT]?)\)\s*exceeds available HBM "
+    r"\((?P<have>[\d.]+)(?P<u2>[KMGT]?)\)"
+)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def _out_of_memory(message: str, argument_bytes: int) -> dict:
@@ -281,9 +323,18 @@ def _out_of_memory(message: str, argument_bytes: int) -> dict:
   the abstract arguments' shardings.
   """
   first = message.strip().splitlines()[0] if message.strip() else message
-  out = {"argument_bytes": argument_bytes, "output_bytes": None, "alias_bytes": None, "temporary_bytes": None,
-         "generated_code_bytes": None, "total_bytes": None, "xla_peak_bytes": 0, "peak_bytes": None, "fits": False,
-         "compiler_error": first}
+  out = {
+      "argument_bytes": argument_bytes,
+      "output_bytes": None,
+      "alias_bytes": None,
+      "temporary_bytes": None,
+      "generated_code_bytes": None,
+      "total_bytes": None,
+      "xla_peak_bytes": 0,
+      "peak_bytes": None,
+      "fits": False,
+      "compiler_error": first,
+  }
   m = _OOM.search(message)
   if m:
     need = int(float(m.group("need")) * _UNITS[m.group("u1")])
@@ -322,24 +373,36 @@ def format_report(r: dict) -> str:
   else:
     lines.append(f"  total      {g('total_bytes')}   (every buffer at once: an upper bound)")
     used = m["peak_bytes"]
-    how = (" (arguments + temporaries + outputs: the CPU runtime holds temporaries for the whole run)"
-           if r["mode"].startswith("quick") else " (XLA buffer assignment)" if m["xla_peak_bytes"] else "")
-    lines.append(f"  peak       {_gib(used)}   of {_gib(m['hbm_bytes']).strip()} HBM "
-                 f"({100 * used / m['hbm_bytes']:.1f}%){how}: {'fits' if m['fits'] else 'DOES NOT FIT'}")
+    how = (
+        " (arguments + temporaries + outputs: the CPU runtime holds temporaries for the whole run)"
+        if r["mode"].startswith("quick")
+        else " (XLA buffer assignment)"
+        if m["xla_peak_bytes"]
+        else ""
+    )
+    lines.append(
+        f"  peak       {_gib(used)}   of {_gib(m['hbm_bytes']).strip()} HBM "
+        f"({100 * used / m['hbm_bytes']:.1f}%){how}: {'fits' if m['fits'] else 'DOES NOT FIT'}"
+    )
   if m.get("compiler_error"):
     lines.append(f"  the compiler refused: {m['compiler_error']}")
   lines += [
       "FLOPs per step (analytic, onestory_jax.flops):",
       f"  model FLOPs {f['model_flops_per_step']:.4g} (DiT fwd+bwd {f['dit_flops_per_step']:.4g}), "
       f"{f['model_flops_per_chip']:.4g} per chip; executed incl. remat {f['executed_flops_per_step']:.4g}",
-      (f"  XLA cost analysis: {f['xla_flops_per_chip']:.4g} per chip (it counts a scanned layer body once)"
-       if f["xla_flops_per_chip"] else "  XLA cost analysis: n/a (not compiled)"),
+      (
+          f"  XLA cost analysis: {f['xla_flops_per_chip']:.4g} per chip (it counts a scanned layer body once)"
+          if f["xla_flops_per_chip"]
+          else "  XLA cost analysis: n/a (not compiled)"
+      ),
       f"  step time at 100% MFU: {f['step_time_at_100pct_mfu_s']:.4g} s "
       f"(peak {f['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip)",
   ]
   if "mfu" in r:
-    lines.append(f"  a {r['step_time_s']:g} s step would be MFU {100 * r['mfu']:.1f}% "
-                 f"(DiT only: {100 * r['mfu_dit_only']:.1f}%)")
+    lines.append(
+        f"  a {r['step_time_s']:g} s step would be MFU {100 * r['mfu']:.1f}% "
+        f"(DiT only: {100 * r['mfu_dit_only']:.1f}%)"
+    )
   lines.append(f"compile: lower {r['compile_seconds']['lower']:.1f} s, compile {r['compile_seconds']['compile']:.1f} s")
   lines += [f"note: {n}" for n in r["notes"]]
   return "\n".join(lines)
@@ -349,8 +412,9 @@ def format_report(r: dict) -> str:
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/onestory.py", "Run configuration.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU topology, e.g. v5p:4x4x4, v6e:8x8, v5e:4x4, v4:2x2x2.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN.")
-_BATCH_PER_CHIP = flags.DEFINE_integer("batch_per_chip", None,
-                                       "If set, config.data.batch_size = batch_per_chip x chips.")
+_BATCH_PER_CHIP = flags.DEFINE_integer(
+    "batch_per_chip", None, "If set, config.data.batch_size = batch_per_chip x chips."
+)
 _STEP_TIME = flags.DEFINE_float("step_time", None, "Seconds per step; prints the MFU it would mean.")
 _QUICK = flags.DEFINE_bool("quick", False, "Compile on a simulated CPU mesh (no libtpu; CPU memory figures).")
 _JSON = flags.DEFINE_bool("json", False, "Print the report as JSON.")
@@ -368,8 +432,7 @@ def main(argv):
   if _BATCH_PER_CHIP.value is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.batch_size = _BATCH_PER_CHIP.value * topo.num_chips
-  report = plan(config, _TOPOLOGY.value, num_slices=_NUM_SLICES.value, quick=_QUICK.value,
-                step_time=_STEP_TIME.value)
+  report = plan(config, _TOPOLOGY.value, num_slices=_NUM_SLICES.value, quick=_QUICK.value, step_time=_STEP_TIME.value)
   print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
 
 

@@ -10,6 +10,7 @@ catch, and every mismatch is reported with how to fix it. Then
   sharded train state (the DiT, and umT5), and :func:`framepack_patchifiers` starts the Adaptive Conditioner's
   patchifiers from the restored patch embedding (FramePack, design notes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,9 +42,11 @@ def converted_config(pretrained: str, component: str) -> dict:
   """
   path = os.path.join(os.path.abspath(pretrained), f"{component}.config.json")
   if not os.path.isfile(path):
-    raise ValueError(f"config.pretrained={pretrained}: no {component}.config.json (convert writes it next to the "
-                     f"{component!r} checkpoint); run python -m onestory_jax.convert --src=<release> "
-                     f"--dst={pretrained} --components={component}")
+    raise ValueError(
+        f"config.pretrained={pretrained}: no {component}.config.json (convert writes it next to the "
+        f"{component!r} checkpoint); run python -m onestory_jax.convert --src=<release> "
+        f"--dst={pretrained} --components={component}"
+    )
   return video_io.read_json_object(path)
 
 
@@ -57,8 +60,11 @@ def _same(ours: Any, theirs: Any) -> bool:
 
 def raise_on_mismatch(what: str, pairs: Sequence[tuple[str, Any, Any]], fix: str) -> None:
   """Raises one ValueError listing every (field, run config value, release value) that differs."""
-  diffs = [f"{name}: run config has {ours!r}, the release has {theirs!r}" for name, ours, theirs in pairs
-           if not _same(ours, theirs)]
+  diffs = [
+      f"{name}: run config has {ours!r}, the release has {theirs!r}"
+      for name, ours, theirs in pairs
+      if not _same(ours, theirs)
+  ]
   if diffs:
     raise ValueError(f"{what}:\n  " + "\n  ".join(diffs) + f"\n{fix}")
 
@@ -88,10 +94,13 @@ def load_pretrained_encoders(system: Any, mesh: jax.sharding.Mesh | None = None)
     release = wan_vae.config_from_diffusers(converted_config(dst, "vae"))
     raise_on_mismatch(
         f"config.codec.vae does not match the converted VAE ({os.path.join(dst, 'vae.config.json')})",
-        [(f"codec.vae.{f.name}", getattr(system.codec.config, f.name), getattr(release, f.name))
-         for f in dataclasses.fields(release)],
+        [
+            (f"codec.vae.{f.name}", getattr(system.codec.config, f.name), getattr(release, f.name))
+            for f in dataclasses.fields(release)
+        ],
         "Set config.codec.vae to the preset of that release ('wan2.1' / 'wan2.2') or to the keys of its "
-        "vae/config.json.")
+        "vae/config.json.",
+    )
     out["codec"] = restore("vae", system.codec.abstract_params())
   if isinstance(system.image_encoder, image_encoder_lib.CLIPImageEncoder):
     enc = system.image_encoder
@@ -103,15 +112,19 @@ def load_pretrained_encoders(system: Any, mesh: jax.sharding.Mesh | None = None)
     if os.path.isfile(proc_path):  # convert copies the release's image_processor/ next to the checkpoint
       with open(proc_path) as f:
         proc = clip_vision.processor_config_from_transformers(json.load(f))
-      pairs += [("image_encoder.image_size (the processor's crop_size)", enc.image_size, proc["crop_size"]),
-                ("image_encoder.shortest_edge", enc.shortest_edge or enc.image_size, proc["shortest_edge"]),
-                ("image_encoder.mean", tuple(enc.mean), proc["mean"]),
-                ("image_encoder.std", tuple(enc.std), proc["std"])]
+      pairs += [
+          ("image_encoder.image_size (the processor's crop_size)", enc.image_size, proc["crop_size"]),
+          ("image_encoder.shortest_edge", enc.shortest_edge or enc.image_size, proc["shortest_edge"]),
+          ("image_encoder.mean", tuple(enc.mean), proc["mean"]),
+          ("image_encoder.std", tuple(enc.std), proc["std"]),
+      ]
     raise_on_mismatch(
         f"config.image_encoder does not match the converted CLIP image encoder "
-        f"({os.path.join(dst, 'image_encoder.config.json')})", pairs,
+        f"({os.path.join(dst, 'image_encoder.config.json')})",
+        pairs,
         "Set those config.image_encoder fields to the release's image_encoder/config.json (and "
-        "image_processor/preprocessor_config.json) values.")
+        "image_processor/preprocessor_config.json) values.",
+    )
     out["image_encoder"] = restore("image_encoder", jax.eval_shape(enc.init, jax.random.key(0)))
   return out
 
@@ -136,17 +149,28 @@ _FIX_MODEL = "Set those config fields to the release's values (or use the config
 def check_dit_release(config, system: Any, release: dict) -> None:
   """Raises ValueError listing every size in which the run's DiT differs from the release's transformer config."""
   m = system.model
-  diffs = wan_dit.config_mismatches(config.model, release, in_channels=m.in_channels, out_channels=m.latent_channels,
-                                    text_dim=te.text_dim(config), image_dim=m.image_dim if config.model.i2v else None)
+  diffs = wan_dit.config_mismatches(
+      config.model,
+      release,
+      in_channels=m.in_channels,
+      out_channels=m.latent_channels,
+      text_dim=te.text_dim(config),
+      image_dim=m.image_dim if config.model.i2v else None,
+  )
   ref = wan_dit.config_from_diffusers(release)
   if (ref["image_dim"] is not None) != bool(config.model.i2v):
-    diffs.append(f"model.i2v: run config has {bool(config.model.i2v)}, the release "
-                 f"{'has' if ref['image_dim'] is not None else 'has no'} image cross-attention")
+    diffs.append(
+        f"model.i2v: run config has {bool(config.model.i2v)}, the release "
+        f"{'has' if ref['image_dim'] is not None else 'has no'} image cross-attention"
+    )
   if diffs:
     path = os.path.join(config.pretrained, "transformer.config.json")
-    raise ValueError(f"config.model does not match the converted transformer ({path}):\n  " + "\n  ".join(diffs)
-                     + f"\n{_FIX_MODEL} Channel and width differences come from config.codec "
-                     "(latent channels), config.text_encoder.d_model and config.image_encoder.hidden_size.")
+    raise ValueError(
+        f"config.model does not match the converted transformer ({path}):\n  "
+        + "\n  ".join(diffs)
+        + f"\n{_FIX_MODEL} Channel and width differences come from config.codec "
+        "(latent channels), config.text_encoder.d_model and config.image_encoder.hidden_size."
+    )
 
 
 def check_umt5_release(config, release: dict) -> None:
@@ -156,13 +180,16 @@ def check_umt5_release(config, release: dict) -> None:
   raise_on_mismatch(
       f"config.text_encoder does not match the converted umT5 encoder "
       f"({os.path.join(config.pretrained, 'text_encoder.config.json')})",
-      [(f"text_encoder.{k}", t.get(k), v) for k, v in ref.items() if k != "name"], _FIX_MODEL)
+      [(f"text_encoder.{k}", t.get(k), v) for k, v in ref.items() if k != "name"],
+      _FIX_MODEL,
+  )
 
 
 def converted_scan_layers(pretrained: str) -> bool | None:
   """Whether the converted transformer has stacked (scanned) blocks; None when that cannot be told (no blocks or no
   checkpoint, which :func:`weights.load_converted` then reports)."""
   import orbax.checkpoint.experimental.v1 as ocp  # pylint: disable=g-import-not-at-top
+
   path = weights.converted_path(pretrained, "transformer")
   if not os.path.isdir(path) or not ocp.is_orbax_checkpoint(path):
     return None
@@ -185,7 +212,8 @@ def check_scan_layers(config) -> None:
       f"config.pretrained={config.pretrained}: the transformer was converted {'with' if stored else 'without'} "
       f"--scan_layers, but config.model.scan_layers={want}. Convert it again to match: python -m "
       f"onestory_jax.convert --src=<release> --dst={config.pretrained} --components=transformer --overwrite{flag} "
-      f"(or run with --config.model.scan_layers={stored}).")
+      f"(or run with --config.model.scan_layers={stored})."
+  )
 
 
 def framepack_patchifiers(patch_embedding: dict, *, conditioner: Any, latent_channels: int) -> dict:
@@ -206,10 +234,14 @@ def framepack_patchifiers(patch_embedding: dict, *, conditioner: Any, latent_cha
   for name, kernel in zip(names, tiled):
     want = tuple(conditioner[name]["kernel"].shape)
     if kernel.shape != want:
-      raise ValueError(f"adaptive_conditioner/{name}: kernel {list(want)} cannot start from the DiT patch embedding "
-                       f"{list(patch_embedding['kernel'].shape)} (tiled: {list(kernel.shape)})")
-    out[name] = {"kernel": kernel.astype(conditioner[name]["kernel"].dtype),
-                 "bias": patch_embedding["bias"].astype(conditioner[name]["bias"].dtype)}
+      raise ValueError(
+          f"adaptive_conditioner/{name}: kernel {list(want)} cannot start from the DiT patch embedding "
+          f"{list(patch_embedding['kernel'].shape)} (tiled: {list(kernel.shape)})"
+      )
+    out[name] = {
+        "kernel": kernel.astype(conditioner[name]["kernel"].dtype),
+        "bias": patch_embedding["bias"].astype(conditioner[name]["bias"].dtype),
+    }
   return out
 
 

@@ -16,6 +16,7 @@ loss is the velocity MSE of Eq. 10, optionally weighted per sample (:func:`loss_
 Time shift (SD3 / Wan): ``shift(t) = s t / (1 + (s - 1) t)`` moves probability mass towards noisier times for
 larger resolutions; Wan2.1 samples 480p with ``s = 3``.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -33,8 +34,7 @@ def shift_time(t: jax.Array, shift: float) -> jax.Array:
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def sample_time(rng: jax.Array, batch: int, *, mean: float = 0.0, std: float = 1.0,
-                shift: float = 1.0) -> jax.Array:
+def sample_time(rng: jax.Array, batch: int, *, mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> jax.Array:
   """Logit-normal training times (Esser et al. 2024), then shifted. Returns float32 [batch] in (0, 1)."""
   u = mean + std * jax.random.normal(rng, (batch,), jnp.float32)
   return shift_time(jax.nn.sigmoid(u), shift)
@@ -92,8 +92,9 @@ def cfg_velocity(v_cond: jax.Array, v_uncond: jax.Array, guidance: float) -> jax
   return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def euler_sample(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array,
-                 times: jax.Array) -> jax.Array:
+def euler_sample(
+    velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array, times: jax.Array
+) -> jax.Array:
   """Integrates ``dx/dt = v`` from ``times[0]`` (noise) to ``times[-1]`` with Euler steps.
 
   ``velocity_fn(x, t)`` takes the state and a scalar time in [0, 1]. Runs as a ``lax.fori_loop`` so the whole

@@ -7,6 +7,7 @@ Without ``--workdir`` the shipped demo checkpoint is used. Writes ``shot_XX.mp4`
 ``contact_sheet.png``, ``frames.npz`` (lossless) and ``manifest.json`` (captions, seeds, the memory frames each
 shot selected with their scores and patchifiers) to ``--out``. See docs/story_format.md for the story file.
 """
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -37,8 +38,15 @@ def main(argv):
   story = story_lib.load_story(_STORY.value)
   seed = _SEED.value if _SEED.value is not None else (story.seed if story.seed is not None else 0)
   pick = lambda flag, default: default if flag.value is None else flag.value
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=len(story.shots), steps=pick(_STEPS, sm.steps),
-                              shift=pick(_SHIFT, sm.shift), guidance=pick(_GUIDANCE, sm.guidance))
+  gen = sampler.ShotGenerator(
+      system,
+      params,
+      enc,
+      max_shots=len(story.shots),
+      steps=pick(_STEPS, sm.steps),
+      shift=pick(_SHIFT, sm.shift),
+      guidance=pick(_GUIDANCE, sm.guidance),
+  )
   manifest = sampler.generate_story(gen, story, _OUT.value, seed=seed, memory=_MEMORY.value, resume=_RESUME.value)
   logging.info("Wrote %d shots to %s", len(manifest["shots"]), _OUT.value)
   print(f"Wrote {len(manifest['shots'])} shots to {_OUT.value}")

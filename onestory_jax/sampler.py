@@ -12,6 +12,7 @@ the new shot's latents join the memory bank (no decode/encode round trip; design
 * After every shot, ``frames.npz``, ``latents.npz`` and ``manifest.json`` are rewritten atomically, so an
   interrupted story resumes (``resume=True``) from the last finished shot.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,14 +38,22 @@ MEMORY_MODES = ("full", "none")
 class ShotGenerator:
   """Compiles one program that generates a shot from (caption, padded memory bank, optional start image)."""
 
-  def __init__(self, system: next_shot.System, params: Any, enc: dict, *, max_shots: int, steps: int,
-               shift: float, guidance: float):
+  def __init__(
+      self,
+      system: next_shot.System,
+      params: Any,
+      enc: dict,
+      *,
+      max_shots: int,
+      steps: int,
+      shift: float,
+      guidance: float,
+  ):
     self.system = system
     self.params = params
     self.enc = enc
     # At least K_sel slots, so top-K is defined even for short shots (padded slots are never selected).
-    self.max_memory_frames = max(max(max_shots - 1, 1) * system.latent_shape[0],
-                                 int(system.config.selection.k_sel))
+    self.max_memory_frames = max(max(max_shots - 1, 1) * system.latent_shape[0], int(system.config.selection.k_sel))
     self.steps, self.shift = int(steps), float(shift)
     self.times = rf.sampling_times(steps, shift)
     self.guidance = float(guidance)
@@ -52,8 +61,9 @@ class ShotGenerator:
 
   def _generate_impl(self, params, tokens, memory, memory_mask, start_image, start_present, rng):
     s = self.system
-    cond = s.condition(params, self.enc, tokens, memory, memory_mask, start_image=start_image,
-                       start_present=start_present)
+    cond = s.condition(
+        params, self.enc, tokens, memory, memory_mask, start_image=start_image, start_present=start_present
+    )
 
     def velocity(x, t):
       tb = jnp.full((x.shape[0],), t)
@@ -64,11 +74,17 @@ class ShotGenerator:
 
     noise = jax.random.normal(rng, (tokens.shape[0],) + s.latent_shape, jnp.float32)
     x0 = rf.euler_sample(velocity, noise, self.times)
-    return x0, dict(scores=cond.scores, indices=cond.indices, valid=cond.valid, levels=cond.context["levels"],
-                    context_tokens=jnp.sum(cond.context["mask"], axis=1))
+    return x0, dict(
+        scores=cond.scores,
+        indices=cond.indices,
+        valid=cond.valid,
+        levels=cond.context["levels"],
+        context_tokens=jnp.sum(cond.context["mask"], axis=1),
+    )
 
-  def __call__(self, caption: str, memory_latents: Sequence[np.ndarray], seed: int,
-               start_image: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+  def __call__(
+      self, caption: str, memory_latents: Sequence[np.ndarray], seed: int, start_image: np.ndarray | None = None
+  ) -> tuple[np.ndarray, dict]:
     """Generates one shot. ``memory_latents`` are the earlier shots' latents [F, h, w, C], oldest first."""
     s = self.system
     f, h, w, c = s.latent_shape
@@ -77,10 +93,12 @@ class ShotGenerator:
     if memory_latents:
       bank = np.concatenate(list(memory_latents), axis=0)
       if bank.shape[0] > self.max_memory_frames:
-        raise ValueError(f"memory holds {bank.shape[0]} latent frames but the sampler was built for "
-                         f"{self.max_memory_frames} (sample.max_shots too small)")
-      memory[0, :bank.shape[0]] = bank
-      mask[0, :bank.shape[0]] = True
+        raise ValueError(
+            f"memory holds {bank.shape[0]} latent frames but the sampler was built for "
+            f"{self.max_memory_frames} (sample.max_shots too small)"
+        )
+      memory[0, : bank.shape[0]] = bank
+      mask[0, : bank.shape[0]] = True
     tokens = s.tokenizer.encode([caption])
     d = s.config.data
     if start_image is None:
@@ -102,9 +120,16 @@ def selection_record(info: dict, shot_frames: int, kernels: Sequence[Sequence[in
   for rank, (idx, ok, lvl) in enumerate(zip(info["indices"], info["valid"], info["levels"])):
     if not ok:
       continue
-    out.append({"rank": rank, "memory_frame": int(idx), "shot": int(idx) // shot_frames,
-                "latent_frame_in_shot": int(idx) % shot_frames, "score": float(info["scores"][idx]),
-                "patchifier": list(kernels[lvl]) if lvl >= 0 else None})
+    out.append(
+        {
+            "rank": rank,
+            "memory_frame": int(idx),
+            "shot": int(idx) // shot_frames,
+            "latent_frame_in_shot": int(idx) % shot_frames,
+            "score": float(info["scores"][idx]),
+            "patchifier": list(kernels[lvl]) if lvl >= 0 else None,
+        }
+    )
   return out
 
 
@@ -112,8 +137,16 @@ def _story_digest(story: story_lib.Story) -> str:
   return hashlib.sha256(json.dumps(story.captions, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: str, *, seed: int,
-                   memory: str = "full", resume: bool = False, fps: int = 8) -> dict:
+def generate_story(
+    generator: ShotGenerator,
+    story: story_lib.Story,
+    out_dir: str,
+    *,
+    seed: int,
+    memory: str = "full",
+    resume: bool = False,
+    fps: int = 8,
+) -> dict:
   """Generates every shot of ``story`` into ``out_dir``; returns the manifest."""
   if memory not in MEMORY_MODES:
     raise ValueError(f"--memory must be one of {MEMORY_MODES}, got {memory!r}")
@@ -122,14 +155,20 @@ def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: st
   manifest_path = os.path.join(out_dir, "manifest.json")
   d = s.config.data
   start = story_lib.load_image(story.start_image, d.height, d.width) if story.start_image else None
-  header = {"story_digest": _story_digest(story), "seed": seed, "memory": memory,
-            "start_image": story.start_image, "num_shots": len(story.shots),
-            "sampler": {"steps": generator.steps, "shift": generator.shift, "guidance": generator.guidance}}
+  header = {
+      "story_digest": _story_digest(story),
+      "seed": seed,
+      "memory": memory,
+      "start_image": story.start_image,
+      "num_shots": len(story.shots),
+      "sampler": {"steps": generator.steps, "shift": generator.shift, "guidance": generator.guidance},
+  }
   shots, latents, records = [], [], []
   if os.path.exists(manifest_path):
     if not resume:
-      raise ValueError(f"{manifest_path} already exists: pass --resume to continue that story, or choose another "
-                       f"--out")
+      raise ValueError(
+          f"{manifest_path} already exists: pass --resume to continue that story, or choose another " f"--out"
+      )
     with open(manifest_path) as f:
       old = json.load(f)
     for k, v in header.items():
@@ -137,7 +176,7 @@ def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: st
         raise ValueError(f"{manifest_path}: cannot resume, its {k}={old.get(k)!r} differs from this run's {v!r}")
     records = old["shots"]
     if records:
-      shots = video_io.load_frames_npz(os.path.join(out_dir, "frames.npz"))[:len(records)]
+      shots = video_io.load_frames_npz(os.path.join(out_dir, "frames.npz"))[: len(records)]
       with np.load(os.path.join(out_dir, "latents.npz"), allow_pickle=False) as z:
         latents = [z[f"shot_{i}"] for i in range(len(records))]
     logging.info("Resuming %s at shot %d of %d", out_dir, len(records) + 1, len(story.shots))
@@ -150,10 +189,16 @@ def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: st
     frames = generator.decode(lat)
     shots.append(frames)
     latents.append(lat)
-    records.append({"index": i, "caption": caption, "seed": shot_seed,
-                    "memory_frames": int(sum(x.shape[0] for x in mem)),
-                    "context_tokens": int(info["context_tokens"]),
-                    "selected": selection_record(info, s.latent_shape[0], kernels)})
+    records.append(
+        {
+            "index": i,
+            "caption": caption,
+            "seed": shot_seed,
+            "memory_frames": int(sum(x.shape[0] for x in mem)),
+            "context_tokens": int(info["context_tokens"]),
+            "selected": selection_record(info, s.latent_shape[0], kernels),
+        }
+    )
     video_io.save_frames_npz(os.path.join(out_dir, "frames.npz"), shots)
     _save_latents(os.path.join(out_dir, "latents.npz"), latents)
     video_io.atomic_write_json(manifest_path, dict(header, shots=records, complete=False))
@@ -161,8 +206,10 @@ def generate_story(generator: ShotGenerator, story: story_lib.Story, out_dir: st
   for i, frames in enumerate(shots):
     video_io.write_mp4(os.path.join(out_dir, f"shot_{i:02d}.mp4"), frames, fps=fps, scale=8)
   video_io.write_mp4(os.path.join(out_dir, "story.mp4"), np.concatenate(shots, axis=0), fps=fps, scale=8)
-  video_io.save_png(os.path.join(out_dir, "contact_sheet.png"),
-                    video_io.contact_sheet(shots, [r["caption"] for r in records], scale=4))
+  video_io.save_png(
+      os.path.join(out_dir, "contact_sheet.png"),
+      video_io.contact_sheet(shots, [r["caption"] for r in records], scale=4),
+  )
   manifest = dict(header, shots=records, complete=True)
   video_io.atomic_write_json(manifest_path, manifest)
   return manifest
@@ -177,14 +224,22 @@ def _save_latents(path: str, latents: Sequence[np.ndarray]) -> None:
 def write_training_samples(trainer, params: Any, writer, step: int) -> None:
   """A fixed 3-shot insert-and-recall StoryWorld story, sampled with the current parameters, to TensorBoard."""
   from onestory_jax.data import storyworld  # pylint: disable=g-import-not-at-top
+
   s = trainer.system
   d = s.config.data
   cfg = storyworld.StoryWorldConfig.from_config(d, min_shots=3, max_shots=3)
   story = storyworld.generate_story(1234, "recall", cfg, num_shots=3)
   gen = getattr(trainer, "_sample_generator", None)
   if gen is None:  # compiled once, then reused with the current parameters
-    gen = ShotGenerator(s, params, trainer.enc, max_shots=3, steps=s.config.sample.steps,
-                        shift=s.config.sample.shift, guidance=s.config.sample.guidance)
+    gen = ShotGenerator(
+        s,
+        params,
+        trainer.enc,
+        max_shots=3,
+        steps=s.config.sample.steps,
+        shift=s.config.sample.shift,
+        guidance=s.config.sample.guidance,
+    )
     trainer._sample_generator = gen  # pylint: disable=protected-access
   gen.params = params
   rows = {}
@@ -197,7 +252,8 @@ def write_training_samples(trainer, params: Any, writer, step: int) -> None:
     rows[memory] = shots
   truth = storyworld.render_story(story)
   captions = [sh["caption"] for sh in story["shots"]]
-  sheet = video_io.contact_sheet(rows["full"] + rows["none"] + truth,
-                                 [f"memory: {c}" for c in captions] + [f"no memory: {c}" for c in captions]
-                                 + ["ground truth"] * 3)
+  sheet = video_io.contact_sheet(
+      rows["full"] + rows["none"] + truth,
+      [f"memory: {c}" for c in captions] + [f"no memory: {c}" for c in captions] + ["ground truth"] * 3,
+  )
   writer.write_images(step, {"samples/recall_story": sheet[None]})

@@ -10,6 +10,7 @@ mesh axes. Axis types are ``Auto`` (GSPMD propagation), as Flax's logical partit
 ``length`` rule decides context parallelism: when it maps the token sequence onto a mesh axis of size > 1, the DiT's
 self-attention runs the all-to-all head/sequence swap (``onestory_jax.models.attention``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,10 @@ def dcn_shape(config) -> tuple[int, ...]:
   axes = tuple(config.mesh.axes)
   dcn = tuple(int(s) for s in config.mesh.dcn_shape)
   if len(dcn) != len(axes) or min(dcn) < 1:
-    raise ValueError(f"config.mesh.dcn_shape: expected {len(axes)} positive ints, one per axis of "
-                     f"config.mesh.axes={axes}; got {dcn}")
+    raise ValueError(
+        f"config.mesh.dcn_shape: expected {len(axes)} positive ints, one per axis of "
+        f"config.mesh.axes={axes}; got {dcn}"
+    )
   return dcn
 
 
@@ -70,12 +73,15 @@ def mesh_device_array(config, devices: Sequence[Any]) -> np.ndarray:
     return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices).devices
   by_slice = hasattr(devices[0], "slice_index")
   try:
-    return mesh_utils.create_hybrid_device_mesh(shape, dcn, devices, process_is_granule=not by_slice,
-                                                allow_split_physical_axes=True)
+    return mesh_utils.create_hybrid_device_mesh(
+        shape, dcn, devices, process_is_granule=not by_slice, allow_split_physical_axes=True
+    )
   except ValueError as e:
     granule = "slices (slice_index)" if by_slice else "processes"
-    raise ValueError(f"config.mesh.dcn_shape={dcn} with config.mesh.shape={shape}: the devices must form "
-                     f"{n_dcn} {granule} of {int(np.prod(shape))} devices each ({e})") from e
+    raise ValueError(
+        f"config.mesh.dcn_shape={dcn} with config.mesh.shape={shape}: the devices must form "
+        f"{n_dcn} {granule} of {int(np.prod(shape))} devices each ({e})"
+    ) from e
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -142,8 +148,7 @@ def inference_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_shardings: Any,
-                        mesh: Mesh) -> Any:
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
   """Shardings of an optax state: every parameter-shaped leaf (AdamW's ``mu``, ``nu``) as its parameter.
 
   The optimiser state is built from unboxed parameters, so it carries no logical axis names;
@@ -158,8 +163,14 @@ def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_
     mesh: the mesh of the replicated leaves.
   """
   masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-  return optax.tree_map_params(tx, lambda leaf, s: leaf if masked(leaf) else s, opt_state, param_shardings,
-                               transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
+  return optax.tree_map_params(
+      tx,
+      lambda leaf, s: leaf if masked(leaf) else s,
+      opt_state,
+      param_shardings,
+      transform_non_params=lambda _: replicated(mesh),
+      is_leaf=masked,
+  )
 
 
 def train_state_shardings(boxed_state: Any, tx: optax.GradientTransformation, mesh: Mesh, config) -> Any:
@@ -170,8 +181,11 @@ def train_state_shardings(boxed_state: Any, tx: optax.GradientTransformation, me
   """
   params = logical_to_shardings(boxed_state.params, mesh, config)
   return boxed_state.replace(
-      step=replicated(mesh), rng=replicated(mesh), params=params,
-      opt_state=opt_state_shardings(tx, strip_boxes(boxed_state.opt_state), params, mesh))
+      step=replicated(mesh),
+      rng=replicated(mesh),
+      params=params,
+      opt_state=opt_state_shardings(tx, strip_boxes(boxed_state.opt_state), params, mesh),
+  )
 
 
 def batch_sharding(mesh: Mesh, config) -> NamedSharding:
@@ -193,8 +207,7 @@ def batch_divisor(mesh: Mesh, config) -> int:
 def host_local_to_global(batch: dict, mesh: Mesh, config) -> dict:
   """Assembles per-process batches into global arrays sharded along the batch axis."""
   sharding = batch_sharding(mesh, config)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
 def strip_boxes(tree: Any) -> Any:

@@ -14,6 +14,7 @@ format is documented in docs/story_format.md.
 Every validation error names the file and the field, e.g.
 ``story.json: shots[2].caption must be a non-empty string, got 5``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ class ShotSpec:
     environment: id of the shot's environment, or None if the file does not say.
     extra: every other key of the shot's JSON object (e.g. "action", "framing").
   """
+
   caption: str
   characters: tuple[int, ...] | None = None
   environment: int | None = None
@@ -56,6 +58,7 @@ class Story:
     seed: the story seed (per-shot seed = seed + shot index), or None.
     raw: the whole parsed JSON object, extra keys included.
   """
+
   shots: tuple[ShotSpec, ...]
   start_image: str | None = None
   seed: int | None = None
@@ -77,31 +80,29 @@ def _describe(x: Any) -> str:
 def _parse_shot(where: str, i: int, shot: Any) -> ShotSpec:
   field = f"shots[{i}]"
   if not isinstance(shot, dict):
-    raise ValueError(f"{where}: {field} must be an object with a 'caption', got "
-                     f"{type(shot).__name__} {_describe(shot)}")
+    raise ValueError(
+        f"{where}: {field} must be an object with a 'caption', got " f"{type(shot).__name__} {_describe(shot)}"
+    )
   if "caption" not in shot:
     raise ValueError(f"{where}: {field} has no 'caption'")
   caption = shot["caption"]
   if not isinstance(caption, str) or not caption.strip():
-    raise ValueError(f"{where}: {field}.caption must be a non-empty string, got "
-                     f"{_describe(caption)}")
+    raise ValueError(f"{where}: {field}.caption must be a non-empty string, got " f"{_describe(caption)}")
   characters = shot.get("characters")
   if characters is not None:
     if not isinstance(characters, list) or not all(_is_int(c) and c >= 0 for c in characters):
-      raise ValueError(f"{where}: {field}.characters must be a list of non-negative ints, got "
-                       f"{_describe(characters)}")
+      raise ValueError(
+          f"{where}: {field}.characters must be a list of non-negative ints, got " f"{_describe(characters)}"
+      )
     characters = tuple(characters)
   environment = shot.get("environment")
   if environment is not None and not (_is_int(environment) and environment >= 0):
-    raise ValueError(f"{where}: {field}.environment must be a non-negative int, got "
-                     f"{_describe(environment)}")
+    raise ValueError(f"{where}: {field}.environment must be a non-negative int, got " f"{_describe(environment)}")
   extra = {k: v for k, v in shot.items() if k not in _SHOT_KEYS}
-  return ShotSpec(caption=caption.strip(), characters=characters, environment=environment,
-                  extra=extra)
+  return ShotSpec(caption=caption.strip(), characters=characters, environment=environment, extra=extra)
 
 
-def parse_story(obj: Any, where: str = "<story>", base_dir: str | None = None,
-                max_shots: int | None = None) -> Story:
+def parse_story(obj: Any, where: str = "<story>", base_dir: str | None = None, max_shots: int | None = None) -> Story:
   """Validates a parsed story object (see the module docstring for the format).
 
   Args:
@@ -114,26 +115,21 @@ def parse_story(obj: Any, where: str = "<story>", base_dir: str | None = None,
     The :class:`Story`.
   """
   if not isinstance(obj, dict):
-    raise ValueError(f"{where}: the top level must be a JSON object with 'shots', got "
-                     f"{type(obj).__name__}")
+    raise ValueError(f"{where}: the top level must be a JSON object with 'shots', got " f"{type(obj).__name__}")
   shots = obj.get("shots")
   if not isinstance(shots, list) or not shots:
     raise ValueError(f"{where}: 'shots' must be a non-empty list, got {_describe(shots)}")
   if max_shots is not None and len(shots) > max_shots:
-    raise ValueError(f"{where}: 'shots' has {len(shots)} shots, more than max_shots = "
-                     f"{max_shots}")
+    raise ValueError(f"{where}: 'shots' has {len(shots)} shots, more than max_shots = " f"{max_shots}")
   specs = tuple(_parse_shot(where, i, s) for i, s in enumerate(shots))
 
   start_image = obj.get("start_image")
   if start_image is not None:
     if not isinstance(start_image, str) or not start_image.strip():
-      raise ValueError(f"{where}: start_image must be a non-empty string path, got "
-                       f"{_describe(start_image)}")
-    resolved = os.path.abspath(os.path.join(base_dir or os.getcwd(),
-                                            os.path.expanduser(start_image)))
+      raise ValueError(f"{where}: start_image must be a non-empty string path, got " f"{_describe(start_image)}")
+    resolved = os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(start_image)))
     if not os.path.isfile(resolved):
-      raise ValueError(f"{where}: start_image file not found: {start_image!r} (resolved to "
-                       f"{resolved})")
+      raise ValueError(f"{where}: start_image file not found: {start_image!r} (resolved to " f"{resolved})")
     start_image = resolved
 
   seed = obj.get("seed")
@@ -159,8 +155,7 @@ def load_story(path: PathLike, max_shots: int | None = None) -> Story:
   try:
     obj = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: "
-                     f"{e.msg}") from e
+    raise ValueError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: " f"{e.msg}") from e
   base_dir = os.path.dirname(os.path.abspath(where))
   return parse_story(obj, where=where, base_dir=base_dir, max_shots=max_shots)
 
@@ -182,8 +177,7 @@ def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
       im.load()
       image = im.convert("RGB")
   except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise ValueError(f"load_image: cannot read {where} as an image ({type(e).__name__}: "
-                     f"{e})") from e
+    raise ValueError(f"load_image: cannot read {where} as an image ({type(e).__name__}: " f"{e})") from e
   w0, h0 = image.size
   if (w0, h0) != (width, height):
     # Centre crop to the target aspect ratio, then resize.
@@ -192,8 +186,15 @@ def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
     else:
       cw, ch = w0, max(1, round(w0 * height / width))
     left, top = (w0 - cw) // 2, (h0 - ch) // 2
-    image = image.crop((left, top, left + cw, top + ch)).resize((width, height),
-                                                                 Image.Resampling.LANCZOS)
-    logging.warning("load_image: %s is %dx%d (WxH); centre-cropped to %dx%d and resized to %dx%d",
-                 where, w0, h0, cw, ch, width, height)
+    image = image.crop((left, top, left + cw, top + ch)).resize((width, height), Image.Resampling.LANCZOS)
+    logging.warning(
+        "load_image: %s is %dx%d (WxH); centre-cropped to %dx%d and resized to %dx%d",
+        where,
+        w0,
+        h0,
+        cw,
+        ch,
+        width,
+        height,
+    )
   return np.asarray(image, dtype=np.uint8).copy()

@@ -11,6 +11,7 @@ Multi-host: run the same command on every host (TPU VM workers, SLURM ``srun``, 
 from the environment first (:mod:`onestory_jax.distributed`), each process loads its share of the global batch, and
 ``--workdir`` must be a path that every host sees (e.g. ``gs://BUCKET/run``).
 """
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -21,8 +22,9 @@ from onestory_jax import distributed
 from onestory_jax import logs
 from onestory_jax import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration (configs/onestory.py:variant).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration (configs/onestory.py:variant).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -17,6 +17,7 @@ moments start at zero. A run that resumes from its workdir never re-reads ``conf
 Fine-tuning: with ``config.init_params`` (an exported checkpoint) a fresh start takes every parameter from it; the
 run may change the Adaptive Conditioner's kernels, and a new kernel starts from the export's patch embedding.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,8 +73,9 @@ def param_groups(params: Any, config) -> Any:
 
 def learning_rate(config, base_lr: float) -> optax.Schedule:
   o = config.optim
-  return optax.warmup_cosine_decay_schedule(0.0, base_lr, max(o.warmup_steps, 1),
-                                            max(config.num_train_steps, o.warmup_steps + 1), base_lr * 0.1)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, base_lr, max(o.warmup_steps, 1), max(config.num_train_steps, o.warmup_steps + 1), base_lr * 0.1
+  )
 
 
 def make_optimizer(config, params: Any) -> optax.GradientTransformation:
@@ -84,8 +86,11 @@ def make_optimizer(config, params: Any) -> optax.GradientTransformation:
 
   return optax.chain(
       optax.clip_by_global_norm(o.grad_clip),
-      optax.multi_transform({"new": adamw(o.lr), "pretrained": adamw(o.pretrained_lr),
-                             "frozen": optax.set_to_zero()}, param_groups(params, config)))
+      optax.multi_transform(
+          {"new": adamw(o.lr), "pretrained": adamw(o.pretrained_lr), "frozen": optax.set_to_zero()},
+          param_groups(params, config),
+      ),
+  )
 
 
 def init_train_state(system: next_shot.System, config, rng: jax.Array) -> TrainState:
@@ -98,16 +103,18 @@ def init_train_state(system: next_shot.System, config, rng: jax.Array) -> TrainS
 
 
 # ---------------------------------------------------------------------------- the step
-def train_step(state: TrainState, batch: dict, enc: dict, *, system: next_shot.System,
-               tx: optax.GradientTransformation):
+def train_step(
+    state: TrainState, batch: dict, enc: dict, *, system: next_shot.System, tx: optax.GradientTransformation
+):
   """One optimiser step on :func:`objective.loss_fn`; ``enc`` holds the frozen encoders' parameters."""
   rng, step_rng = jax.random.split(state.rng)
   # Frozen collections (config.optim.frozen, e.g. the pretrained umT5) are not differentiated: no backward pass
   # through them, and their zero gradients stay out of the global-norm clipping.
   frozen = {k: jax.lax.stop_gradient(v) for k, v in state.params.items() if k in system.config.optim.frozen}
   trainable = {k: v for k, v in state.params.items() if k not in frozen}
-  grad_fn = jax.value_and_grad(lambda p: objective.loss_fn({**frozen, **p}, system, enc, batch, step_rng, state.step),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p: objective.loss_fn({**frozen, **p}, system, enc, batch, step_rng, state.step), has_aux=True
+  )
   (_, metrics), grads = grad_fn(trainable)
   grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen)}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -123,6 +130,7 @@ class TrainProgram:
   ``abstract_*`` are ``jax.ShapeDtypeStruct`` trees carrying their shardings: nothing is allocated, so ``plan``
   compiles the program for TPU topologies that are not attached.
   """
+
   system: next_shot.System
   mesh: jax.sharding.Mesh
   tx: optax.GradientTransformation
@@ -144,8 +152,9 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def build_train_program(config: ml_collections.ConfigDict, system: next_shot.System,
-                        mesh: jax.sharding.Mesh) -> TrainProgram:
+def build_train_program(
+    config: ml_collections.ConfigDict, system: next_shot.System, mesh: jax.sharding.Mesh
+) -> TrainProgram:
   """The one builder of the sharded train state and step (trainer, ``plan`` and ``benchmark`` all use it).
 
   Parameters are sharded by ``config.logical_axis_rules``, AdamW's moments like their parameters, ``step`` and
@@ -159,8 +168,9 @@ def build_train_program(config: ml_collections.ConfigDict, system: next_shot.Sys
   gb = int(config.data.batch_size)
   div = sharding.batch_divisor(mesh, config)
   if gb % div:
-    raise ValueError(f"config.data.batch_size={gb} must be divisible by the batch mesh axes ({div} on mesh "
-                     f"{dict(mesh.shape)})")
+    raise ValueError(
+        f"config.data.batch_size={gb} must be divisible by the batch mesh axes ({div} on mesh " f"{dict(mesh.shape)})"
+    )
   # Outside the mesh context: some encoders make concrete keys, which cannot run on compile-only TPU devices.
   boxed_enc = system.abstract_encoder_params()
   with sharding.use_mesh(mesh, config):
@@ -171,14 +181,28 @@ def build_train_program(config: ml_collections.ConfigDict, system: next_shot.Sys
   state_sh = sharding.train_state_shardings(boxed, tx, mesh, config)
   enc_sh = sharding.fitted_shardings(boxed_enc, mesh, config)
   batch_sh = sharding.batch_sharding(mesh, config)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-           for k, (shape, dtype) in pipeline.batch_spec(config).items()}
-  step = jax.jit(functools.partial(train_step, system=system, tx=tx), in_shardings=(state_sh, batch_sh, enc_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  return TrainProgram(system=system, mesh=mesh, tx=tx, state_shardings=state_sh,
-                      abstract_state=_with_shardings(sharding.strip_boxes(boxed), state_sh), batch_sharding=batch_sh,
-                      abstract_batch=batch, encoder_shardings=enc_sh,
-                      abstract_encoders=_with_shardings(sharding.strip_boxes(boxed_enc), enc_sh), step=step)
+  batch = {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+      for k, (shape, dtype) in pipeline.batch_spec(config).items()
+  }
+  step = jax.jit(
+      functools.partial(train_step, system=system, tx=tx),
+      in_shardings=(state_sh, batch_sh, enc_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=(0,),
+  )
+  return TrainProgram(
+      system=system,
+      mesh=mesh,
+      tx=tx,
+      state_shardings=state_sh,
+      abstract_state=_with_shardings(sharding.strip_boxes(boxed), state_sh),
+      batch_sharding=batch_sh,
+      abstract_batch=batch,
+      encoder_shardings=enc_sh,
+      abstract_encoders=_with_shardings(sharding.strip_boxes(boxed_enc), enc_sh),
+      step=step,
+  )
 
 
 # ---------------------------------------------------------------------------- setup
@@ -190,8 +214,10 @@ class Trainer:
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config)
     if config.data.batch_size % jax.process_count():
-      raise ValueError(f"config.data.batch_size={config.data.batch_size} must be divisible by the process count "
-                       f"({jax.process_count()})")
+      raise ValueError(
+          f"config.data.batch_size={config.data.batch_size} must be divisible by the process count "
+          f"({jax.process_count()})"
+      )
     self.program = build_train_program(config, next_shot.make_system(config), self.mesh)
     self.system = self.program.system
     enc = self.system.encoder_params(jax.random.key(0), mesh=self.mesh)
@@ -231,12 +257,17 @@ class Trainer:
     with sharding.use_mesh(self.mesh, self.config):
       params = dict(state.params)
       for name, component in restored.items():
-        params[name] = weights.load_converted(self.config.pretrained, component, self.program.abstract_state.params[name],
-                                              self.program.state_shardings.params[name])
+        params[name] = weights.load_converted(
+            self.config.pretrained,
+            component,
+            self.program.abstract_state.params[name],
+            self.program.state_shardings.params[name],
+        )
         logging.info("Restored params[%r] from %s", name, weights.converted_path(self.config.pretrained, component))
       if "adaptive_conditioner" in params:
         params["adaptive_conditioner"] = self._framepack_patchifiers(
-            params["dit"]["patch_embedding"], list(self.program.abstract_state.params["adaptive_conditioner"]))
+            params["dit"]["patch_embedding"], list(self.program.abstract_state.params["adaptive_conditioner"])
+        )
       return state.replace(params=params)
 
   def _restore_init_params(self, path: str) -> Any:
@@ -256,15 +287,22 @@ class Trainer:
     if old == want:
       return checkpoints.restore_exported_params(path, abstract)
     like = abstract[name]["patchifier_0"]  # every patchifier has the same logical axes, so the same sharding
-    as_saved = {n: {k: jax.ShapeDtypeStruct(v.shape, like[k].dtype, sharding=like[k].sharding) for k, v in p.items()}
-                for n, p in saved[name].items()}
+    as_saved = {
+        n: {k: jax.ShapeDtypeStruct(v.shape, like[k].dtype, sharding=like[k].sharding) for k, v in p.items()}
+        for n, p in saved[name].items()
+    }
     params = dict(checkpoints.restore_exported_params(path, {**abstract, name: as_saved}))
     new = [n for kernel, n in want.items() if kernel not in old]
     with sharding.use_mesh(self.mesh, self.config):
       fresh = self._framepack_patchifiers(params["dit"]["patch_embedding"], new) if new else {}
     for kernel, n in want.items():
-      logging.info("%s/%s, kernel %s: %s", name, n, kernel,
-                   f"restored from {old[kernel]}" if kernel in old else "new, from the DiT patch embedding")
+      logging.info(
+          "%s/%s, kernel %s: %s",
+          name,
+          n,
+          kernel,
+          f"restored from {old[kernel]}" if kernel in old else "new, from the DiT patch embedding",
+      )
     params[name] = {n: params[name][old[kernel]] if kernel in old else fresh[n] for kernel, n in want.items()}
     return params
 
@@ -272,15 +310,21 @@ class Trainer:
     """The conditioner's patchifiers ``names`` started from the DiT's ``patch_embedding`` (FramePack,
     :func:`pretrained.framepack_patchifiers`), in their shardings; call under the run's mesh."""
     sub = lambda tree: {n: tree["adaptive_conditioner"][n] for n in names}
-    return jax.jit(functools.partial(pretrained.framepack_patchifiers, conditioner=sub(self.program.abstract_state.params),
-                                     latent_channels=self.system.model.latent_channels),
-                   out_shardings=sub(self.program.state_shardings.params))(patch_embedding)
+    return jax.jit(
+        functools.partial(
+            pretrained.framepack_patchifiers,
+            conditioner=sub(self.program.abstract_state.params),
+            latent_channels=self.system.model.latent_channels,
+        ),
+        out_shardings=sub(self.program.state_shardings.params),
+    )(patch_embedding)
 
   def _init_leaving_out(self, rng: jax.Array, names) -> TrainState:
     """The state from one compiled, sharded init, without the parameter collections in ``names`` (their random
     initialisation is left out of the compiled program; the caller restores them)."""
     shardings = self.program.state_shardings.replace(
-        params={k: v for k, v in self.program.state_shardings.params.items() if k not in names})
+        params={k: v for k, v in self.program.state_shardings.params.items() if k not in names}
+    )
 
     def init(r):
       state = sharding.strip_boxes(init_train_state(self.system, self.config, r))
@@ -295,9 +339,13 @@ class Trainer:
       return self.program.step(state, batch, self.enc)
 
   def dataset(self):
-    return pipeline.make_train_dataset(self.config, warmup_steps=objective.dc_warmup_steps(self.config),
-                                       process_index=jax.process_index(), process_count=jax.process_count(),
-                                       tokenizer=self.system.tokenizer)
+    return pipeline.make_train_dataset(
+        self.config,
+        warmup_steps=objective.dc_warmup_steps(self.config),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        tokenizer=self.system.tokenizer,
+    )
 
 
 # ---------------------------------------------------------------------------- loop
@@ -319,17 +367,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
   start = int(jax.device_get(state.step))
   total = config.num_train_steps
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=config.log_every_steps)
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_steps=config.log_every_steps)
   hooks = [report]
   # Every process samples: the sampler's jitted programs span all devices (on process 0 alone they hang). Only
   # process 0's writer writes the images; the others' only log their shapes.
   if config.sample_every_steps:
     from onestory_jax import sampler  # pylint: disable=g-import-not-at-top
-    hooks.append(periodic_actions.PeriodicCallback(
-        every_steps=config.sample_every_steps,
-        callback_fn=lambda step, t, **_: sampler.write_training_samples(
-            trainer, state_ref[0].params, writer, step)))
+
+    hooks.append(
+        periodic_actions.PeriodicCallback(
+            every_steps=config.sample_every_steps,
+            callback_fn=lambda step, t, **_: sampler.write_training_samples(trainer, state_ref[0].params, writer, step),
+        )
+    )
   state_ref = [state]
   metrics_acc = []
   # MFU from the analytic model FLOPs (context tokens included; onestory_jax/flops.py) and the chip's peak.

@@ -13,6 +13,7 @@ ffmpeg is needed). h264 with yuv420p needs even frame sizes; small demo frames a
 (nearest neighbour, ``scale``) so that players show them at a useful size, and an odd size is
 padded by one edge row / column.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,7 @@ def _atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp" + suffix,
-                             dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp" + suffix, dir=directory)
   os.close(fd)
   try:
     yield tmp
@@ -61,8 +61,7 @@ def _atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` atomically (temp file in the same directory + os.replace)."""
   if not isinstance(data, (bytes, bytearray, memoryview)):
-    raise ValueError(f"atomic_write_bytes({os.fspath(path)}): data must be bytes, "
-                     f"got {type(data).__name__}")
+    raise ValueError(f"atomic_write_bytes({os.fspath(path)}): data must be bytes, " f"got {type(data).__name__}")
   with _atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data)
@@ -87,8 +86,7 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
   try:
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
   except (TypeError, ValueError) as e:
-    raise ValueError(f"atomic_write_json({os.fspath(path)}): object is not JSON-serialisable: "
-                     f"{e}") from e
+    raise ValueError(f"atomic_write_json({os.fspath(path)}): object is not JSON-serialisable: " f"{e}") from e
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -99,8 +97,7 @@ def _check_frames(frames: Any, what: str) -> np.ndarray:
   if frames.dtype != np.uint8:
     raise ValueError(f"{what}: frames must be uint8, got dtype {frames.dtype}")
   if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape) < 1:
-    raise ValueError(f"{what}: frames must be uint8 [T, H, W, 3] with T, H, W >= 1, got shape "
-                     f"{frames.shape}")
+    raise ValueError(f"{what}: frames must be uint8 [T, H, W, 3] with T, H, W >= 1, got shape " f"{frames.shape}")
   return frames
 
 
@@ -131,8 +128,7 @@ def _quiet_fork_warning() -> Iterator[None]:
     yield
 
 
-def write_mp4(path: PathLike, frames: Any, fps: float = 8, scale: int = 1,
-              quality: float = 9.0) -> None:
+def write_mp4(path: PathLike, frames: Any, fps: float = 8, scale: int = 1, quality: float = 9.0) -> None:
   """Writes uint8 frames [T, H, W, 3] as an h264 / yuv420p mp4, atomically.
 
   Args:
@@ -155,8 +151,16 @@ def write_mp4(path: PathLike, frames: Any, fps: float = 8, scale: int = 1,
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
   with _atomic_path(path, suffix=".mp4") as tmp, _quiet_fork_warning():
     writer = imageio.get_writer(
-        tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
-        pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
+        tmp,
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        quality=quality,
+        pixelformat="yuv420p",
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+    )
     try:
       for frame in frames:
         writer.append_data(frame)
@@ -188,8 +192,7 @@ def save_png(path: PathLike, image: Any) -> None:
   """Saves a uint8 [H, W, 3] image as PNG, atomically."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"save_png({os.fspath(path)}): image must be uint8 [H, W, 3], got "
-                     f"{image.dtype} {image.shape}")
+    raise ValueError(f"save_png({os.fspath(path)}): image must be uint8 [H, W, 3], got " f"{image.dtype} {image.shape}")
   with _atomic_path(path, suffix=".png") as tmp:
     Image.fromarray(image).save(tmp, format="PNG")
 
@@ -232,8 +235,9 @@ def _wrap(draw: ImageDraw.ImageDraw, font: Any, text: str, width: int) -> list[s
   return out
 
 
-def contact_sheet(shots: Sequence[Any], captions: Sequence[str] | None = None, scale: int = 4,
-                  max_frames: int = 8) -> np.ndarray:
+def contact_sheet(
+    shots: Sequence[Any], captions: Sequence[str] | None = None, scale: int = 4, max_frames: int = 8
+) -> np.ndarray:
   """One row per shot, frames left to right, each row's caption above it.
 
   Args:
@@ -246,13 +250,14 @@ def contact_sheet(shots: Sequence[Any], captions: Sequence[str] | None = None, s
     uint8 [H_sheet, W_sheet, 3].
   """
   if not isinstance(shots, (list, tuple)) or not shots:
-    raise ValueError(f"contact_sheet: shots must be a non-empty list of uint8 [T, H, W, 3] clips, "
-                     f"got {type(shots).__name__} {shots!r:.60}")
+    raise ValueError(
+        f"contact_sheet: shots must be a non-empty list of uint8 [T, H, W, 3] clips, "
+        f"got {type(shots).__name__} {shots!r:.60}"
+    )
   if captions is not None and len(captions) != len(shots):
     raise ValueError(f"contact_sheet: got {len(captions)} captions for {len(shots)} shots")
   scale = _check_scale(scale, "contact_sheet")
-  if (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer))
-      or max_frames < 1):
+  if isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or max_frames < 1:
     raise ValueError(f"contact_sheet: max_frames must be a positive int, got {max_frames!r}")
   rows = []
   for i, shot in enumerate(shots):
@@ -262,7 +267,7 @@ def contact_sheet(shots: Sequence[Any], captions: Sequence[str] | None = None, s
     row = np.empty((h, n * w + (n - 1) * _GAP, 3), np.uint8)
     row[:] = _BACKGROUND
     for j, frame in enumerate(clip):
-      row[:, j * (w + _GAP): j * (w + _GAP) + w] = frame
+      row[:, j * (w + _GAP) : j * (w + _GAP) + w] = frame
     rows.append(row)
   sheet_w = max(r.shape[1] for r in rows) + 2 * _GAP
 
@@ -325,11 +330,12 @@ def load_frames_npz(path: PathLike) -> list[np.ndarray]:
     raise ValueError(f"{path}: unexpected key(s) {bad}; expected shot_0, shot_1, ...")
   if not arrays:
     raise ValueError(f"{path}: contains no shots; expected keys shot_0, shot_1, ...")
-  indices = sorted(int(k[len("shot_"):]) for k in arrays)
+  indices = sorted(int(k[len("shot_") :]) for k in arrays)
   if indices != list(range(len(indices))):
     missing = sorted(set(range(max(indices) + 1)) - set(indices))
-    raise ValueError(f"{path}: shot keys must be contiguous from shot_0; missing "
-                     f"{['shot_%d' % m for m in missing]}")
+    raise ValueError(
+        f"{path}: shot keys must be contiguous from shot_0; missing " f"{['shot_%d' % m for m in missing]}"
+    )
   shots = []
   for i in indices:
     key = f"shot_{i}"
@@ -343,6 +349,13 @@ def load_frames_npz(path: PathLike) -> list[np.ndarray]:
 
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_json", "contact_sheet", "load_frames_npz", "read_mp4",
-    "save_frames_npz", "save_png", "upscale", "write_mp4",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "contact_sheet",
+    "load_frames_npz",
+    "read_mp4",
+    "save_frames_npz",
+    "save_png",
+    "upscale",
+    "write_mp4",
 ]

@@ -24,6 +24,7 @@ Besides that vocabulary this module holds the pieces the converter and the loade
   key and shape, before any tensor data is read;
 * :func:`load_converted`, which restores a converted component straight into its sharded layout.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,6 +67,7 @@ class Target:
     transform: published layout -> Flax layout (:func:`identity`, :func:`linear`, :func:`conv`, ...).
     layer: for parameters of scanned layers (stacked on a leading axis), the index along that axis; else ``None``.
   """
+
   path: tuple[str, ...]
   transform: Transform = identity
   layer: int | None = None
@@ -76,10 +78,18 @@ KeyMap = Callable[[str], "Target | None"]
 # ----------------------------------------------------------------------------- safetensors
 
 SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype(bool),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype(bool),
 }
 _MAX_HEADER_BYTES = 100 * 2**20
 
@@ -95,6 +105,7 @@ class TensorInfo:
     shape: stored shape.
     offset: absolute byte offset of the data in ``file``.
   """
+
   name: str
   file: str
   dtype: np.dtype
@@ -150,8 +161,10 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
       raise ValueError(f"{path}: tensor {name!r} has dtype {code!r}; expected one of {sorted(SAFETENSORS_DTYPES)}")
     info = TensorInfo(name, path, SAFETENSORS_DTYPES[code], shape, base + int(begin))
     if int(end) - int(begin) != info.nbytes or min(shape, default=0) < 0 or base + int(end) > size:
-      raise ValueError(f"{path}: tensor {name!r} ({code} {list(shape)}) has data_offsets [{begin}, {end}] that do "
-                       f"not match its size {info.nbytes} or lie beyond the file end ({size} bytes)")
+      raise ValueError(
+          f"{path}: tensor {name!r} ({code} {list(shape)}) has data_offsets [{begin}, {end}] that do "
+          f"not match its size {info.nbytes} or lie beyond the file end ({size} bytes)"
+      )
     out[name] = info
   return out
 
@@ -199,11 +212,14 @@ def index_safetensors(directory: str, stem: str) -> dict[str, TensorInfo]:
   if os.path.exists(index):
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
-    wrong = sorted(k for k, v in weight_map.items()
-                   if k not in out or os.path.basename(out[k].file) != os.path.basename(v))
+    wrong = sorted(
+        k for k, v in weight_map.items() if k not in out or os.path.basename(out[k].file) != os.path.basename(v)
+    )
     if wrong:
-      raise ValueError(f"{index}: weight_map disagrees with the shard headers for {wrong[:10]}"
-                       f"{' ...' if len(wrong) > 10 else ''}")
+      raise ValueError(
+          f"{index}: weight_map disagrees with the shard headers for {wrong[:10]}"
+          f"{' ...' if len(wrong) > 10 else ''}"
+      )
   return out
 
 
@@ -234,6 +250,7 @@ def flatten_tree(tree: Any) -> dict[tuple[str, ...], Any]:
         walk(v, prefix + (str(k),))
     else:
       out[prefix] = node
+
   walk(tree, ())
   return out
 
@@ -270,6 +287,7 @@ class Slot:
 
   ``sources`` maps the layer index (None for an unstacked parameter) to (tensor, transform).
   """
+
   path: tuple[str, ...]
   shape: tuple[int, ...]
   stacked: bool
@@ -292,6 +310,7 @@ class ConversionPlan:
     conflicts: (published name, reason): two tensors for one destination, or stacked and unstacked targets mixed.
     ignored: published names that the key map deliberately drops (it returned None).
   """
+
   slots: dict[tuple[str, ...], Slot]
   missing: list[str]
   unexpected: list[tuple[str, str]]
@@ -309,8 +328,9 @@ class ConversionPlan:
         "valid": self.ok,
         "missing": list(self.missing),
         "unexpected": [{"key": k, "reason": r} for k, r in self.unexpected],
-        "shape_mismatches": [{"key": k, "target": t, "expected": list(e), "got": list(g)}
-                             for k, t, e, g in self.shape_mismatches],
+        "shape_mismatches": [
+            {"key": k, "target": t, "expected": list(e), "got": list(g)} for k, t, e, g in self.shape_mismatches
+        ],
         "conflicts": [{"key": k, "reason": r} for k, r in self.conflicts],
         "ignored": list(self.ignored),
     }
@@ -318,16 +338,19 @@ class ConversionPlan:
   def summary(self, limit: int = 20) -> str:
     """Readable lines for the console."""
     lines = []
+
     def block(title, items):
       if items:
         lines.append(f"  {title} ({len(items)}):")
         lines.extend(f"    {x}" for x in items[:limit])
         if len(items) > limit:
           lines.append(f"    ... {len(items) - limit} more (see report.json)")
+
     block("missing keys", self.missing)
     block("unexpected keys", [f"{k}: {r}" for k, r in self.unexpected])
-    block("shape mismatches", [f"{k} -> {t}: expected {list(e)}, got {list(g)}"
-                               for k, t, e, g in self.shape_mismatches])
+    block(
+        "shape mismatches", [f"{k} -> {t}: expected {list(e)}, got {list(g)}" for k, t, e, g in self.shape_mismatches]
+    )
     block("conflicts", [f"{k}: {r}" for k, r in self.conflicts])
     return "\n".join(lines)
 
@@ -366,12 +389,14 @@ def plan_conversion(tensors: Mapping[str, TensorInfo], key_map: KeyMap, abstract
       conflicts.append((name, f"{path_str(path)} is addressed both per layer and as a whole"))
       continue
     if slot.stacked and not (shape and 0 <= target.layer < shape[0]):
-      unexpected.append((name, f"layer {target.layer} of {path_str(path)}, whose shape {list(shape)} has no such "
-                               f"layer"))
+      unexpected.append(
+          (name, f"layer {target.layer} of {path_str(path)}, whose shape {list(shape)} has no such " f"layer")
+      )
       continue
     if target.layer in slot.sources:
-      conflicts.append((name, f"{path_str(path, target.layer)} is also filled by "
-                              f"{slot.sources[target.layer][0].name!r}"))
+      conflicts.append(
+          (name, f"{path_str(path, target.layer)} is also filled by " f"{slot.sources[target.layer][0].name!r}")
+      )
       continue
     got = transformed_shape(target.transform, info.shape)
     if got is not None and got != slot.item_shape:
@@ -421,18 +446,24 @@ def load_converted(dst: str, component: str, abstract_tree: Any, shardings: Any 
 
   path = converted_path(dst, component)
   if not os.path.isdir(path) or not ocp.is_orbax_checkpoint(path):
-    raise ValueError(f"load_converted: no converted {component!r} checkpoint at {path}; run "
-                     f"python -m onestory_jax.convert --src=<release> --dst={dst} --components={component}")
+    raise ValueError(
+        f"load_converted: no converted {component!r} checkpoint at {path}; run "
+        f"python -m onestory_jax.convert --src=<release> --dst={dst} --components={component}"
+    )
   abstract = sharding_lib.strip_boxes(abstract_tree)
   stored = flatten_tree(ocp.metadata(path).metadata)
   wanted = flatten_tree(abstract)
   problems = [f"missing in the checkpoint: {path_str(p)}" for p in wanted if p not in stored]
   problems += [f"not in the model: {path_str(p)}" for p in stored if p not in wanted]
-  problems += [f"{path_str(p)}: checkpoint {list(stored[p].shape)}, model {list(wanted[p].shape)}"
-               for p in wanted if p in stored and tuple(stored[p].shape) != tuple(wanted[p].shape)]
+  problems += [
+      f"{path_str(p)}: checkpoint {list(stored[p].shape)}, model {list(wanted[p].shape)}"
+      for p in wanted
+      if p in stored and tuple(stored[p].shape) != tuple(wanted[p].shape)
+  ]
   if problems:
-    raise ValueError(f"load_converted: {path} does not match the model's parameter tree:\n  "
-                     + "\n  ".join(problems[:50]))
+    raise ValueError(
+        f"load_converted: {path} does not match the model's parameter tree:\n  " + "\n  ".join(problems[:50])
+    )
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)

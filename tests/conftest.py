@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and parsed absl flags."""
+
 import os
 import sys
 

@@ -13,6 +13,7 @@ Nothing in the training code changes: the worker wraps ``Trainer.step`` and ``ch
 observe them. Launched as ``python tests/multihost_worker.py --config=configs/onestory.py:tiny --workdir=DIR ...``
 with ``PYTHONPATH`` at the repository root and the ``JAX_*`` variables of :mod:`onestory_jax.distributed`.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,13 @@ def main(argv):
   trainer.Trainer.step = step
   checkpoints.restore_checkpoint = restore
   train.main(argv)
-  obs.update(cpu_s=_cpu_s(), process_index=jax.process_index(), process_count=jax.process_count(),
-             device_count=jax.device_count(), local_device_count=jax.local_device_count())
+  obs.update(
+      cpu_s=_cpu_s(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      device_count=jax.device_count(),
+      local_device_count=jax.local_device_count(),
+  )
   with open(os.path.join(record, f"process_{jax.process_index()}.json"), "w") as f:
     json.dump(obs, f, indent=1)
 

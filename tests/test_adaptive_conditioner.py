@@ -84,8 +84,9 @@ def test_conditioner_packs_tokens_in_rank_order_with_positions():
   assert not np.asarray(out["mask"][0, 22:]).any()
   np.testing.assert_array_equal(np.asarray(out["tokens"][0, 22:]), 0.0)
   # The tokens are the patchifier outputs of the right frames.
-  p1 = ac.Patchifier((1, 4, 4), 16).apply({"params": jax.tree.map(lambda x: x, params["params"]["patchifier_1"])},
-                                          frames[:, 1:2])
+  p1 = ac.Patchifier((1, 4, 4), 16).apply(
+      {"params": jax.tree.map(lambda x: x, params["params"]["patchifier_1"])}, frames[:, 1:2]
+  )
   np.testing.assert_allclose(out["tokens"][0, 16:20], p1[0, 0], rtol=1e-5, atol=1e-6)
 
 
@@ -97,8 +98,12 @@ def test_patchifier_equals_strided_conv():
   p = jax.tree.map(lambda a: a, params)["params"]
   kernel = np.asarray(p["kernel"].unbox() if hasattr(p["kernel"], "unbox") else p["kernel"])[0]
   bias = np.asarray(p["bias"].unbox() if hasattr(p["bias"], "unbox") else p["bias"])
-  ref = jax.lax.conv_general_dilated(x.reshape(2, 8, 8, 3), kernel, (4, 4), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+  ref = (
+      jax.lax.conv_general_dilated(
+          x.reshape(2, 8, 8, 3), kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+      + bias
+  )
   np.testing.assert_allclose(out.reshape(2, 4, 5), ref.reshape(2, 4, 5), rtol=1e-5, atol=1e-5)
 
 
@@ -110,8 +115,7 @@ def test_init_from_patch_embedding_preserves_constant_input():
   ref = np.einsum("xyc,xycd->d", np.broadcast_to(const, (2, 2, 4)), base[0, :, :, :4])
   for k, w in zip(KERNELS, ks):
     assert w.shape == (1, k[1], k[2], 4, 7)
-    np.testing.assert_allclose(np.einsum("xyc,xycd->d", np.broadcast_to(const, (k[1], k[2], 4)), w[0]), ref,
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.einsum("xyc,xycd->d", np.broadcast_to(const, (k[1], k[2], 4)), w[0]), ref, rtol=1e-5)
 
 
 def test_compact_frame_times_follow_chronology_of_the_selection():

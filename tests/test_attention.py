@@ -8,6 +8,7 @@ bounds below (2e-5) leave room for that, and a wrong mask or a wrong head/sequen
 The cuDNN test needs an NVIDIA GPU; run it there with
 ``JAX_PLATFORMS=cuda python -m pytest -q tests/test_attention.py -k cudnn``.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,7 @@ def _max_err(a, b):
 def _check_against_reference(backend, lq, lk, kind, tol=TOL, dtype=jnp.float32, d=D):
   q, k, v = _qkv(lq, lk, d=d, dtype=dtype)
   mask, lengths = _padding(lk, kind)
-  ours = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, lengths, backend=backend,
-                                                         kv_follows_q=lq == lk)
+  ours = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, lengths, backend=backend, kv_follows_q=lq == lk)
   ref = lambda q, k, v: attention.reference_attention(q, k, v, mask, lengths)
   out = jax.jit(ours)(q, k, v)
   assert out.shape == q.shape and out.dtype == q.dtype
@@ -120,8 +120,10 @@ def test_cudnn_rejects_float32_with_a_clear_error():
     attention.dot_product_attention(q, k, v, backend="cudnn")
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu",
-                    reason="cuDNN flash attention needs an NVIDIA GPU, and none is present on this machine")
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="cuDNN flash attention needs an NVIDIA GPU, and none is present on this machine",
+)
 def test_cudnn_matches_reference_on_gpu():
   """bfloat16 inputs: the bound is bf16 rounding of q, k, v and of the output (~2^-8 relative). Key padding as a
   general mask (packed valid-first) and as suffix lengths; self- and cross-attention; 'auto' picks cudnn."""
@@ -194,8 +196,7 @@ def test_context_parallelism_needs_divisible_heads():
 def test_dit_splash_equals_xla_with_padded_context():
   """The whole DiT (self-, text and image cross-attention) with splash equals xla; a context mask with holes is
   packed valid-first and gives the same output as the same tokens packed by hand."""
-  kw = dict(in_channels=4, out_channels=4, text_dim=8, image_dim=6, dim=32, ffn_dim=64, num_heads=2,
-            num_layers=1)
+  kw = dict(in_channels=4, out_channels=4, text_dim=8, image_dim=6, dim=32, ffn_dim=64, num_heads=2, num_layers=1)
   xla_dit = wan_dit.WanTransformer3D(**kw, attention_impl="xla")
   splash_dit = wan_dit.WanTransformer3D(**kw, attention_impl="splash")
   rng = np.random.default_rng(3)
@@ -206,12 +207,20 @@ def test_dit_splash_equals_xla_with_padded_context():
   shapes = jax.eval_shape(lambda: xla_dit.init(jax.random.key(0), x, t, text, image)["params"])
   params = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), p.dtype), nn.unbox(shapes))
   run_xla, run_splash = (
-      jax.jit(lambda c, p, mk, m=m: m.apply({"params": params}, x, t, text, image, context=c, context_pos=p,
-                                           context_mask=mk)) for m in (xla_dit, splash_dit))
+      jax.jit(
+          lambda c, p, mk, m=m: m.apply(
+              {"params": params}, x, t, text, image, context=c, context_pos=p, context_mask=mk
+          )
+      )
+      for m in (xla_dit, splash_dit)
+  )
   out = run_xla(ctx, pos, mask)
   assert _max_err(run_splash(ctx, pos, mask), out) <= 1e-4 * float(jnp.max(jnp.abs(out)))
   order = np.argsort(~np.asarray(mask), axis=1, kind="stable")
-  by_hand = run_xla(jnp.take_along_axis(ctx, order[..., None], 1), jnp.take_along_axis(pos, order[..., None], 1),
-                    jnp.take_along_axis(mask, order, 1))
+  by_hand = run_xla(
+      jnp.take_along_axis(ctx, order[..., None], 1),
+      jnp.take_along_axis(pos, order[..., None], 1),
+      jnp.take_along_axis(mask, order, 1),
+  )
   assert _max_err(by_hand, out) <= 1e-6 * float(jnp.max(jnp.abs(out)))
   assert _max_err(run_xla(ctx, pos, jnp.ones_like(mask)), out) > 1e-3  # the padding is applied

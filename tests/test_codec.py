@@ -1,4 +1,5 @@
 """Tests for the codec (models/codec.py) and image encoder (models/image_encoder.py)."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,8 +41,7 @@ def test_encode_decode_under_jit_and_bfloat16():
   video = jnp.asarray(_video((1, 2, 8, 8, 3))).astype(jnp.bfloat16)
   latents = jax.jit(lambda v: codec.encode(None, v))(video)
   assert latents.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(jax.jit(lambda z: codec.decode(None, z))(latents)),
-                                np.asarray(video))
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda z: codec.decode(None, z))(latents)), np.asarray(video))
 
 
 def test_frame_mask_layout():
@@ -54,8 +54,7 @@ def test_frame_mask_layout():
   expected = np.zeros((2, 2, 4), np.float32)
   expected[0, 0, 0] = 1  # latent frame 0, channel 0 = pixel frame 0
   expected[1, 1, 1] = 1  # pixel frame 5 = latent frame 1, channel 1
-  np.testing.assert_array_equal(np.asarray(mask), np.broadcast_to(
-      expected[:, :, None, None, :], (2, 2, 3, 2, 4)))
+  np.testing.assert_array_equal(np.asarray(mask), np.broadcast_to(expected[:, :, None, None, :], (2, 2, 3, 2, 4)))
   compact = codec.frame_mask(pixel_mask)
   assert compact.shape == (2, 2, 1, 1, 4)
   np.testing.assert_array_equal(np.asarray(compact[:, :, 0, 0]), expected)
@@ -81,8 +80,7 @@ def test_indivisible_shapes_raise(shape):
 
 def test_bad_inputs_raise():
   codec = codec_lib.SpaceToDepthCodec(stride=(2, 4, 4))
-  with pytest.raises(ValueError,
-                     match=r"video must be \[B, T, H, W, 3\], got shape \(2, 8, 8, 3\)"):
+  with pytest.raises(ValueError, match=r"video must be \[B, T, H, W, 3\], got shape \(2, 8, 8, 3\)"):
     codec.encode(None, np.zeros((2, 8, 8, 3), np.float32))
   with pytest.raises(ValueError, match=r"latents must be \[B, F, h, w, 96\]"):
     codec.decode(None, np.zeros((1, 1, 2, 2, 95), np.float32))
@@ -101,8 +99,7 @@ def test_make_codec_from_config_and_unknown_name():
   assert codec.stride == tuple(config.codec.stride)
   assert codec.latent_shape(8, 32, 32) == (4, 8, 8, 96)
   bad = ml_collections.ConfigDict({"codec": {"name": "wan_vea", "stride": (4, 8, 8)}})
-  with pytest.raises(ValueError, match=r"config.codec.name: unknown codec 'wan_vea'; "
-                                       r"available: space_to_depth"):
+  with pytest.raises(ValueError, match=r"config.codec.name: unknown codec 'wan_vea'; " r"available: space_to_depth"):
     codec_lib.make_codec(bad)
 
 
@@ -152,8 +149,14 @@ def test_image_encoder_from_config_and_errors():
 
 # ------------------------------------------------------------------------- Wan VAE codec
 # Tiny Wan2.1-layout VAE (stride 4x8x8, 4 latent channels); its parity with diffusers is in test_parity_wan_vae.py.
-_TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                 latents_mean=[0.5, -0.25, 0.0, 1.0], latents_std=[2.0, 0.5, 1.0, 4.0])
+_TINY_VAE = dict(
+    base_dim=8,
+    z_dim=4,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    latents_mean=[0.5, -0.25, 0.0, 1.0],
+    latents_std=[2.0, 0.5, 1.0, 4.0],
+)
 
 
 def _wan_config(vae, **codec):
@@ -241,7 +244,8 @@ def test_wan_vae_codec_encodes_normalised_latents_and_plugs_into_the_system():
   first = jnp.asarray(codec_lib.to_unit(frames[:, 0]))
   channels = system.first_frame_channels(enc, first, jnp.array([True]))
   assert channels.shape == (1, 2, 2, 2, 8)
-  np.testing.assert_array_equal(np.asarray(channels[..., :4]),
-                                np.asarray(codec.frame_mask(np.array([[1, 0, 0, 0, 0]]), (2, 2))))
+  np.testing.assert_array_equal(
+      np.asarray(channels[..., :4]), np.asarray(codec.frame_mask(np.array([[1, 0, 0, 0, 0]]), (2, 2)))
+  )
   video0 = jnp.zeros((1, 5, 16, 16, 3)).at[:, 0].set(first)
   np.testing.assert_allclose(np.asarray(channels[..., 4:]), np.asarray(codec.encode(params, video0)), atol=1e-6)

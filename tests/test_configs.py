@@ -1,4 +1,5 @@
 """Config variants: the default is the paper's setting, and every variant builds its model abstractly."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,15 +27,24 @@ def _abstract_params(config):
   image_encoder = image_encoder_lib.make_image_encoder(config)
   f, h, w, c = codec.latent_shape(d.frames_per_shot, d.height, d.width)
   frozen = ml_collections.FrozenConfigDict(config)
-  model = onestory_lib.OneStory(config=frozen, latent_hw=(h, w), latent_channels=c,
-                                mask_channels=codec.mask_channels, vocab_size=config.text_encoder.vocab_size,
-                                image_dim=image_encoder.token_dim(d.height, d.width))
+  model = onestory_lib.OneStory(
+      config=frozen,
+      latent_hw=(h, w),
+      latent_channels=c,
+      mask_channels=codec.mask_channels,
+      vocab_size=config.text_encoder.vocab_size,
+      image_dim=image_encoder.token_dim(d.height, d.width),
+  )
   in_ch = c + (codec.mask_channels + c if config.model.i2v else 0)
   sds = jax.ShapeDtypeStruct
-  args = (sds((1, d.text_len), jnp.int32), sds((1, f, h, w, c), jnp.float32), sds((1, f), bool),
-          sds((1, f, h, w, in_ch), jnp.float32), sds((1,), jnp.float32),
-          sds((1, image_encoder.num_tokens(d.height, d.width), image_encoder.token_dim(d.height, d.width)),
-              jnp.float32))
+  args = (
+      sds((1, d.text_len), jnp.int32),
+      sds((1, f, h, w, c), jnp.float32),
+      sds((1, f), bool),
+      sds((1, f, h, w, in_ch), jnp.float32),
+      sds((1,), jnp.float32),
+      sds((1, image_encoder.num_tokens(d.height, d.width), image_encoder.token_dim(d.height, d.width)), jnp.float32),
+  )
   params = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a)["params"], *args)
   return sharding.strip_boxes(params), (f, h, w, c), model
 
@@ -56,9 +66,21 @@ def test_default_config_is_the_paper_setting_and_counts_wan21_i2v_14b():
   assert model.budget == ac.budget_tokens((60, 104), (1, 2, 2), 1.0) == 1560  # one latent frame of tokens
   n_dit = _count(params["dit"])
   n_ref = _diffusers_dit_count(
-      patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-      text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-      qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120)
+      patch_size=(1, 2, 2),
+      num_attention_heads=40,
+      attention_head_dim=128,
+      in_channels=36,
+      out_channels=16,
+      text_dim=4096,
+      freq_dim=256,
+      ffn_dim=13824,
+      num_layers=40,
+      cross_attn_norm=True,
+      qk_norm="rms_norm_across_heads",
+      eps=1e-6,
+      image_dim=1280,
+      added_kv_proj_dim=5120,
+  )
   assert n_dit == n_ref  # Wan2.1-I2V-14B's transformer, parameter for parameter
   assert 16.0e9 < n_dit < 16.8e9
   n_new = _count(params["frame_selection"]) + _count(params["adaptive_conditioner"])
@@ -67,18 +89,48 @@ def test_default_config_is_the_paper_setting_and_counts_wan21_i2v_14b():
   assert set(params) == {"dit", "frame_selection", "adaptive_conditioner", "text_encoder"}
 
 
-@pytest.mark.parametrize("variant,dit_kw,latent", [
-    ("wan21_t2v_1_3b", dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                            ffn_dim=8960, num_layers=30), (21, 60, 104, 16)),
-    ("wan22_ti2v_5b", dict(num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
-                           ffn_dim=14336, num_layers=30), (31, 44, 80, 48)),
-])
+@pytest.mark.parametrize(
+    "variant,dit_kw,latent",
+    [
+        (
+            "wan21_t2v_1_3b",
+            dict(
+                num_attention_heads=12,
+                attention_head_dim=128,
+                in_channels=16,
+                out_channels=16,
+                ffn_dim=8960,
+                num_layers=30,
+            ),
+            (21, 60, 104, 16),
+        ),
+        (
+            "wan22_ti2v_5b",
+            dict(
+                num_attention_heads=24,
+                attention_head_dim=128,
+                in_channels=48,
+                out_channels=48,
+                ffn_dim=14336,
+                num_layers=30,
+            ),
+            (31, 44, 80, 48),
+        ),
+    ],
+)
 def test_wan_variants_match_their_backbones(variant, dit_kw, latent):
   config = load_config(variant)
   params, lat, _ = _abstract_params(config)
   assert lat == latent
-  n_ref = _diffusers_dit_count(patch_size=(1, 2, 2), text_dim=4096, freq_dim=256, cross_attn_norm=True,
-                               qk_norm="rms_norm_across_heads", eps=1e-6, **dit_kw)
+  n_ref = _diffusers_dit_count(
+      patch_size=(1, 2, 2),
+      text_dim=4096,
+      freq_dim=256,
+      cross_attn_norm=True,
+      qk_norm="rms_norm_across_heads",
+      eps=1e-6,
+      **dit_kw,
+  )
   assert _count(params["dit"]) == n_ref
 
 

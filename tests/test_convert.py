@@ -4,6 +4,7 @@ The release is a tiny random diffusers ``WanTransformer3DModel`` (I2V, 2 layers)
 small ``max_shard_size``, so it has several shards and an index, like the published 14B checkpoints. Output parity
 uses the relative error of tests/test_parity_wan_dit.py: ``max|ours - reference| / max|reference|`` <= 1e-5 (f32).
 """
+
 import json
 import os
 import shutil
@@ -81,7 +82,8 @@ def test_multishard_release_converts_and_matches_reference(release, converted):
   dst, rc, report = converted
   shards = [f for f in os.listdir(os.path.join(src, "transformer")) if f.endswith(".safetensors")]
   assert len(shards) >= 3 and os.path.exists(
-      os.path.join(src, "transformer", "diffusion_pytorch_model.safetensors.index.json"))
+      os.path.join(src, "transformer", "diffusion_pytorch_model.safetensors.index.json")
+  )
   assert rc == 0 and report["ok"]
   entry = report["components"]["transformer"]
   assert entry["status"] == "ok" and entry["valid"]
@@ -141,8 +143,9 @@ def test_scan_layers_stacks_blocks_and_loads_sharded(release, tmp_path):
   sd = ref.state_dict()
   for i in range(LAYERS):
     np.testing.assert_array_equal(np.asarray(kernel[i]), sd[f"blocks.{i}.ffn.net.0.proj.weight"].numpy().T)
-    np.testing.assert_array_equal(np.asarray(params["blocks"]["scale_shift_table"][i]),
-                                  sd[f"blocks.{i}.scale_shift_table"].numpy())
+    np.testing.assert_array_equal(
+        np.asarray(params["blocks"]["scale_shift_table"][i]), sd[f"blocks.{i}.scale_shift_table"].numpy()
+    )
 
 
 def test_bf16_release_keeps_its_dtype_unless_told(tmp_path):
@@ -189,9 +192,14 @@ def test_validation_reports_bad_checkpoints(release, tmp_path, case, capsys):
     assert [u["key"] for u in entry["unexpected"]] == ["blocks.0.attn1.to_qkv.weight"]
     assert "blocks.0.attn1.to_qkv.weight" in out.out and entry["missing"] == []
   else:
-    assert entry["shape_mismatches"] == [{"key": "blocks.0.ffn.net.0.proj.weight",
-                                          "target": "blocks_0/ffn/net_0/proj/kernel",
-                                          "expected": [DIM, 64], "got": [DIM, 48]}]
+    assert entry["shape_mismatches"] == [
+        {
+            "key": "blocks.0.ffn.net.0.proj.weight",
+            "target": "blocks_0/ffn/net_0/proj/kernel",
+            "expected": [DIM, 64],
+            "got": [DIM, 48],
+        }
+    ]
   assert "FAILED" in out.err
 
 
@@ -208,8 +216,13 @@ def test_cli_rejects_bad_arguments(release, converted, tmp_path):
   with pytest.raises(ValueError, match="--dtype"):
     convert.main([f"--src={src}", f"--dst={tmp_path}", "--dtype=int8"])
   # As a command: a clear message and exit status 2.
-  proc = subprocess.run([sys.executable, "-m", "onestory_jax.convert", f"--src={tmp_path / 'nothing'}",
-                         f"--dst={tmp_path}"], capture_output=True, text=True, cwd=ROOT, check=False)
+  proc = subprocess.run(
+      [sys.executable, "-m", "onestory_jax.convert", f"--src={tmp_path / 'nothing'}", f"--dst={tmp_path}"],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      check=False,
+  )
   assert proc.returncode == 2 and "error: --src=" in proc.stderr and "not a directory" in proc.stderr
 
 
@@ -218,8 +231,12 @@ def test_cli_rejects_bad_arguments(release, converted, tmp_path):
 
 def test_safetensors_reader(tmp_path):
   rng = np.random.default_rng(0)
-  arrays = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
-            "c": rng.standard_normal((2, 2, 2)).astype(np.float16), "empty": np.zeros((0, 4), np.float32)}
+  arrays = {
+      "a": rng.standard_normal((3, 5)).astype(np.float32),
+      "b": np.arange(7, dtype=np.int64),
+      "c": rng.standard_normal((2, 2, 2)).astype(np.float16),
+      "empty": np.zeros((0, 4), np.float32),
+  }
   path = str(tmp_path / "x.safetensors")
   safetensors.numpy.save_file(arrays, path)
   infos = weights.read_safetensors_header(path)
@@ -247,17 +264,26 @@ def test_safetensors_reader(tmp_path):
     weights.index_safetensors(str(tmp_path / "pickles"), "diffusion_pytorch_model")
   os.makedirs(tmp_path / "idx")
   shutil.copy(path, tmp_path / "idx" / "model-00001-of-00002.safetensors")
-  json.dump({"weight_map": {"a": "model-00001-of-00002.safetensors", "z": "model-00002-of-00002.safetensors"}},
-            open(tmp_path / "idx" / "model.safetensors.index.json", "w"))
+  json.dump(
+      {"weight_map": {"a": "model-00001-of-00002.safetensors", "z": "model-00002-of-00002.safetensors"}},
+      open(tmp_path / "idx" / "model.safetensors.index.json", "w"),
+  )
   with pytest.raises(ValueError, match="model-00002-of-00002"):
     weights.index_safetensors(str(tmp_path / "idx"), "model")
 
 
 def test_plan_conversion_stacked_layers_and_conflicts(tmp_path):
   path = str(tmp_path / "s.safetensors")
-  safetensors.numpy.save_file({"l.0.w": np.zeros((2, 3), np.float32), "l.2.w": np.zeros((2, 3), np.float32),
-                               "l.5.w": np.zeros((2, 3), np.float32), "other.w": np.zeros((2, 3), np.float32),
-                               "skip": np.zeros(1, np.float32)}, path)
+  safetensors.numpy.save_file(
+      {
+          "l.0.w": np.zeros((2, 3), np.float32),
+          "l.2.w": np.zeros((2, 3), np.float32),
+          "l.5.w": np.zeros((2, 3), np.float32),
+          "other.w": np.zeros((2, 3), np.float32),
+          "skip": np.zeros(1, np.float32),
+      },
+      path,
+  )
   tensors = weights.read_safetensors_header(path)
 
   def key_map(name):
@@ -267,8 +293,10 @@ def test_plan_conversion_stacked_layers_and_conflicts(tmp_path):
       return weights.Target(("stack", "kernel"), weights.linear, 0)
     return weights.Target(("stack", "kernel"), weights.linear, int(name.split(".")[1]))
 
-  abstract = {"stack": {"kernel": jax.ShapeDtypeStruct((3, 3, 2), jnp.float32)},
-              "bias": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  abstract = {
+      "stack": {"kernel": jax.ShapeDtypeStruct((3, 3, 2), jnp.float32)},
+      "bias": jax.ShapeDtypeStruct((2,), jnp.float32),
+  }
   plan = weights.plan_conversion(tensors, key_map, abstract)
   assert not plan.ok
   assert plan.ignored == ["skip"]

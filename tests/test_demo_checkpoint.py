@@ -1,5 +1,6 @@
 """The shipped demo checkpoint loads (orbax + JSON only), samples without --workdir, and selects what captions
 recall."""
+
 import os
 
 import jax
@@ -22,8 +23,9 @@ def test_shipped_checkpoint_samples_a_shot():
   frames = gen.decode(lat)
   assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
   assert frames.std() > 0
-  lat2, info2 = gen("the same first round character moves right in the green place from shot 1, wide view.",
-                    [lat], seed=1)
+  lat2, info2 = gen(
+      "the same first round character moves right in the green place from shot 1, wide view.", [lat], seed=1
+  )
   # K_sel = 4 frames under a budget of 1.5 latent frames (96 tokens): the best at the DiT's own (1, 1, 1) patch
   # (64 tokens), the next at (1, 2, 2) (16), the last two at (1, 4, 4) (4 each) = 88 tokens.
   kernels = [tuple(k) for k in system.config.conditioner.kernels]
@@ -54,7 +56,7 @@ def test_shipped_frame_selection_finds_the_recalled_character():
       bank = latents[:j].reshape((-1,) + latents.shape[2:])
       memory = np.zeros((1, 5 * f_lat) + bank.shape[1:], np.float32)
       mask = np.zeros((1, 5 * f_lat), bool)
-      memory[0, :len(bank)], mask[0, :len(bank)] = bank, True
+      memory[0, : len(bank)], mask[0, : len(bank)] = bank, True
       idx, valid = choose(system.tokenizer.encode([story["shots"][j]["caption"]]), memory, mask)
       hit = memory_ablation.selection_top1_hit(story, j, {"indices": idx[0], "valid": valid[0]}, f_lat)
       if hit is not None:

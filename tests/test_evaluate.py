@@ -1,4 +1,5 @@
 """Tests of the StoryWorld metrics (onestory_jax/evaluate.py, onestory_jax/metrics/)."""
+
 import colorsys
 import copy
 import itertools
@@ -55,8 +56,7 @@ def _shared_shot(story: dict) -> tuple[int, int]:
 
 
 def test_srgb_to_lab_reference_values():
-  lab = shot_analysis.srgb_to_lab(np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0],
-                                       [0.0, 0.0, 1.0]]))
+  lab = shot_analysis.srgb_to_lab(np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
   np.testing.assert_allclose(lab[0], [100.0, 0.0, 0.0], atol=0.02)
   np.testing.assert_allclose(lab[1], [0.0, 0.0, 0.0], atol=1e-9)
   np.testing.assert_allclose(lab[2], [53.24, 80.09, 67.20], atol=0.05)
@@ -64,16 +64,19 @@ def test_srgb_to_lab_reference_values():
 
 
 def test_cluster_colours_finds_flat_colours_in_size_order():
-  red, green, blue = shot_analysis.srgb_to_lab(np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2],
-                                                    [0.2, 0.3, 0.9]]))
-  pixels = np.concatenate([np.repeat(red[None], 50, 0), np.repeat(green[None], 30, 0),
-                           np.repeat(blue[None], 20, 0), (red + green)[None] / 2])  # one blend
-  centres, labels = shot_analysis.cluster_colours(pixels, merge_delta_e=10.0, max_clusters=8,
-                                             min_fraction=0.04)
+  red, green, blue = shot_analysis.srgb_to_lab(np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.3, 0.9]]))
+  pixels = np.concatenate(
+      [
+          np.repeat(red[None], 50, 0),
+          np.repeat(green[None], 30, 0),
+          np.repeat(blue[None], 20, 0),
+          (red + green)[None] / 2,
+      ]
+  )  # one blend
+  centres, labels = shot_analysis.cluster_colours(pixels, merge_delta_e=10.0, max_clusters=8, min_fraction=0.04)
   np.testing.assert_allclose(centres, np.stack([red, green, blue]), atol=1e-9)
   assert np.bincount(labels).tolist() in ([51, 30, 20], [50, 31, 20])
-  again = shot_analysis.cluster_colours(pixels[::-1].copy(), merge_delta_e=10.0, max_clusters=8,
-                                   min_fraction=0.04)
+  again = shot_analysis.cluster_colours(pixels[::-1].copy(), merge_delta_e=10.0, max_clusters=8, min_fraction=0.04)
   np.testing.assert_allclose(again[0], centres)
 
 
@@ -82,20 +85,22 @@ def test_best_matching_equals_brute_force():
   for rows, cols, n in [(3, 4, 2), (4, 2, 2), (3, 3, 3), (2, 5, 1), (4, 4, 3), (2, 2, 5)]:
     sim = rng.random((rows, cols))
     k = min(n, rows, cols)
-    best = max(sum(sim[r, c] for r, c in zip(rs, cs))
-               for rs in itertools.combinations(range(rows), k)
-               for cs in itertools.permutations(range(cols), k))
+    best = max(
+        sum(sim[r, c] for r, c in zip(rs, cs))
+        for rs in itertools.combinations(range(rows), k)
+        for cs in itertools.permutations(range(cols), k)
+    )
     assert storyworld_metrics._best_matching(sim, n) == pytest.approx(best)
 
 
 def _moving_squares(colours, starts, step, t=8, size=5, hw=32, bg=(0.45, 0.42, 0.40)):
   frames = np.empty((t, hw, hw, 3))
   frames[:] = bg
-  frames[:, hw // 2:] = (0.30, 0.32, 0.36)  # a second flat background region
+  frames[:, hw // 2 :] = (0.30, 0.32, 0.36)  # a second flat background region
   for colour, (y, x) in zip(colours, starts):
     for k in range(t):
       yy, xx = y + step[0] * k, x + step[1] * k
-      frames[k, yy:yy + size, xx:xx + size] = colour
+      frames[k, yy : yy + size, xx : xx + size] = colour
   return np.round(frames * 255).astype(np.uint8)
 
 
@@ -156,19 +161,23 @@ def test_ground_truth_frames_score_near_the_top(pattern):
 def test_pairs_cover_all_shots_that_share(recall, recall_metrics):
   story, _ = recall
   shots = story["shots"]
-  want_c = [[i, j] for i, j in itertools.combinations(range(len(shots)), 2)
-            if set(shots[i]["characters"]) & set(shots[j]["characters"])]
-  want_e = [[i, j] for i, j in itertools.combinations(range(len(shots)), 2)
-            if shots[i]["environment"] == shots[j]["environment"]]
+  want_c = [
+      [i, j]
+      for i, j in itertools.combinations(range(len(shots)), 2)
+      if set(shots[i]["characters"]) & set(shots[j]["characters"])
+  ]
+  want_e = [
+      [i, j]
+      for i, j in itertools.combinations(range(len(shots)), 2)
+      if shots[i]["environment"] == shots[j]["environment"]
+  ]
   m = recall_metrics
   assert [p["shots"] for p in m["character_pairs"]] == want_c
   assert [p["shots"] for p in m["environment_pairs"]] == want_e
   assert m["num_character_pairs"] == len(want_c) and m["num_environment_pairs"] == len(want_e)
   assert any(j - i > 1 for i, j in want_c)  # not only neighbouring shots
-  assert m["character_consistency"] == pytest.approx(
-      np.mean([p["score"] for p in m["character_pairs"]]))
-  assert m["inter_avg"] == pytest.approx(
-      (m["character_consistency"] + m["environment_consistency"]) / 2)
+  assert m["character_consistency"] == pytest.approx(np.mean([p["score"] for p in m["character_pairs"]]))
+  assert m["inter_avg"] == pytest.approx((m["character_consistency"] + m["environment_consistency"]) / 2)
   json.dumps(m)  # serialisable
 
 
@@ -238,7 +247,7 @@ def _palette_mosaic(shape, palette, rng, cell=4, frame_stride=2):
   out = np.zeros(shape, np.uint8)
   for t0 in range(0, t, frame_stride):
     pick = rng.integers(len(palette), size=(h // cell, w // cell))
-    out[t0:t0 + frame_stride] = np.kron(palette[pick], np.ones((cell, cell, 1), np.uint8))
+    out[t0 : t0 + frame_stride] = np.kron(palette[pick], np.ones((cell, cell, 1), np.uint8))
   return out
 
 
@@ -247,28 +256,35 @@ def test_noise_mosaic_from_a_few_colours_scores_low_c_cons(recall):
   character everywhere; the clutter charge (count_precision) is what keeps C-Cons low."""
   story, frames = recall
   rng = np.random.default_rng(0)
-  muted = [colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.65))
-           for _ in range(5)]
-  vivid = [colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
-           for _ in range(2)]
+  muted = [colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.65)) for _ in range(5)]
+  vivid = [colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0)) for _ in range(2)]
   palette = np.round(np.asarray(muted + vivid) * 255).astype(np.uint8)
   mosaic = [_palette_mosaic(f.shape, palette, rng) for f in frames]
   m = evaluate.evaluate_story(story, mosaic)
   analyses = [shot_analysis.analyze_shot(f) for f in mosaic]
-  matched = [storyworld_metrics.character_pair_score(analyses[i], analyses[j], len(p["shared"]))
-             for p in m["character_pairs"] for i, j in [p["shots"]]]
+  matched = [
+      storyworld_metrics.character_pair_score(analyses[i], analyses[j], len(p["shared"]))
+      for p in m["character_pairs"]
+      for i, j in [p["shots"]]
+  ]
   assert np.mean(matched) > 0.9  # the colours alone match ...
   assert m["character_consistency"] < 0.15  # ... but 10+ entities per shot are clutter
   assert all(s["detected_count"] >= 10 for s in m["shots"])
-  assert all(s["count_precision"] == pytest.approx(s["num_characters"] / s["detected_count"])
-             for s in m["shots"] if s["num_characters"])
+  assert all(
+      s["count_precision"] == pytest.approx(s["num_characters"] / s["detected_count"])
+      for s in m["shots"]
+      if s["num_characters"]
+  )
 
 
 def test_extra_entity_is_charged_by_count_precision(recall, recall_metrics):
   story, frames = recall
-  shot = next(i for i, s in enumerate(story["shots"])
-              if len(s["characters"]) == 1 and any(
-                  p["shots"][0] == i or p["shots"][1] == i for p in recall_metrics["character_pairs"]))
+  shot = next(
+      i
+      for i, s in enumerate(story["shots"])
+      if len(s["characters"]) == 1
+      and any(p["shots"][0] == i or p["shots"][1] == i for p in recall_metrics["character_pairs"])
+  )
   changed = copy.deepcopy(story)
   extra = dict(story["characters"][0], id=len(story["characters"]))
   extra["color"] = list(colorsys.hsv_to_rgb(_far_hue(story), 0.9, 0.95))
@@ -277,8 +293,14 @@ def test_extra_entity_is_charged_by_count_precision(recall, recall_metrics):
   target["characters"] = target["characters"] + [extra["id"]]
   sizes = [storyworld.FRAMING_SIZE_PX[target["framing"]]] * 2
   target["start"] = storyworld._draw_starts(
-      np.random.default_rng(0), sizes, target["action"], target["speed"], story["height"],
-      story["width"], story["frames_per_shot"])
+      np.random.default_rng(0),
+      sizes,
+      target["action"],
+      target["speed"],
+      story["height"],
+      story["width"],
+      story["frames_per_shot"],
+  )
   bad = list(frames)
   bad[shot] = storyworld.render_shot(changed, shot)
   m = evaluate.evaluate_story(story, bad)  # the annotation still says one character
@@ -388,8 +410,14 @@ def test_load_samples_errors(tmp_path, recall):
 
 def test_metric_registry(recall, recall_metrics, monkeypatch):
   from onestory_jax import metrics  # pylint: disable=g-import-not-at-top
-  assert metrics.names() == ("character_consistency", "environment_consistency", "inter_avg",
-                             "direction_accuracy", "count_accuracy")
+
+  assert metrics.names() == (
+      "character_consistency",
+      "environment_consistency",
+      "inter_avg",
+      "direction_accuracy",
+      "count_accuracy",
+  )
   assert list(recall_metrics)[:5] == list(metrics.names())
   assert metrics.get("inter_avg") is storyworld_metrics.inter_avg
   with pytest.raises(ValueError, match="unknown metric"):
@@ -411,23 +439,35 @@ def test_metric_registry(recall, recall_metrics, monkeypatch):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", "onestory_jax.evaluate", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120, check=False)
+  return subprocess.run(
+      [sys.executable, "-m", "onestory_jax.evaluate", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
 
 
 def test_cli_end_to_end(tmp_path, recall, recall_metrics):
   story, _ = recall
   storyworld.export_story(story, str(tmp_path))
-  (tmp_path / "manifest.json").write_text(json.dumps({"steps": 4, "checkpoint": "ckpt_10",
-                                                      "shots": [1, 2]}))
+  (tmp_path / "manifest.json").write_text(json.dumps({"steps": 4, "checkpoint": "ckpt_10", "shots": [1, 2]}))
   out = tmp_path / "metrics.json"
   proc = _cli(f"--story={tmp_path / 'story.json'}", f"--samples={tmp_path}", f"--output={out}")
   assert proc.returncode == 0, proc.stderr
   printed = json.loads(proc.stdout)
   assert printed == json.loads(out.read_text())
   assert printed["manifest"] == {"steps": 4, "checkpoint": "ckpt_10"}
-  for key in ("character_consistency", "environment_consistency", "inter_avg",
-              "direction_accuracy", "count_accuracy", "num_character_pairs"):
+  for key in (
+      "character_consistency",
+      "environment_consistency",
+      "inter_avg",
+      "direction_accuracy",
+      "count_accuracy",
+      "num_character_pairs",
+  ):
     assert printed[key] == pytest.approx(recall_metrics[key])
 
 

@@ -1,4 +1,5 @@
 """Frame Selection (paper Eqs. 3-6, 11): shapes, masks, shot encoding, top-K, selector loss."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +34,7 @@ def test_scores_shape_and_param_names():
 
 def nn_unbox(tree):
   import flax.linen as nn
+
   return nn.meta.unbox(tree)
 
 
@@ -81,6 +83,7 @@ def test_scores_tell_identical_frames_apart_by_their_shot():
   labels = jnp.where(shot == 3, 1.0, -1.0)  # "the one from shot 4": learnable from the shot alone
   loss = lambda p: fs.selector_loss(m.apply(p, text, tmask, same, mask, shot), labels, mask)
   import optax
+
   tx = optax.adam(3e-3)
   opt = tx.init(params)
 
@@ -126,11 +129,13 @@ def test_selector_learns_labels_by_gradient():
     return fs.selector_loss(m.apply(p, text, tmask, memory, mask, shot), labels, mask)
 
   import optax
+
   tx = optax.adam(3e-3)
   opt = tx.init(params)
   l0 = loss(params)
-  step = jax.jit(lambda p, o: (lambda g: (optax.apply_updates(p, tx.update(g, o, p)[0]), tx.update(g, o, p)[1]))(
-      jax.grad(loss)(p)))
+  step = jax.jit(
+      lambda p, o: (lambda g: (optax.apply_updates(p, tx.update(g, o, p)[0]), tx.update(g, o, p)[1]))(jax.grad(loss)(p))
+  )
   for _ in range(60):
     params, opt = step(params, opt)
   assert loss(params) < 0.2 * l0

@@ -1,4 +1,5 @@
 """No import cycle in onestory_jax/: every import (top level or inside a function) of every module, read with ast."""
+
 import ast
 import pathlib
 
@@ -34,7 +35,7 @@ def import_graph() -> dict[str, set[str]]:
       elif isinstance(node, ast.ImportFrom):
         base = node.module or ""
         if node.level:
-          anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+          anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
           base = ".".join(anchor + ([base] if base else []))
         targets = [f"{base}.{alias.name}" for alias in node.names]
       else:

@@ -20,6 +20,7 @@ rounding noise of order 1e-13 and differ in relative terms); parameters after th
 the step's update (learning rate 5e-4, Adam steps of about the learning rate). A wrong layout (for instance a
 mis-ordered head/sequence swap) changes the loss at the first decimal.
 """
+
 import concurrent.futures
 
 import jax
@@ -38,8 +39,11 @@ LAYOUTS = {
 }
 # Cheaper CPU code generation for these small programs (the results are compared to ulps, not timed): compile
 # time falls from ~11 to ~5 CPU-seconds per layout, and compiling dominates this file.
-COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                   "xla_cpu_use_fusion_emitters": False}
+COMPILE_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
+}
 
 
 def _config(shape):
@@ -138,14 +142,20 @@ def test_steps_really_train_and_shard(runs):
   first = _random_state(trainers["one_device"])
   # Adam's first real step moves a parameter by about the learning rate (2.5e-4 at step 2) unless its gradient is
   # zero in exact arithmetic (attention key biases; the patchifiers of kernels the tiny budget never allocates).
-  moved = {module: [float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                    for a, b in zip(jax.tree.leaves(first.params[module]), jax.tree.leaves(state.params[module]))]
-           for module in first.params}
+  moved = {
+      module: [
+          float(np.abs(np.asarray(a) - np.asarray(b)).max())
+          for a, b in zip(jax.tree.leaves(first.params[module]), jax.tree.leaves(state.params[module]))
+      ]
+      for module in first.params
+  }
   everything = np.concatenate([np.asarray(m) for m in moved.values()])
   assert np.mean(everything > 1e-5) > 0.8 and everything.max() < 1e-2
   assert all(max(m) > 1e-4 for m in moved.values()), {k: max(m) for k, m in moved.items()}
   assert all(np.isfinite(float(m["loss"])) for m in metrics)
-  q_kernel = lambda name: tuple(trainers[name].program.state_shardings.params["dit"]["blocks_0"]["attn1"]["to_q"]["kernel"].spec)
+  q_kernel = lambda name: tuple(
+      trainers[name].program.state_shardings.params["dit"]["blocks_0"]["attn1"]["to_q"]["kernel"].spec
+  )
   assert q_kernel("fsdp") == q_kernel("fsdp_tensor") == ("fsdp", "tensor")  # (embed, heads)
   assert sharding.context_parallelism(trainers["context"].mesh, trainers["context"].config) == 4
   # Two DiT blocks, forward and backward: q, k, v and the output swapped in each self-attention.

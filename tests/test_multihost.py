@@ -19,6 +19,7 @@ so the global mesh has 4.
 The processes use ``--xla_backend_optimization_level=0`` (half the compile time, same programs in both runs). Every
 launch has a deadline; on any failure or timeout all processes are killed and their log tails are shown.
 """
+
 import itertools
 import json
 import os
@@ -48,29 +49,47 @@ RESUME_FROM = 2
 LAUNCH_TIMEOUT_S = 240
 LOSS_RTOL = 1e-5
 # The tiny config with one DiT block (compiles faster; every OneStory module still runs).
-OVERRIDES = {"num_train_steps": STEPS, "checkpoint_every_steps": RESUME_FROM, "log_every_steps": 1,
-             "model.num_layers": 1}
+OVERRIDES = {
+    "num_train_steps": STEPS,
+    "checkpoint_every_steps": RESUME_FROM,
+    "log_every_steps": 1,
+    "model.num_layers": 1,
+}
 
 
 # ---------------------------------------------------------------------------- environment detection (no launch)
 def test_explicit_launch_reads_the_three_variables():
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
-         "JAX_LOCAL_DEVICE_IDS": "0,1"}
+  env = {
+      "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+      "JAX_NUM_PROCESSES": "4",
+      "JAX_PROCESS_ID": "3",
+      "JAX_LOCAL_DEVICE_IDS": "0,1",
+  }
   launch = distributed.detect(env, tpu_vm=False)
   assert launch == distributed.Launch("explicit", "10.0.0.1:1234", 4, 3, (0, 1))
   assert launch.multi_process
 
 
-@pytest.mark.parametrize("env, names", [
-    ({"JAX_PROCESS_ID": "0"}, ["JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"]),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, ["JAX_PROCESS_ID"]),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, ["JAX_NUM_PROCESSES", "JAX_PROCESS_ID"]),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, ["JAX_PROCESS_ID=2"]),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, ["JAX_NUM_PROCESSES"]),
-    ({"JAX_COORDINATOR_ADDRESS": "h", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, ["host:port"]),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
-      "JAX_LOCAL_DEVICE_IDS": "0,x"}, ["JAX_LOCAL_DEVICE_IDS"]),
-])
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"JAX_PROCESS_ID": "0"}, ["JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"]),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, ["JAX_PROCESS_ID"]),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, ["JAX_NUM_PROCESSES", "JAX_PROCESS_ID"]),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, ["JAX_PROCESS_ID=2"]),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, ["JAX_NUM_PROCESSES"]),
+        ({"JAX_COORDINATOR_ADDRESS": "h", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, ["host:port"]),
+        (
+            {
+                "JAX_COORDINATOR_ADDRESS": "h:1",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": "0",
+                "JAX_LOCAL_DEVICE_IDS": "0,x",
+            },
+            ["JAX_LOCAL_DEVICE_IDS"],
+        ),
+    ],
+)
 def test_half_set_or_malformed_environment_names_the_variables(env, names):
   with pytest.raises(ValueError) as e:
     distributed.detect(env, tpu_vm=False)
@@ -79,8 +98,13 @@ def test_half_set_or_malformed_environment_names_the_variables(env, names):
 
 
 def test_cluster_managers_and_single_process():
-  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "5",
-           "SLURM_LOCALID": "1"}
+  slurm = {
+      "SLURM_JOB_ID": "7",
+      "SLURM_STEP_NODELIST": "n[1-2]",
+      "SLURM_NTASKS": "16",
+      "SLURM_PROCID": "5",
+      "SLURM_LOCALID": "1",
+  }
   assert distributed.detect(slurm, tpu_vm=False).method == "slurm"
   assert distributed.detect({**slurm, "SLURM_NTASKS": "1"}, tpu_vm=False).method == "single"  # one task
   assert distributed.detect({"SLURM_JOB_ID": "7"}, tpu_vm=False).method == "single"  # salloc shell, no srun
@@ -117,30 +141,47 @@ def _launch(workdir: str, record: str, mesh: str, dump_step: int = 0) -> None:
   """Runs the worker as NUM_PROCESSES JAX processes; returns when all exit 0, else kills them all and fails."""
   os.makedirs(record, exist_ok=True)
   port = _free_port()
-  flags = [f"--config={os.path.join(ROOT, 'configs', 'onestory.py')}:tiny", f"--workdir={workdir}",
-           f"--record={record}", f"--dump_step={dump_step}", f"--config.mesh.shape={mesh}"]
+  flags = [
+      f"--config={os.path.join(ROOT, 'configs', 'onestory.py')}:tiny",
+      f"--workdir={workdir}",
+      f"--record={record}",
+      f"--dump_step={dump_step}",
+      f"--config.mesh.shape={mesh}",
+  ]
   flags += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   procs, logs = [], []
   try:
     for i in range(NUM_PROCESSES):
-      env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(NUM_PROCESSES),
-                 JAX_PROCESS_ID=str(i),
-                 XLA_FLAGS=(f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} "
-                            "--xla_backend_optimization_level=0"))
+      env = dict(
+          os.environ,
+          PYTHONPATH=ROOT,
+          JAX_PLATFORMS="cpu",
+          TF_CPP_MIN_LOG_LEVEL="3",
+          JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+          JAX_NUM_PROCESSES=str(NUM_PROCESSES),
+          JAX_PROCESS_ID=str(i),
+          XLA_FLAGS=(
+              f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} " "--xla_backend_optimization_level=0"
+          ),
+      )
       env.pop("JAX_LOCAL_DEVICE_IDS", None)
       logs.append(os.path.join(record, f"log_{i}.txt"))
       with open(logs[-1], "w") as out:
-        procs.append(subprocess.Popen([sys.executable, WORKER] + flags, cwd=ROOT, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen([sys.executable, WORKER] + flags, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        )
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while any(p.poll() is None for p in procs):
       failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
       if failed or time.monotonic() > deadline:
-        why = f"process {failed[0]} exited with {procs[failed[0]].returncode}" if failed else (
-            f"timed out after {LAUNCH_TIMEOUT_S} s")
-        raise AssertionError(f"{why}; log tails:\n" + "\n".join(
-            f"--- process {i}:\n{_tail(log)}" for i, log in enumerate(logs)))
+        why = (
+            f"process {failed[0]} exited with {procs[failed[0]].returncode}"
+            if failed
+            else (f"timed out after {LAUNCH_TIMEOUT_S} s")
+        )
+        raise AssertionError(
+            f"{why}; log tails:\n" + "\n".join(f"--- process {i}:\n{_tail(log)}" for i, log in enumerate(logs))
+        )
       time.sleep(0.2)
     codes = [p.returncode for p in procs]
     assert codes == [0] * NUM_PROCESSES, f"exit codes {codes}; log of process 0:\n{_tail(logs[0])}"
@@ -184,8 +225,12 @@ def test_two_processes_train_checkpoint_and_resume_on_another_mesh(run_a, tmp_pa
   obs_a, obs_b = _observations(rec_a), _observations(rec_b)
   for obs, mesh in ((obs_a, {"data": 4, "fsdp": 1}), (obs_b, {"data": 1, "fsdp": 4})):
     assert [o["process_index"] for o in obs] == list(range(NUM_PROCESSES))
-    assert all(o["process_count"] == NUM_PROCESSES and o["local_device_count"] == DEVICES_PER_PROCESS
-               and o["device_count"] == NUM_PROCESSES * DEVICES_PER_PROCESS for o in obs)
+    assert all(
+        o["process_count"] == NUM_PROCESSES
+        and o["local_device_count"] == DEVICES_PER_PROCESS
+        and o["device_count"] == NUM_PROCESSES * DEVICES_PER_PROCESS
+        for o in obs
+    )
     assert all({k: o["mesh"][k] for k in mesh} == mesh for o in obs)
     assert obs[0]["losses"] == obs[1]["losses"]  # every process saw the same (replicated) loss
   assert obs_a[0]["restored_step"] is None and list(obs_a[0]["losses"]) == ["1", "2", "3", "4"]
@@ -222,16 +267,23 @@ def test_one_process_restores_the_two_process_checkpoint(run_a):
   probe = state.params["dit"]["blocks_0"]["ffn"]["net_0"]["proj"]["kernel"]
   assert probe.sharding.shard_shape(probe.shape) == (4, 64)
   assert int(state.step) == RESUME_FROM
-  restored = {jax.tree_util.keystr(p): np.asarray(x)
-              for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+  restored = {
+      jax.tree_util.keystr(p): np.asarray(x)
+      for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+  }
   assert restored.keys() == saved.keys()
   for k in saved:
     np.testing.assert_array_equal(restored[k], saved[k], err_msg=k)
   # The next global batch holds the samples that the 2 processes would have loaded next, interleaved.
   batch = next(it)
   for p in range(NUM_PROCESSES):
-    ds = pipeline.make_train_dataset(config, warmup_steps=objective.dc_warmup_steps(config), process_index=p,
-                                     process_count=NUM_PROCESSES, tokenizer=tr.system.tokenizer)
+    ds = pipeline.make_train_dataset(
+        config,
+        warmup_steps=objective.dc_warmup_steps(config),
+        process_index=p,
+        process_count=NUM_PROCESSES,
+        tokenizer=tr.system.tokenizer,
+    )
     local = next(itertools.islice(iter(ds), RESUME_FROM, None))
     for k in batch:
       np.testing.assert_array_equal(batch[k][p::NUM_PROCESSES], local[k], err_msg=k)

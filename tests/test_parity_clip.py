@@ -18,6 +18,7 @@ are fewer than 1%. Through the tiny tower, one-step differences at three pixels 
 relative 2e-3; the end-to-end test (processor + tower against ours from [-1, 1] images) asserts 1e-2,
 versus 1e-5 when both sides see the same pixels.
 """
+
 import json
 import os
 
@@ -86,8 +87,15 @@ def _load_params(directory: str, abstract) -> dict:
 
 def _reference_model(act: str, layers: int, seed: int) -> CLIPVisionModel:
   torch.manual_seed(seed)
-  cfg = CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
-                         num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH, hidden_act=act)
+  cfg = CLIPVisionConfig(
+      hidden_size=HIDDEN,
+      intermediate_size=INTER,
+      num_hidden_layers=layers,
+      num_attention_heads=HEADS,
+      image_size=SIZE,
+      patch_size=PATCH,
+      hidden_act=act,
+  )
   model = CLIPVisionModel(cfg).eval()
   with torch.no_grad():  # LayerNorms start at (1, 0); make them matter
     for name, p in model.named_parameters():
@@ -123,16 +131,16 @@ def ours(release):
   with open(root / "image_encoder" / "config.json") as f:
     cfg = json.load(f)
   # What the converter builds from the release's config.json is the encoder's own tree.
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), cv.abstract_params_from_transformers(cfg)) == \
-      jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), cv.abstract_params_from_transformers(cfg)) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), abstract
+  )
   params = _load_params(str(root / "image_encoder"), abstract)
   return enc, params
 
 
 def _torch_hidden_states(model, pixels_nhwc: np.ndarray):
   with torch.no_grad():
-    out = model(pixel_values=torch.as_tensor(np.transpose(pixels_nhwc, (0, 3, 1, 2))),
-                output_hidden_states=True)
+    out = model(pixel_values=torch.as_tensor(np.transpose(pixels_nhwc, (0, 3, 1, 2))), output_hidden_states=True)
   return [h.numpy() for h in out.hidden_states], out.pooler_output.numpy()
 
 
@@ -158,9 +166,14 @@ def test_key_map_skips_and_errors():
   assert cv.torch_key_to_target("post_layernorm.bias").path == ("post_norm", "bias")
   assert cv.torch_key_to_target("vision_model.pre_layrnorm.weight").path == ("pre_norm", "scale")
   assert cv.torch_key_to_target("encoder.layers.0.layer_norm2.weight").path == ("layers_0", "norm2", "scale")
-  for bad in ("text_model.embeddings.token_embedding.weight", "logit_scale",
-              "vision_model.encoder.layers.0.self_attn.q_proj.scale", "vision_model.encoder.layers.x.mlp.fc1.weight",
-              "vision_model.encoder.layers.0.mlp.fc3.weight", "vision_model.post_layernorm.gamma"):
+  for bad in (
+      "text_model.embeddings.token_embedding.weight",
+      "logit_scale",
+      "vision_model.encoder.layers.0.self_attn.q_proj.scale",
+      "vision_model.encoder.layers.x.mlp.fc1.weight",
+      "vision_model.encoder.layers.0.mlp.fc3.weight",
+      "vision_model.post_layernorm.gamma",
+  ):
     with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
       cv.torch_key_to_target(bad)
 
@@ -170,8 +183,18 @@ def test_config_from_transformers(release):
   with open(root / "image_encoder" / "config.json") as f:
     cfg = json.load(f)
   sizes = cv.config_from_transformers(cfg)
-  assert sizes == dict(name="clip_vision", hidden_size=HIDDEN, intermediate_size=INTER, num_layers=LAYERS,
-                       num_heads=HEADS, patch_size=PATCH, image_size=SIZE, num_channels=3, eps=1e-5, act="gelu")
+  assert sizes == dict(
+      name="clip_vision",
+      hidden_size=HIDDEN,
+      intermediate_size=INTER,
+      num_layers=LAYERS,
+      num_heads=HEADS,
+      patch_size=PATCH,
+      image_size=SIZE,
+      num_channels=3,
+      eps=1e-5,
+      act="gelu",
+  )
   nested = {"model_type": "clip", "vision_config": {k: v for k, v in cfg.items() if k != "model_type"}}
   assert cv.config_from_transformers(nested) == sizes
   with pytest.raises(ValueError, match="model_type"):
@@ -182,7 +205,8 @@ def test_config_from_transformers(release):
     cv.config_from_transformers(dict(cfg, hidden_act="relu"))
   proc = CLIPImageProcessor().to_dict()  # transformers' defaults are Wan's image_processor/
   assert cv.processor_config_from_transformers(proc) == dict(
-      crop_size=224, shortest_edge=224, mean=cv.CLIP_MEAN, std=cv.CLIP_STD)
+      crop_size=224, shortest_edge=224, mean=cv.CLIP_MEAN, std=cv.CLIP_STD
+  )
   with pytest.raises(ValueError, match="resample"):
     cv.processor_config_from_transformers(dict(proc, resample=2))
   with pytest.raises(ValueError, match="square"):
@@ -237,8 +261,9 @@ def test_parity_bfloat16_bound(release, ours):
 
 
 # ------------------------------------------------------------------ preprocessing
-@pytest.mark.parametrize("shape,crop", [((40, 64), SIZE), ((64, 40), SIZE), ((SIZE, SIZE), SIZE),
-                                        ((60, 104), 224), ((480, 832), 224)])
+@pytest.mark.parametrize(
+    "shape,crop", [((40, 64), SIZE), ((64, 40), SIZE), ((SIZE, SIZE), SIZE), ((60, 104), 224), ((480, 832), 224)]
+)
 def test_preprocess_matches_clip_image_processor(shape, crop):
   images = _images(shape, 2, seed=shape[0])
   proc = CLIPImageProcessor(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop})
@@ -276,17 +301,36 @@ def test_clip_image_encoder_end_to_end(release, ours):
 
 
 def test_make_image_encoder_clip_vision():
-  config = ml_collections.ConfigDict({"image_encoder": {
-      "name": "clip_vision", "hidden_size": 1280, "intermediate_size": 5120, "num_layers": 32,
-      "num_heads": 16, "patch_size": 14, "image_size": 224, "layer": -2}})
+  config = ml_collections.ConfigDict(
+      {
+          "image_encoder": {
+              "name": "clip_vision",
+              "hidden_size": 1280,
+              "intermediate_size": 5120,
+              "num_layers": 32,
+              "num_heads": 16,
+              "patch_size": 14,
+              "image_size": 224,
+              "layer": -2,
+          }
+      }
+  )
   enc = ie_lib.make_image_encoder(config)
   assert isinstance(enc, ie_lib.CLIPImageEncoder)
   assert ie_lib.num_image_tokens(config, 480, 832) == 257 and ie_lib.image_dim(config, 480, 832) == 1280
   abstract = jax.eval_shape(enc.init, jax.random.key(0))  # ViT-H/14, abstractly
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract)))
   with torch.device("meta"):  # the reference tower's size, without allocating it
-    ref = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                           num_attention_heads=16, patch_size=14, image_size=224))
+    ref = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+        )
+    )
   assert count == sum(p.numel() for p in ref.parameters()) == 630_766_080
   spec = nn.get_partition_spec(abstract)
   assert spec["layers_0"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads")

@@ -10,6 +10,7 @@ Relative error is ``max|ours - ref| / max|ref|`` over the whole output tensor. F
 1e-5. Bfloat16 bound (our module computing in bfloat16 with float32 parameters, against the float32
 reference): 3e-2, about four bfloat16 ulps (2^-8 each) at the largest output.
 """
+
 import json
 import os
 import pickle
@@ -54,17 +55,32 @@ def rel_err(ours, ref) -> float:
 def _build_tokenizer_json(path: str) -> None:
   """A small umT5-like tokenizer: Unigram pieces, NFKC, metaspace, '$A </s>' post-processor."""
   special = ["<pad>", "</s>", "<unk>"]
-  words = ["▁a", "▁the", "▁red", "▁round", "▁character", "▁walk", "▁in", "▁green", "▁place",
-           "▁café", "▁and", "▁", "ing", "er", "s"]
+  words = [
+      "▁a",
+      "▁the",
+      "▁red",
+      "▁round",
+      "▁character",
+      "▁walk",
+      "▁in",
+      "▁green",
+      "▁place",
+      "▁café",
+      "▁and",
+      "▁",
+      "ing",
+      "er",
+      "s",
+  ]
   chars = [c for c in "abcdefghijklmnopqrstuvwxyz,.!'&é" if c not in words]
-  vocab = ([(p, 0.0) for p in special] + [(w, -2.0 - 0.1 * i) for i, w in enumerate(words)]
-           + [(c, -8.0) for c in chars])
+  vocab = [(p, 0.0) for p in special] + [(w, -2.0 - 0.1 * i) for i, w in enumerate(words)] + [(c, -8.0) for c in chars]
   tok = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
   tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
   tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
   tok.post_processor = processors.TemplateProcessing(
-      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+  )
   tok.add_special_tokens(special)
   tok.save(path)
 
@@ -102,8 +118,16 @@ def release(tmp_path_factory):
   _build_tokenizer_json(str(root / "tokenizer" / "tokenizer.json"))
   vocab = tokenizers.Tokenizer.from_file(str(root / "tokenizer" / "tokenizer.json")).get_vocab_size()
   torch.manual_seed(0)
-  cfg = UMT5Config(vocab_size=vocab, d_model=D_MODEL, d_kv=D_KV, d_ff=D_FF, num_layers=LAYERS,
-                   num_heads=HEADS, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+  cfg = UMT5Config(
+      vocab_size=vocab,
+      d_model=D_MODEL,
+      d_kv=D_KV,
+      d_ff=D_FF,
+      num_layers=LAYERS,
+      num_heads=HEADS,
+      feed_forward_proj="gated-gelu",
+      dropout_rate=0.0,
+  )
   model = UMT5EncoderModel(cfg).eval()
   with torch.no_grad():  # norms start at one; make them matter
     for name, p in model.named_parameters():
@@ -118,17 +142,21 @@ def ours(release):
   root, _ = release
   with open(root / "text_encoder" / "config.json") as f:
     sizes = te.config_from_transformers(json.load(f))
-  config = ml_collections.ConfigDict({
-      "text_encoder": dict(sizes, text_len=TEXT_LEN, tokenizer=str(root / "tokenizer")),
-      "model": {"dtype": "float32", "param_dtype": "float32"}})
+  config = ml_collections.ConfigDict(
+      {
+          "text_encoder": dict(sizes, text_len=TEXT_LEN, tokenizer=str(root / "tokenizer")),
+          "model": {"dtype": "float32", "param_dtype": "float32"},
+      }
+  )
   tok = tk.load_umt5_tokenizer(config.text_encoder.tokenizer, config.text_encoder.text_len)
   model = te.make_text_encoder(config, tok.vocab_size)
   abstract = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   with open(root / "text_encoder" / "config.json") as f:
     cfg = json.load(f)
   # What the converter builds from the release's config.json is the module's own tree.
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), te.umt5_abstract_params_from_transformers(cfg)) == \
-      jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), te.umt5_abstract_params_from_transformers(cfg)) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), abstract
+  )
   params = _load_params(str(root / "text_encoder"), te.umt5_key_map_from_transformers(cfg), abstract)
   return config, tok, model, params
 
@@ -136,14 +164,16 @@ def ours(release):
 def _reference(model, ids, mask) -> np.ndarray:
   """Wan's use of umT5: last hidden state cut to each prompt's length, zero-padded back."""
   with torch.no_grad():
-    out = model(torch.as_tensor(ids, dtype=torch.long),
-                torch.as_tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    out = model(
+        torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
+    ).last_hidden_state.numpy()
   return np.where(mask[..., None], out, 0.0)
 
 
 # ------------------------------------------------------------------ tokenizer
 def test_prompt_cleaning_matches_diffusers():
   from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean  # pylint: disable=g-import-not-at-top
+
   for p in PROMPTS:
     assert tk.clean_prompt(p) == prompt_clean(p)
   assert tk.clean_prompt("  cafÃ©  &amp;amp;\n x ") == "café & x"
@@ -157,10 +187,15 @@ def test_tokenizer_matches_transformers(release):
   ours = tk.load_umt5_tokenizer(str(root / "tokenizer"), TEXT_LEN)
   ids, mask = ours.encode_with_mask(PROMPTS)
   assert ids.shape == mask.shape == (len(PROMPTS), TEXT_LEN) and ids.dtype == np.int32
-  ref = PreTrainedTokenizerFast(tokenizer_file=file, pad_token="<pad>", eos_token="</s>",
-                                unk_token="<unk>")
-  r = ref([tk.clean_prompt(p) for p in PROMPTS], padding="max_length", max_length=TEXT_LEN,
-          truncation=True, add_special_tokens=True, return_attention_mask=True)
+  ref = PreTrainedTokenizerFast(tokenizer_file=file, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+  r = ref(
+      [tk.clean_prompt(p) for p in PROMPTS],
+      padding="max_length",
+      max_length=TEXT_LEN,
+      truncation=True,
+      add_special_tokens=True,
+      return_attention_mask=True,
+  )
   np.testing.assert_array_equal(ids, np.asarray(r["input_ids"]))
   np.testing.assert_array_equal(mask, np.asarray(r["attention_mask"]).astype(bool))
   np.testing.assert_array_equal(ours.encode(PROMPTS), ids)
@@ -205,7 +240,11 @@ def test_key_map_and_config(release):
   assert "shared.weight" in names and "encoder.embed_tokens.weight" in names
   for name in names - {"encoder.embed_tokens.weight"}:
     assert te.umt5_torch_key_to_target(name, num_heads=HEADS).path[0] in (
-        "token_embedding", "final_norm", "layers_0", "layers_1")
+        "token_embedding",
+        "final_norm",
+        "layers_0",
+        "layers_1",
+    )
   assert te.umt5_torch_key_to_target("shared.weight", num_heads=HEADS).path == ("token_embedding",)
   # The tied duplicate is skipped (transformers saves only shared.weight).
   assert te.umt5_torch_key_to_target("encoder.embed_tokens.weight", num_heads=HEADS) is None
@@ -219,11 +258,14 @@ def test_key_map_and_config(release):
   o = te.umt5_torch_key_to_target("encoder.block.0.layer.0.SelfAttention.o.weight", num_heads=HEADS)
   np.testing.assert_array_equal(o.transform(w.T)[2, 3, 5], w[2 * D_KV + 3, 5])
   with pytest.raises(ValueError, match="num_heads = 5"):
-    te.umt5_torch_key_to_target("encoder.block.0.layer.0.SelfAttention.k.weight",
-                                num_heads=5).transform(w)
-  for bad in ("decoder.block.0.layer.0.SelfAttention.q.weight", "lm_head.weight",
-              "encoder.block.0.layer.1.DenseReluDense.wi.weight", "encoder.block.0.layer.2.layer_norm.weight",
-              "encoder.final_layer_norm.bias"):
+    te.umt5_torch_key_to_target("encoder.block.0.layer.0.SelfAttention.k.weight", num_heads=5).transform(w)
+  for bad in (
+      "decoder.block.0.layer.0.SelfAttention.q.weight",
+      "lm_head.weight",
+      "encoder.block.0.layer.1.DenseReluDense.wi.weight",
+      "encoder.block.0.layer.2.layer_norm.weight",
+      "encoder.final_layer_norm.bias",
+  ):
     with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
       te.umt5_torch_key_to_target(bad, num_heads=HEADS)
   with pytest.raises(ValueError, match="num_heads"):
@@ -232,8 +274,18 @@ def test_key_map_and_config(release):
   with open(root / "text_encoder" / "config.json") as f:
     cfg = json.load(f)
   sizes = te.config_from_transformers(cfg)
-  assert sizes == dict(name="umt5", vocab_size=cfg["vocab_size"], d_model=D_MODEL, d_kv=D_KV, d_ff=D_FF,
-                       num_layers=LAYERS, num_heads=HEADS, rel_buckets=32, rel_max_distance=128, eps=1e-6)
+  assert sizes == dict(
+      name="umt5",
+      vocab_size=cfg["vocab_size"],
+      d_model=D_MODEL,
+      d_kv=D_KV,
+      d_ff=D_FF,
+      num_layers=LAYERS,
+      num_heads=HEADS,
+      rel_buckets=32,
+      rel_max_distance=128,
+      eps=1e-6,
+  )
   with pytest.raises(ValueError, match="model_type"):
     te.config_from_transformers(dict(cfg, model_type="t5"))
   with pytest.raises(ValueError, match="'d_kv'"):
@@ -252,8 +304,9 @@ def test_key_map_and_config(release):
 
 def test_umt5_xxl_sizes_match_transformers():
   """umT5-XXL (Wan's text encoder) through config_from_transformers: same parameter count, abstractly."""
-  cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                   feed_forward_proj="gated-gelu")
+  cfg = UMT5Config(
+      vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
+  )
   sizes = te.config_from_transformers(cfg.to_dict())
   config = ml_collections.ConfigDict({"text_encoder": sizes, "model": {"dtype": "bfloat16"}})
   module = te.make_text_encoder(config, 256300)
@@ -274,12 +327,15 @@ def test_umt5_xxl_sizes_match_transformers():
 def test_buckets_match_transformers():
   rel = np.arange(-700, 701)
   for buckets, max_distance in ((32, 128), (32, 64), (16, 40)):
-    cfg = UMT5Config(d_model=8, d_kv=2, num_heads=4, relative_attention_num_buckets=buckets,
-                     relative_attention_max_distance=max_distance)
-    ref = UMT5Attention(cfg, has_relative_attention_bias=True)._relative_position_bucket(
-        torch.as_tensor(rel)).numpy()
-    np.testing.assert_array_equal(np.asarray(te.relative_position_bucket(jnp.asarray(rel), buckets,
-                                                                         max_distance)), ref)
+    cfg = UMT5Config(
+        d_model=8,
+        d_kv=2,
+        num_heads=4,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=max_distance,
+    )
+    ref = UMT5Attention(cfg, has_relative_attention_bias=True)._relative_position_bucket(torch.as_tensor(rel)).numpy()
+    np.testing.assert_array_equal(np.asarray(te.relative_position_bucket(jnp.asarray(rel), buckets, max_distance)), ref)
 
 
 # ------------------------------------------------------------------ numerical parity

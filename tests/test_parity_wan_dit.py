@@ -17,6 +17,7 @@ Large timesteps: the features ``t * freqs`` reach ``t`` radians, so one ulp in a
 t = 999. The timestep frequency table is checked entry by entry against diffusers' (float32, PyTorch's ``exp``),
 and T2V models with 5 heads of 12 and frequency dimensions 16 and 24 are compared at t = 3, 999 and 1000.
 """
+
 import json
 import math
 import os
@@ -55,9 +56,20 @@ def rel_err(ours, ref) -> float:
 def reference(seed: int, **cfg) -> diffusers.WanTransformer3DModel:
   """A tiny random reference; every parameter gets noise so no norm is identity and no bias zero."""
   torch.manual_seed(seed)
-  kw = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=Z,
-            out_channels=Z, text_dim=TEXT_DIM, freq_dim=FREQ, ffn_dim=FFN, num_layers=LAYERS, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6)
+  kw = dict(
+      patch_size=(1, 2, 2),
+      num_attention_heads=HEADS,
+      attention_head_dim=HEAD_DIM,
+      in_channels=Z,
+      out_channels=Z,
+      text_dim=TEXT_DIM,
+      freq_dim=FREQ,
+      ffn_dim=FFN,
+      num_layers=LAYERS,
+      cross_attn_norm=True,
+      qk_norm="rms_norm_across_heads",
+      eps=1e-6,
+  )
   kw.update(cfg)
   model = diffusers.WanTransformer3DModel(**kw).eval()
   with torch.no_grad():
@@ -90,14 +102,22 @@ def make_inputs(seed, *, in_channels, text_len, image_len=None, t=(10.0, 700.0))
 def run_ref(ref, x, t, text, image=None) -> np.ndarray:
   """The reference output, channels last [B, F, H, W, C]."""
   with torch.no_grad():
-    out = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(text),
-              None if image is None else torch.from_numpy(image), return_dict=False)[0]
+    out = ref(
+        torch.from_numpy(x),
+        torch.from_numpy(t),
+        torch.from_numpy(text),
+        None if image is None else torch.from_numpy(image),
+        return_dict=False,
+    )[0]
   return out.numpy().transpose(0, 2, 3, 4, 1)
 
 
 def jax_fn(model):
-  return jax.jit(lambda p, x, t, text, image=None, **kw: model.apply(
-      {"params": p}, jnp.asarray(x).transpose(0, 2, 3, 4, 1), t, text, image, **kw))
+  return jax.jit(
+      lambda p, x, t, text, image=None, **kw: model.apply(
+          {"params": p}, jnp.asarray(x).transpose(0, 2, 3, 4, 1), t, text, image, **kw
+      )
+  )
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -155,8 +175,9 @@ def _torch_timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.nda
 
 def test_timestep_frequencies_equal_the_reference_table():
   for dim in LARGE_T_FREQS + (8, 32):
-    np.testing.assert_array_equal(wan_dit.timestep_frequencies(dim), _torch_timestep_frequencies(dim),
-                                  err_msg=f"dim {dim}")
+    np.testing.assert_array_equal(
+        wan_dit.timestep_frequencies(dim), _torch_timestep_frequencies(dim), err_msg=f"dim {dim}"
+    )
   # Ours is the float32 rounding of the exact exponential; PyTorch's float32 exp is 1-ulp accurate, not always
   # correctly rounded, so some widths differ in a few entries (22 and 26 in one, Wan's 256 in 3 of 128), by one
   # ulp and never more.
@@ -194,8 +215,12 @@ def test_i2v_parity_with_timestep_text_and_image_conditioning(i2v):
       "timestep": (x, np.asarray([400.0, 3.0], np.float32), text, image),
       "text": (x, t, rng.standard_normal(text.shape).astype(np.float32), image),
       "image": (x, t, text, rng.standard_normal(image.shape).astype(np.float32)),
-      "first-frame channels": (np.concatenate([x[:, :Z], rng.standard_normal(x[:, Z:].shape).astype(np.float32)], 1),
-                               t, text, image),
+      "first-frame channels": (
+          np.concatenate([x[:, :Z], rng.standard_normal(x[:, Z:].shape).astype(np.float32)], 1),
+          t,
+          text,
+          image,
+      ),
   }
   for name, args in variants.items():
     expected = run_ref(ref, *args)
@@ -208,8 +233,10 @@ def test_scanned_layout_gives_the_same_output(i2v):
   model_s, params_s = convert_and_load(ref, tmp, scanned=True)
   assert params_s["blocks"]["attn1"]["to_q"]["kernel"].shape == (LAYERS, DIM, DIM)
   for i in range(LAYERS):
-    np.testing.assert_array_equal(np.asarray(params_s["blocks"]["ffn"]["net_0"]["proj"]["kernel"][i]),
-                                  np.asarray(params[f"blocks_{i}"]["ffn"]["net_0"]["proj"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(params_s["blocks"]["ffn"]["net_0"]["proj"]["kernel"][i]),
+        np.asarray(params[f"blocks_{i}"]["ffn"]["net_0"]["proj"]["kernel"]),
+    )
   x, t, text, image = make_inputs(2, in_channels=2 * Z + 4, text_len=I2V_TEXT_LEN, image_len=5)
   out_s = jax_fn(model_s)(params_s, x, t, text, image)
   assert rel_err(out_s, fwd(params, x, t, text, image)) <= 1e-6
@@ -235,9 +262,11 @@ def test_per_token_timesteps_equal_per_sample_when_constant(ti2v):
   x, t, text, _ = make_inputs(4, in_channels=Z, text_len=9)
   ts = np.repeat(t[:, None], TOKENS, axis=1)
   rng = np.random.default_rng(5)
-  ctx = dict(context=jnp.asarray(rng.standard_normal((B, 4, DIM)), jnp.float32),
-             context_pos=jnp.asarray(rng.uniform(-3, 3, (B, 4, 3)), jnp.float32),
-             context_mask=jnp.asarray([[True, True, False, True], [True, False, True, True]]))
+  ctx = dict(
+      context=jnp.asarray(rng.standard_normal((B, 4, DIM)), jnp.float32),
+      context_pos=jnp.asarray(rng.uniform(-3, 3, (B, 4, 3)), jnp.float32),
+      context_mask=jnp.asarray([[True, True, False, True], [True, False, True, True]]),
+  )
   with_ctx = fwd(params, x, ts, text, **ctx)
   assert rel_err(with_ctx, fwd(params, x, t, text, **ctx)) <= 1e-6
   assert rel_err(with_ctx, fwd(params, x, ts, text)) > 1e-3  # the context tokens are live
@@ -270,8 +299,14 @@ def test_key_map_targets_and_errors():
   assert wan_dit.torch_key_to_target("scale_shift_table", num_layers=2, scanned=True).path == ("scale_shift_table",)
   # Ignored by the reference itself.
   assert wan_dit.torch_key_to_target("blocks.0.attn2.norm_added_q.weight", num_layers=2, scanned=False) is None
-  for bad in ("blocks.0.attn1.to_qkv.weight", "condition_embedder.image_embedder.pos_embed", "blocks.2.norm2.weight",
-              "proj_out.scale", "norm_out.weight", "blocks.0.norm2"):
+  for bad in (
+      "blocks.0.attn1.to_qkv.weight",
+      "condition_embedder.image_embedder.pos_embed",
+      "blocks.2.norm2.weight",
+      "proj_out.scale",
+      "norm_out.weight",
+      "blocks.0.norm2",
+  ):
     with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
       wan_dit.torch_key_to_target(bad, num_layers=2, scanned=False)
 
@@ -280,13 +315,38 @@ def test_config_from_diffusers_and_mismatches(i2v):
   ref = i2v[0]
   cfg = dict(ref.config)
   got = wan_dit.config_from_diffusers(cfg)
-  assert got == dict(dim=DIM, ffn_dim=FFN, num_heads=HEADS, num_layers=LAYERS, patch_size=(1, 2, 2), freq_dim=FREQ,
-                     eps=1e-6, qk_norm=True, cross_attn_norm=True, rope_theta=10000.0, in_channels=2 * Z + 4,
-                     out_channels=Z, text_dim=TEXT_DIM, image_dim=IMAGE_DIM)
-  model_cfg = dict(dim=DIM, ffn_dim=FFN, num_heads=HEADS, num_layers=3, patch_size=(1, 2, 2), freq_dim=FREQ, eps=1e-6,
-                   qk_norm=True, cross_attn_norm=True, rope_theta=10000.0, dtype="float32")
+  assert got == dict(
+      dim=DIM,
+      ffn_dim=FFN,
+      num_heads=HEADS,
+      num_layers=LAYERS,
+      patch_size=(1, 2, 2),
+      freq_dim=FREQ,
+      eps=1e-6,
+      qk_norm=True,
+      cross_attn_norm=True,
+      rope_theta=10000.0,
+      in_channels=2 * Z + 4,
+      out_channels=Z,
+      text_dim=TEXT_DIM,
+      image_dim=IMAGE_DIM,
+  )
+  model_cfg = dict(
+      dim=DIM,
+      ffn_dim=FFN,
+      num_heads=HEADS,
+      num_layers=3,
+      patch_size=(1, 2, 2),
+      freq_dim=FREQ,
+      eps=1e-6,
+      qk_norm=True,
+      cross_attn_norm=True,
+      rope_theta=10000.0,
+      dtype="float32",
+  )
   assert wan_dit.config_mismatches(model_cfg, cfg, text_dim=TEXT_DIM) == [
-      "model.num_layers: run config has 3, the release has 2"]
+      "model.num_layers: run config has 3, the release has 2"
+  ]
   assert wan_dit.config_mismatches(dict(model_cfg, num_layers=2), cfg, in_channels=2 * Z + 4) == []
   with pytest.raises(ValueError, match="pos_embed_seq_len"):
     wan_dit.config_from_diffusers(dict(cfg, pos_embed_seq_len=514))

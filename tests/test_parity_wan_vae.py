@@ -11,6 +11,7 @@ Tolerances: float32 compute <= 1e-5. bfloat16 compute (float32 parameters, float
 decode <= 1.5e-1 (the decoder is deeper and its random weights amplify rounding; the reference's own bf16 run errs
 by 1.2e-2 / 7.1e-2 on the same inputs), and at most twice the reference's own bf16 error.
 """
+
 import copy
 import dataclasses
 import json
@@ -35,12 +36,29 @@ FRAMES = 9  # 1 + 2 chunks of 4 -> 3 latent frames
 
 LAYOUTS = {
     # Wan2.1 layout (plain blocks, stride 4x8x8), non-square 16x24 pixels -> 2x3 latents.
-    "wan2.1": (dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=2,
-                    temperal_downsample=[False, True, True]), 2, (16, 24)),
+    "wan2.1": (
+        dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=2, temperal_downsample=[False, True, True]),
+        2,
+        (16, 24),
+    ),
     # Wan2.2 layout (residual blocks, patchify 2, stride 4x16x16, its own decoder width), 32x48 -> 2x3 latents.
-    "wan2.2": (dict(base_dim=8, decoder_base_dim=12, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                    temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
-                    patch_size=2, scale_factor_spatial=16), 1, (32, 48)),
+    "wan2.2": (
+        dict(
+            base_dim=8,
+            decoder_base_dim=12,
+            z_dim=4,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+        ),
+        1,
+        (32, 48),
+    ),
 }
 
 
@@ -78,8 +96,11 @@ def _build(kind: str, tmp_path_factory):
   cfg, batch, hw = LAYOUTS[kind]
   torch.manual_seed(0)
   rng = np.random.default_rng(0)
-  cfg = dict(cfg, latents_mean=rng.normal(size=cfg["z_dim"]).round(3).tolist(),
-             latents_std=rng.uniform(0.5, 2.0, size=cfg["z_dim"]).round(3).tolist())
+  cfg = dict(
+      cfg,
+      latents_mean=rng.normal(size=cfg["z_dim"]).round(3).tolist(),
+      latents_std=rng.uniform(0.5, 2.0, size=cfg["z_dim"]).round(3).tolist(),
+  )
   model = AutoencoderKLWan(**cfg).eval()
   with torch.no_grad():  # non-trivial norm gains, so that a swapped gamma would show
     for name, p in model.named_parameters():
@@ -153,13 +174,17 @@ def test_bfloat16_compute_within_stated_tolerance(tmp_path_factory):
     z = np.random.default_rng(4).normal(size=ref_mean.shape).astype(np.float32) * 2.0
     ref_video = model.decode(torch.from_numpy(z)).sample.numpy()
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    torch_bf16 = (model_bf16.encode(torch.from_numpy(x).bfloat16()).latent_dist.mode().float().numpy(),
-                  model_bf16.decode(torch.from_numpy(z).bfloat16()).sample.float().numpy())
+    torch_bf16 = (
+        model_bf16.encode(torch.from_numpy(x).bfloat16()).latent_dist.mode().float().numpy(),
+        model_bf16.decode(torch.from_numpy(z).bfloat16()).sample.float().numpy(),
+    )
   bf16 = wan_vae.WanVAE(vae.config, wan_vae.Numerics(dtype=jnp.bfloat16))
   mean, video = _encode_decode(bf16, params, x, z)
   assert mean.dtype == video.dtype == jnp.bfloat16
-  for ours, ref, theirs, tol in ((mean, ref_mean, torch_bf16[0], TOL_BF16_ENCODE),
-                                 (video, ref_video, torch_bf16[1], TOL_BF16_DECODE)):
+  for ours, ref, theirs, tol in (
+      (mean, ref_mean, torch_bf16[0], TOL_BF16_ENCODE),
+      (video, ref_video, torch_bf16[1], TOL_BF16_DECODE),
+  ):
     err = rel_err(ours.astype(jnp.float32), ref)
     assert 1e-5 < err <= tol  # bf16 really ran, and stays within the stated bound
     assert err <= 2.0 * rel_err(theirs, ref)
@@ -176,9 +201,15 @@ def test_mapping_examples_and_errors():
   assert t.path == ("encoder", "mid_block", "attentions_0", "norm", "scale")
   np.testing.assert_array_equal(t.transform(np.arange(3.0).reshape(3, 1, 1)), [0.0, 1.0, 2.0])
   assert wan_vae.torch_key_to_target("quant_conv.bias").path == ("quant_conv", "bias")
-  for bad in ("encoder.down_blocks.0.conv3.weight", "decoder.up_blocks.0.upsamplers.1.time_conv.weight",
-              "encoder.conv_in.gamma", "vae.encoder.conv_in.weight", "decoder.mid_block.resnets.0.norm1.weight",
-              "encoder.down_blocks.1.to_qkv.weight", "decoder.up_blocks.0.resnets.0.conv1.weight.extra"):
+  for bad in (
+      "encoder.down_blocks.0.conv3.weight",
+      "decoder.up_blocks.0.upsamplers.1.time_conv.weight",
+      "encoder.conv_in.gamma",
+      "vae.encoder.conv_in.weight",
+      "decoder.mid_block.resnets.0.norm1.weight",
+      "encoder.down_blocks.1.to_qkv.weight",
+      "decoder.up_blocks.0.resnets.0.conv1.weight.extra",
+  ):
     with pytest.raises(ValueError, match=f"unknown AutoencoderKLWan key '{bad}'"):
       wan_vae.torch_key_to_target(bad)
   with pytest.raises(ValueError, match=r"RMS-norm gamma: expected shape \[C, 1, 1\(, 1\)\], got \(4, 2, 1, 1\)"):
@@ -187,9 +218,20 @@ def test_mapping_examples_and_errors():
 
 def test_config_from_diffusers_presets_and_errors():
   assert wan_vae.config_from_diffusers({"_class_name": "AutoencoderKLWan"}) == wan_vae.PRESETS["wan2.1"]
-  wan22 = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
-               patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, clip_output=False,
-               latents_mean=list(wan_vae.WAN22_LATENTS_MEAN), latents_std=list(wan_vae.WAN22_LATENTS_STD))
+  wan22 = dict(
+      base_dim=160,
+      decoder_base_dim=256,
+      z_dim=48,
+      is_residual=True,
+      in_channels=12,
+      out_channels=12,
+      patch_size=2,
+      scale_factor_spatial=16,
+      scale_factor_temporal=4,
+      clip_output=False,
+      latents_mean=list(wan_vae.WAN22_LATENTS_MEAN),
+      latents_std=list(wan_vae.WAN22_LATENTS_STD),
+  )
   cfg = wan_vae.config_from_diffusers(wan22)
   assert cfg == dataclasses.replace(wan_vae.PRESETS["wan2.2"], clip_output=False)
   assert cfg.stride == (4, 16, 16) and wan_vae.PRESETS["wan2.1"].stride == (4, 8, 8)
@@ -209,8 +251,11 @@ def test_config_from_diffusers_presets_and_errors():
 def test_presets_match_the_published_state_dict_layout(preset, width_div):
   # The published architectures (on torch's meta device: no weights allocated). Wan2.1 (the paper's VAE) at full
   # size; Wan2.2 with its widths divided by 16 to keep the test fast (same blocks, keys and z_dim).
-  cfg = dataclasses.replace(wan_vae.PRESETS[preset], base_dim=wan_vae.PRESETS[preset].base_dim // width_div,
-                            decoder_base_dim=wan_vae.PRESETS[preset].decoder_base_dim // width_div)
+  cfg = dataclasses.replace(
+      wan_vae.PRESETS[preset],
+      base_dim=wan_vae.PRESETS[preset].base_dim // width_div,
+      decoder_base_dim=wan_vae.PRESETS[preset].decoder_base_dim // width_div,
+  )
   kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "clip_output"}
   kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
   with torch.device("meta"):

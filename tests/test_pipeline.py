@@ -1,4 +1,5 @@
 """Tests for the grain training pipeline (triplets, shot inflation, pseudo-labels)."""
+
 import importlib.util
 import os
 
@@ -17,8 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**data):
-  spec = importlib.util.spec_from_file_location(
-      "onestory_config", os.path.join(ROOT, "configs", "onestory.py"))
+  spec = importlib.util.spec_from_file_location("onestory_config", os.path.join(ROOT, "configs", "onestory.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("tiny")
@@ -59,10 +59,15 @@ def test_shapes_and_dtypes():
   config = _config()
   (batch,) = _take(pipeline.make_train_dataset(config, warmup_steps=0), 1)
   b, t, h, w = 8, config.data.frames_per_shot, config.data.height, config.data.width
-  expected = {"frames": ((b, 3, t, h, w, 3), np.uint8),
-              "tokens": ((b, config.data.text_len), np.int32),
-              "sel_labels": ((b, 2), np.float32), "real_first": ((b, 2), np.bool_),
-              "memory_shots": ((b, 2), np.int32), "synthetic": ((b,), np.bool_), "story": ((b,), np.int32)}
+  expected = {
+      "frames": ((b, 3, t, h, w, 3), np.uint8),
+      "tokens": ((b, config.data.text_len), np.int32),
+      "sel_labels": ((b, 2), np.float32),
+      "real_first": ((b, 2), np.bool_),
+      "memory_shots": ((b, 2), np.int32),
+      "synthetic": ((b,), np.bool_),
+      "story": ((b,), np.int32),
+  }
   assert set(batch) == set(expected)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
@@ -82,8 +87,9 @@ def test_deterministic_and_seed_dependent():
 def test_per_process_sharding():
   config = _config()
   whole = _take(pipeline.make_train_dataset(config, warmup_steps=1), 2)
-  parts = [_take(pipeline.make_train_dataset(config, warmup_steps=1, process_index=p,
-                                             process_count=2), 2) for p in range(2)]
+  parts = [
+      _take(pipeline.make_train_dataset(config, warmup_steps=1, process_index=p, process_count=2), 2) for p in range(2)
+  ]
   for step in range(2):
     assert parts[0][step]["frames"].shape[0] == 4
     for key in whole[step]:
@@ -116,8 +122,7 @@ def test_real_triplet_labels_follow_the_formula():
     np.testing.assert_allclose(batch["sel_labels"][j], sw.pseudo_labels(story, [a, b], c))
     np.testing.assert_array_equal(batch["real_first"][j], [True, False])
     np.testing.assert_array_equal(batch["memory_shots"][j], [a, b])
-    np.testing.assert_array_equal(batch["tokens"][j],
-                                  tok.encode([story["shots"][c]["caption"]])[0])
+    np.testing.assert_array_equal(batch["tokens"][j], tok.encode([story["shots"][c]["caption"]])[0])
     checked += 1
   assert checked >= 3
 
@@ -138,8 +143,7 @@ def test_inserted_shots_get_minus_one(p_syn_second):
     assert batch["sel_labels"][j, syn_pos] == -1.0
     assert batch["memory_shots"][j, first_pos] == a  # the real shot keeps its place in the story
     assert 0 <= batch["memory_shots"][j, syn_pos] <= b and batch["memory_shots"][j, syn_pos] != a
-    assert batch["sel_labels"][j, first_pos] == pytest.approx(
-        float(sw.pseudo_labels(story, [a], b)[0]))
+    assert batch["sel_labels"][j, first_pos] == pytest.approx(float(sw.pseudo_labels(story, [a], b)[0]))
 
 
 def test_augmented_first_shots_get_zero():
@@ -192,6 +196,7 @@ def test_checkpoint_resumes_at_the_identical_next_batch(tmp_path, worker_count):
 @pytest.fixture(scope="module")
 def tiny_tfds(tmp_path_factory):
   from onestory_jax.data import storyworld_tfds  # pylint: disable=g-import-not-at-top
+
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   storyworld_tfds.build(data_dir, "tiny")
   return data_dir
@@ -199,8 +204,17 @@ def tiny_tfds(tmp_path_factory):
 
 def test_tfds_source(tiny_tfds):
   from onestory_jax.data import storyworld_tfds  # pylint: disable=g-import-not-at-top
-  config = _config(source="tfds", tfds_data_dir=tiny_tfds, height=16, width=16,
-                   frames_per_shot=4, max_shots=4, p_inflate=0.0, batch_size=4)
+
+  config = _config(
+      source="tfds",
+      tfds_data_dir=tiny_tfds,
+      height=16,
+      width=16,
+      frames_per_shot=4,
+      max_shots=4,
+      p_inflate=0.0,
+      batch_size=4,
+  )
   (batch,) = _take(pipeline.make_train_dataset(config, warmup_steps=0), 1)
   assert batch["frames"].shape == (4, 3, 4, 16, 16, 3)
   source = storyworld_tfds.storyworld_data_source(tiny_tfds, "train")
@@ -244,8 +258,7 @@ def test_sources_registry():
   assert sources.SOURCES["on_the_fly"] is storyworld_sources.on_the_fly_source
   stories = sources.make_story_source(_config())
   assert isinstance(stories, sources.StorySource) and len(stories) == 100_000
-  with pytest.raises(ValueError, match=r"config.data.source must be one of \(.*'on_the_fly'.*'tfds'.*\), "
-                                       r"got 's3'"):
+  with pytest.raises(ValueError, match=r"config.data.source must be one of \(.*'on_the_fly'.*'tfds'.*\), " r"got 's3'"):
     sources.make_story_source(_config(source="s3"))
   sources.register_source("on_the_fly", storyworld_sources.on_the_fly_source)  # same factory: no-op
   with pytest.raises(ValueError, match="already registered"):
@@ -262,6 +275,7 @@ class _ConstantLabels(storyworld_sources.ProceduralStories):
 def test_a_registered_source_drives_the_sampler(monkeypatch):
   def factory(config):
     return _ConstantLabels(sw.StoryWorldConfig.from_config(config.data), config.seed, 10)
+
   monkeypatch.setitem(sources.SOURCES, "constant", factory)
   config = _config(source="constant", p_inflate=0.0)
   (batch,) = _take(pipeline.make_train_dataset(config, warmup_steps=0), 1)
@@ -276,8 +290,9 @@ def test_a_registered_source_drives_the_sampler(monkeypatch):
 def test_sampler_checks_the_layout():
   config = _config()
   stories = sources.make_story_source(config)
-  spec = pipeline.TripletSpec(seed=0, shuffle_seed=0, global_batch=8, warmup_steps=0,
-                              p_inflate=0.0, p_insert=0.5, p_syn_second=0.5)
+  spec = pipeline.TripletSpec(
+      seed=0, shuffle_seed=0, global_batch=8, warmup_steps=0, p_inflate=0.0, p_insert=0.5, p_syn_second=0.5
+  )
   tokenizer = tk.storyworld_tokenizer(config.data.text_len)
   sample = pipeline.TripletSampler(spec, stories, tokenizer, pipeline.example_spec(config))(0, 3)
   assert {k: (v.shape, v.dtype) for k, v in sample.items()} == pipeline.example_spec(config)

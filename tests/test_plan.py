@@ -3,6 +3,7 @@
 The libtpu compile is opt-in (marker ``libtpu``; docs/planning.md has the command). Everything else runs on the
 8 simulated CPU devices of conftest.py; the 14B config is only traced abstractly.
 """
+
 import math
 
 import jax
@@ -49,21 +50,31 @@ def test_traced_counter_follows_scan_and_cond():
   one = 2 * 8 * 16 * 16
   assert flops.traced_matmul_flops(f, x, w) == 5 * one + 2 * one
   conv = lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  assert flops.traced_matmul_flops(conv, sds((2, 6, 6, 3), jnp.float32), sds((3, 3, 3, 4), jnp.float32)) == \
-      2 * 2 * 6 * 6 * 4 * (3 * 3 * 3)
+  assert flops.traced_matmul_flops(
+      conv, sds((2, 6, 6, 3), jnp.float32), sds((3, 3, 3, 4), jnp.float32)
+  ) == 2 * 2 * 6 * 6 * 4 * (3 * 3 * 3)
 
 
 # ---------------------------------------------------------------------------------------------- analytic FLOPs
 def _dit_and_args(config, batch=1):
   s = flops.shapes_of(config)
-  dit = wan_dit.make_dit(config, in_channels=s.in_channels, out_channels=s.out_channels, text_dim=s.text_dim,
-                         image_dim=s.image_dim if config.model.i2v else None)
+  dit = wan_dit.make_dit(
+      config,
+      in_channels=s.in_channels,
+      out_channels=s.out_channels,
+      text_dim=s.text_dim,
+      image_dim=s.image_dim if config.model.i2v else None,
+  )
   f, h, w, _ = s.latent_shape
-  args = (sds((batch, f, h, w, s.in_channels), jnp.float32), sds((batch,), jnp.float32),
-          sds((batch, s.text_len, s.text_dim), jnp.float32),
-          sds((batch, s.image_tokens, s.image_dim), jnp.float32) if config.model.i2v else None,
-          sds((batch, s.context_tokens, config.model.dim), jnp.float32),
-          sds((batch, s.context_tokens, 3), jnp.float32), sds((batch, s.context_tokens), jnp.bool_))
+  args = (
+      sds((batch, f, h, w, s.in_channels), jnp.float32),
+      sds((batch,), jnp.float32),
+      sds((batch, s.text_len, s.text_dim), jnp.float32),
+      sds((batch, s.image_tokens, s.image_dim), jnp.float32) if config.model.i2v else None,
+      sds((batch, s.context_tokens, config.model.dim), jnp.float32),
+      sds((batch, s.context_tokens, 3), jnp.float32),
+      sds((batch, s.context_tokens), jnp.bool_),
+  )
 
   def fwd(p, x, t, text, image, ctx, pos, mask):
     return dit.apply({"params": p}, x, t, text, image, context=ctx, context_pos=pos, context_mask=mask)
@@ -111,11 +122,13 @@ def test_onestory_module_formulas_equal_traced_matmuls(variant):
   memory = sds((1, s.memory_frames, h, w, c), jnp.float32)
   mmask = sds((1, s.memory_frames), jnp.bool_)
   shot = sds((1, s.memory_frames), jnp.int32)
-  assert flops.traced_matmul_flops(apply("score_memory"), params, text, sds((1, s.text_len), jnp.bool_), memory,
-                                   mmask, shot) == flops.frame_selection_flops(config, s)
+  assert flops.traced_matmul_flops(
+      apply("score_memory"), params, text, sds((1, s.text_len), jnp.bool_), memory, mmask, shot
+  ) == flops.frame_selection_flops(config, s)
   frames = sds((1, k, h, w, c), jnp.float32)
-  assert flops.traced_matmul_flops(apply("build_context"), params, frames, sds((1, k), jnp.bool_),
-                                   sds((1, k), jnp.float32)) == flops.conditioner_flops(config, s)
+  assert flops.traced_matmul_flops(
+      apply("build_context"), params, frames, sds((1, k), jnp.bool_), sds((1, k), jnp.float32)
+  ) == flops.conditioner_flops(config, s)
 
 
 def test_step_flops_of_the_paper_setting():
@@ -148,7 +161,7 @@ def test_step_flops_of_the_paper_setting():
 # ---------------------------------------------------------------------------------------------- plan
 def test_parse_topology():
   t = plan.parse_topology("v5p:4x4x4")
-  assert (t.chip, t.num_chips, t.hbm_bytes) == ("v5p", 64, 95 * 2 ** 30)
+  assert (t.chip, t.num_chips, t.hbm_bytes) == ("v5p", 64, 95 * 2**30)
   assert plan.parse_topology("v6e:8x8", num_slices=2).num_chips == 128
   assert plan.parse_topology("v5litepod:4x4").name == "v5e:4x4"
   with pytest.raises(ValueError, match="--topology='v5p:4x4'"):
@@ -173,7 +186,6 @@ def test_plan_builds_the_trainers_state_and_batch():
     assert leaf.sharding.spec == trainer_specs[path].spec
   masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
 
-
   def compare(m, p):
     if masked(m):
       return m
@@ -181,8 +193,14 @@ def test_plan_builds_the_trainers_state_and_batch():
       return "different"
     return "replicated" if p.sharding.spec == jax.sharding.PartitionSpec() else "sharded"
 
-  moments = optax.tree_map_params(tr.program.tx, compare, built.abstract_state.opt_state, built.abstract_state.params, is_leaf=masked,
-                                  transform_non_params=lambda _: None)
+  moments = optax.tree_map_params(
+      tr.program.tx,
+      compare,
+      built.abstract_state.opt_state,
+      built.abstract_state.params,
+      is_leaf=masked,
+      transform_non_params=lambda _: None,
+  )
   kinds = [x for x in jax.tree.leaves(moments) if isinstance(x, str)]
   assert kinds and "different" not in kinds and "sharded" in kinds
   # One builder: plan compiles exactly the trainer's program (frozen encoders as sharded arguments in both).
@@ -202,8 +220,9 @@ def test_quick_plan_end_to_end():
   assert report["batch_per_chip"] == config.data.batch_size / 4
   for key in ("argument_bytes", "output_bytes", "temporary_bytes", "total_bytes", "state_bytes", "batch_bytes"):
     assert m[key] > 0, key
-  assert m["total_bytes"] == (m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temporary_bytes"]
-                              + m["generated_code_bytes"])
+  assert m["total_bytes"] == (
+      m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temporary_bytes"] + m["generated_code_bytes"]
+  )
   assert m["fits"] and m["alias_bytes"] > 0  # the donated state is aliased with the new state
   assert 0 < m["xla_peak_bytes"] <= m["total_bytes"]
   # The CPU compiler's own peak leaves the temporaries out; the reported peak holds them and the arguments.
@@ -218,12 +237,14 @@ def test_quick_plan_end_to_end():
 
 
 def test_out_of_memory_message_is_read():
-  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (437.18G) "
-         "exceeds available HBM (95.74G).")
-  out = plan._out_of_memory(msg, 10 * 2 ** 30)  # pylint: disable=protected-access
-  assert not out["fits"] and out["temporary_bytes"] == int(437.18 * 2 ** 30)
-  assert out["total_bytes"] == 10 * 2 ** 30 + int(437.18 * 2 ** 30)
-  assert out["compiler_hbm_bytes"] == int(95.74 * 2 ** 30)
+  msg = (
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (437.18G) "
+      "exceeds available HBM (95.74G)."
+  )
+  out = plan._out_of_memory(msg, 10 * 2**30)  # pylint: disable=protected-access
+  assert not out["fits"] and out["temporary_bytes"] == int(437.18 * 2**30)
+  assert out["total_bytes"] == 10 * 2**30 + int(437.18 * 2**30)
+  assert out["compiler_hbm_bytes"] == int(95.74 * 2**30)
 
 
 @pytest.mark.libtpu
@@ -233,7 +254,7 @@ def test_libtpu_deviceless_compile():
   report = plan.plan(config, "v5e:2x2", step_time=0.5)
   m = report["memory_per_chip"]
   assert report["mode"].startswith("tpu") and report["devices_compiled"] == 4
-  assert m["fits"] and 0 < m["xla_peak_bytes"] <= m["total_bytes"] < 16 * 2 ** 30
+  assert m["fits"] and 0 < m["xla_peak_bytes"] <= m["total_bytes"] < 16 * 2**30
   assert m["argument_bytes"] >= m["state_bytes"] > 0
   assert report["flops"]["xla_flops_per_chip"] > 0
   assert math.isclose(report["mfu"], flops.step_flops(config).model_flops / (0.5 * 4 * 197e12))

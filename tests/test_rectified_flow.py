@@ -1,4 +1,5 @@
 """Rectified flow (paper Eq. 10): interpolation, targets, time shift, parameterisations, Euler sampler, CFG."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -4,6 +4,7 @@ The 14B checks run on jax.eval_shape only (nothing is allocated): every paramete
 (``wan21_i2v_14b_480p``) gets the sharding its logical names and ``config.logical_axis_rules`` say, divides its
 shape, and every large one is split over ``fsdp``; AdamW's moments follow their parameters.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,15 +118,23 @@ def abstract_14b():
   image_encoder = image_encoder_lib.make_image_encoder(config)
   f, h, w, c = codec.latent_shape(d.frames_per_shot, d.height, d.width)
   model = onestory_lib.OneStory(
-      config=ml_collections.FrozenConfigDict(config), latent_hw=(h, w), latent_channels=c,
-      mask_channels=codec.mask_channels, vocab_size=config.text_encoder.vocab_size,
-      image_dim=image_encoder.token_dim(d.height, d.width))
+      config=ml_collections.FrozenConfigDict(config),
+      latent_hw=(h, w),
+      latent_channels=c,
+      mask_channels=codec.mask_channels,
+      vocab_size=config.text_encoder.vocab_size,
+      image_dim=image_encoder.token_dim(d.height, d.width),
+  )
   in_ch = c + codec.mask_channels + c
   sds = jax.ShapeDtypeStruct
-  args = (sds((1, d.text_len), jnp.int32), sds((1, f, h, w, c), jnp.float32), sds((1, f), bool),
-          sds((1, f, h, w, in_ch), jnp.float32), sds((1,), jnp.float32),
-          sds((1, image_encoder.num_tokens(d.height, d.width), image_encoder.token_dim(d.height, d.width)),
-              jnp.float32))
+  args = (
+      sds((1, d.text_len), jnp.int32),
+      sds((1, f, h, w, c), jnp.float32),
+      sds((1, f), bool),
+      sds((1, f, h, w, in_ch), jnp.float32),
+      sds((1,), jnp.float32),
+      sds((1, image_encoder.num_tokens(d.height, d.width), image_encoder.token_dim(d.height, d.width)), jnp.float32),
+  )
   mesh = sharding.make_mesh(config)
   with sharding.use_mesh(mesh, config):  # the forward pass of init runs the sharded (context-parallel) attention
     boxed = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a)["params"], *args)
@@ -179,13 +188,15 @@ def test_every_14b_parameter_is_sharded_as_the_rules_say(abstract_14b):
 def test_14b_adamw_moments_are_sharded_like_their_parameters(abstract_14b):
   _, mesh, params, shardings, _, opt_state, opt_shardings = abstract_14b
   flat = jax.tree_util.tree_flatten_with_path(opt_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
-  by_param = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+  by_param = {
+      jax.tree_util.keystr(p): s
+      for p, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+  }
   moments = 0
   for path, s in flat:
     key = jax.tree_util.keystr(path)
     if ".mu" in key or ".nu" in key:
-      param_key = key[key.index("[", key.index(".mu" if ".mu" in key else ".nu")):]
+      param_key = key[key.index("[", key.index(".mu" if ".mu" in key else ".nu")) :]
       assert s == by_param[param_key], key
       moments += 1
     else:
@@ -201,6 +212,7 @@ def test_14b_context_parallel_heads_divide():
   config = load_config("wan21_i2v_14b_480p", **{"mesh.shape": (1, 1, 8, 1)})  # 40 heads over 8: 5 each
   assert config.model.num_heads % 8 == 0
   from onestory_jax.models import attention  # pylint: disable=g-import-not-at-top
+
   mesh = jax.make_mesh((1, 1, 4, 2), config.mesh.axes, axis_types=(jax.sharding.AxisType.Auto,) * 4)
   q = jax.ShapeDtypeStruct((1, 34320, 12, 128), jnp.bfloat16)  # 12 heads: 6 per tensor shard, not divisible by 4
   with sharding.use_mesh(mesh, config), pytest.raises(ValueError, match="12 attention heads, 6 per device"):

@@ -1,4 +1,5 @@
 """Tests for onestory_jax/story.py: story files and start images."""
+
 import json
 import os
 
@@ -31,8 +32,13 @@ def test_valid_story_keeps_extra_keys(tmp_path):
       "seed": 7,
       "start_image": "img/start.png",
       "shots": [
-          {"caption": "  A fox in a forest. ", "characters": [0], "environment": 2,
-           "action": "walks", "framing": "wide"},
+          {
+              "caption": "  A fox in a forest. ",
+              "characters": [0],
+              "environment": 2,
+              "action": "walks",
+              "framing": "wide",
+          },
           {"caption": "A river."},
           {"caption": "The fox again.", "characters": [], "environment": None},
       ],
@@ -62,35 +68,47 @@ def test_start_image_resolved_relative_to_story_dir(tmp_path, monkeypatch):
   assert os.path.isabs(story.start_image)
   # An absolute path is kept as is; no start image and no seed give None.
   abs_story = story_lib.load_story(
-      _write(tmp_path, {"shots": [{"caption": "x"}], "start_image": str(sub / "frame.png")}))
+      _write(tmp_path, {"shots": [{"caption": "x"}], "start_image": str(sub / "frame.png")})
+  )
   assert abs_story.start_image == str(sub / "frame.png")
   plain = story_lib.load_story(_write(tmp_path, {"shots": [{"caption": "x"}]}, "plain.json"))
   assert plain.start_image is None and plain.seed is None
 
 
-@pytest.mark.parametrize("obj, message", [
-    ([1, 2], r"the top level must be a JSON object with 'shots', got list"),
-    ({}, r"'shots' must be a non-empty list, got null"),
-    ({"shots": []}, r"'shots' must be a non-empty list, got \[\]"),
-    ({"shots": "abc"}, r"'shots' must be a non-empty list, got 'abc'"),
-    ({"shots": [{"caption": "a"}, {"caption": "b"}, {"caption": 5}]},
-     r"story.json: shots\[2\].caption must be a non-empty string, got 5$"),
-    ({"shots": [{"caption": "   "}]}, r"shots\[0\].caption must be a non-empty string, got '   '"),
-    ({"shots": [{"text": "a"}]}, r"shots\[0\] has no 'caption'"),
-    ({"shots": ["a"]}, r"shots\[0\] must be an object with a 'caption', got str"),
-    ({"shots": [{"caption": "a", "characters": [0, "b"]}]},
-     r"shots\[0\].characters must be a list of non-negative ints, got \[0, \"b\"\]"),
-    ({"shots": [{"caption": "a", "characters": 3}]}, r"shots\[0\].characters must be a list"),
-    ({"shots": [{"caption": "a", "characters": [True]}]}, r"shots\[0\].characters must be a list"),
-    ({"shots": [{"caption": "a", "environment": "forest"}]},
-     r"shots\[0\].environment must be a non-negative int, got 'forest'"),
-    ({"shots": [{"caption": "a"}], "seed": "7"}, r"seed must be an int, got '7'"),
-    ({"shots": [{"caption": "a"}], "seed": 1.5}, r"seed must be an int, got 1.5"),
-    ({"shots": [{"caption": "a"}], "start_image": 3}, r"start_image must be a non-empty string"),
-    ({"shots": [{"caption": "a"}], "start_image": "missing.png"},
-     r"start_image file not found: 'missing.png' \(resolved to .*missing.png\)"),
-    ({"shots": [{"caption": "a"}] * 4}, r"'shots' has 4 shots, more than max_shots = 3"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ([1, 2], r"the top level must be a JSON object with 'shots', got list"),
+        ({}, r"'shots' must be a non-empty list, got null"),
+        ({"shots": []}, r"'shots' must be a non-empty list, got \[\]"),
+        ({"shots": "abc"}, r"'shots' must be a non-empty list, got 'abc'"),
+        (
+            {"shots": [{"caption": "a"}, {"caption": "b"}, {"caption": 5}]},
+            r"story.json: shots\[2\].caption must be a non-empty string, got 5$",
+        ),
+        ({"shots": [{"caption": "   "}]}, r"shots\[0\].caption must be a non-empty string, got '   '"),
+        ({"shots": [{"text": "a"}]}, r"shots\[0\] has no 'caption'"),
+        ({"shots": ["a"]}, r"shots\[0\] must be an object with a 'caption', got str"),
+        (
+            {"shots": [{"caption": "a", "characters": [0, "b"]}]},
+            r"shots\[0\].characters must be a list of non-negative ints, got \[0, \"b\"\]",
+        ),
+        ({"shots": [{"caption": "a", "characters": 3}]}, r"shots\[0\].characters must be a list"),
+        ({"shots": [{"caption": "a", "characters": [True]}]}, r"shots\[0\].characters must be a list"),
+        (
+            {"shots": [{"caption": "a", "environment": "forest"}]},
+            r"shots\[0\].environment must be a non-negative int, got 'forest'",
+        ),
+        ({"shots": [{"caption": "a"}], "seed": "7"}, r"seed must be an int, got '7'"),
+        ({"shots": [{"caption": "a"}], "seed": 1.5}, r"seed must be an int, got 1.5"),
+        ({"shots": [{"caption": "a"}], "start_image": 3}, r"start_image must be a non-empty string"),
+        (
+            {"shots": [{"caption": "a"}], "start_image": "missing.png"},
+            r"start_image file not found: 'missing.png' \(resolved to .*missing.png\)",
+        ),
+        ({"shots": [{"caption": "a"}] * 4}, r"'shots' has 4 shots, more than max_shots = 3"),
+    ],
+)
 def test_validation_errors_name_file_and_field(tmp_path, obj, message):
   path = _write(tmp_path, obj)
   with pytest.raises(ValueError, match=message) as info:
@@ -100,8 +118,7 @@ def test_validation_errors_name_file_and_field(tmp_path, obj, message):
 
 def test_invalid_json_reports_line_and_column(tmp_path):
   path = _write(tmp_path, '{\n  "shots": [\n    {"caption": "a"}\n    {"caption": "b"}\n  ]\n}')
-  with pytest.raises(ValueError, match=r"story.json: invalid JSON at line 4, column 5: "
-                                       r"Expecting ',' delimiter"):
+  with pytest.raises(ValueError, match=r"story.json: invalid JSON at line 4, column 5: " r"Expecting ',' delimiter"):
     story_lib.load_story(path)
 
 

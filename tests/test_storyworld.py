@@ -1,4 +1,5 @@
 """Tests for StoryWorld (generator, renderer, captions, CLI), its tokenizer and TFDS builder."""
+
 import colorsys
 import json
 import os
@@ -101,9 +102,11 @@ def test_compose_has_a_shot_composing_separately_introduced_characters():
     for i, shot in enumerate(s["shots"]):
       if len(shot["characters"]) == 1:
         solo_first.setdefault(shot["characters"][0], i)
-    composed = [i for i, shot in enumerate(s["shots"])
-                if len(shot["characters"]) >= 2
-                and all(solo_first.get(c, i) < i for c in shot["characters"])]
+    composed = [
+        i
+        for i, shot in enumerate(s["shots"])
+        if len(shot["characters"]) >= 2 and all(solo_first.get(c, i) < i for c in shot["characters"])
+    ]
     assert composed, s["shots"]
 
 
@@ -114,12 +117,24 @@ def test_at_least_five_distinct_kinds():
   assert len(sw.KINDS) >= 5
   masks = []
   for kind in sw.KINDS:
-    story = {"seed": 0, "height": 32, "width": 32, "frames_per_shot": 1,
-             "characters": [{"id": 0, "kind": kind, "color": [1.0, 0.0, 0.0], "size": 1.0}],
-             "environments": [{"id": 0, "layout": "horizon", "colors": [[0, 0, 0], [0, 0, 0]],
-                               "params": {"split": 0.5}}],
-             "shots": [{"characters": [0], "environment": 0, "action": "left",
-                        "framing": "close", "speed": 1.0, "start": [[16.0, 16.0]]}]}
+    story = {
+        "seed": 0,
+        "height": 32,
+        "width": 32,
+        "frames_per_shot": 1,
+        "characters": [{"id": 0, "kind": kind, "color": [1.0, 0.0, 0.0], "size": 1.0}],
+        "environments": [{"id": 0, "layout": "horizon", "colors": [[0, 0, 0], [0, 0, 0]], "params": {"split": 0.5}}],
+        "shots": [
+            {
+                "characters": [0],
+                "environment": 0,
+                "action": "left",
+                "framing": "close",
+                "speed": 1.0,
+                "start": [[16.0, 16.0]],
+            }
+        ],
+    }
     masks.append(sw.render_shot(story, 0)[0, ..., 0] > 127)
   for i in range(len(masks)):
     assert 20 < masks[i].sum() < 32 * 32 / 2
@@ -143,8 +158,7 @@ def test_colours_names_and_distinguishable_characters():
     chars = s["characters"]
     for i in range(len(chars)):
       for j in range(i):
-        assert (chars[i]["kind"] != chars[j]["kind"]
-                or chars[i]["color_name"] != chars[j]["color_name"])
+        assert chars[i]["kind"] != chars[j]["kind"] or chars[i]["color_name"] != chars[j]["color_name"]
 
 
 def test_hue_names():
@@ -157,8 +171,7 @@ def test_characters_stay_in_frame_and_apart():
   for s in _stories(count=40):
     for shot in s["shots"]:
       starts = np.asarray(shot["start"])
-      d = np.asarray({"left": (-1, 0), "right": (1, 0), "up": (0, -1),
-                      "down": (0, 1)}[shot["action"]], float)
+      d = np.asarray({"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[shot["action"]], float)
       end = starts + d * shot["speed"] * (cfg.frames_per_shot - 1)
       for p in (starts, end):
         assert np.all(p >= 0) and np.all(p <= 32)
@@ -172,21 +185,27 @@ def test_characters_stay_in_frame_and_apart():
 
 
 def test_caption_grammar_exact():
-  story = {"height": 32, "width": 32, "frames_per_shot": 8,
-           "characters": [{"id": 0, "kind": "round", "color_name": "red"},
-                          {"id": 1, "kind": "square", "color_name": "blue"}],
-           "environments": [{"id": 0, "color_name": "green"}, {"id": 1, "color_name": "gray"}],
-           "shots": [{"characters": [0], "environment": 0, "action": "left", "framing": "wide"},
-                     {"characters": [1], "environment": 1, "action": "up", "framing": "close"},
-                     {"characters": [0], "environment": 0, "action": "right", "framing": "wide"},
-                     {"characters": [0, 1], "environment": 1, "action": "down",
-                      "framing": "wide"}]}
+  story = {
+      "height": 32,
+      "width": 32,
+      "frames_per_shot": 8,
+      "characters": [
+          {"id": 0, "kind": "round", "color_name": "red"},
+          {"id": 1, "kind": "square", "color_name": "blue"},
+      ],
+      "environments": [{"id": 0, "color_name": "green"}, {"id": 1, "color_name": "gray"}],
+      "shots": [
+          {"characters": [0], "environment": 0, "action": "left", "framing": "wide"},
+          {"characters": [1], "environment": 1, "action": "up", "framing": "close"},
+          {"characters": [0], "environment": 0, "action": "right", "framing": "wide"},
+          {"characters": [0, 1], "environment": 1, "action": "down", "framing": "wide"},
+      ],
+  }
   captions = [sw.caption_for_shot(story, i) for i in range(4)]
   assert captions == [
       "a red round character moves left in a green place, wide view.",
       "a new blue square character moves up in a new gray place, close view.",
-      "the same first round character moves right in the green place from shot 1, "
-      "wide view.",
+      "the same first round character moves right in the green place from shot 1, " "wide view.",
       "the first round character and the second square character move down "
       "together in the gray place from shot 2, wide view.",
   ]
@@ -211,8 +230,7 @@ def test_generated_captions_refer_back():
       env = shot["environment"]
       if env in first_env:
         name = s["environments"][env]["color_name"]
-        assert cap.endswith(f"in the {name} place from shot {first_env[env] + 1}, "
-                            f"{shot['framing']} view.")
+        assert cap.endswith(f"in the {name} place from shot {first_env[env] + 1}, " f"{shot['framing']} view.")
       else:
         name = s["environments"][env]["color_name"]
         assert f"{'a' if i == 0 else 'a new'} {name} place" in cap
@@ -225,20 +243,27 @@ def test_vocabulary_covers_every_caption():
   vocab = sw.vocabulary()
   assert vocab == sw.vocabulary() and len(set(vocab)) == len(vocab)
   tok = tk.storyworld_tokenizer(max_len=40)
-  captions = [shot["caption"] for seed in range(300)
-              for shot in sw.generate_story(seed)["shots"]]
+  captions = [shot["caption"] for seed in range(300) for shot in sw.generate_story(seed)["shots"]]
   ids = tok.encode(captions)
   assert not np.any(ids == tok.unk_id)
   assert np.all((ids != tok.pad_id).sum(1) <= 40)  # Fits the configs' text_len.
 
 
 def test_pseudo_labels_formula():
-  story = {"height": 8, "width": 8, "frames_per_shot": 1, "characters": [], "environments": [],
-           "shots": [{"characters": [0], "environment": 0},
-                     {"characters": [1], "environment": 1},
-                     {"characters": [0, 1], "environment": 0},
-                     {"characters": [1], "environment": 0},
-                     {"characters": [0, 1], "environment": 1}]}
+  story = {
+      "height": 8,
+      "width": 8,
+      "frames_per_shot": 1,
+      "characters": [],
+      "environments": [],
+      "shots": [
+          {"characters": [0], "environment": 0},
+          {"characters": [1], "environment": 1},
+          {"characters": [0, 1], "environment": 0},
+          {"characters": [1], "environment": 0},
+          {"characters": [0, 1], "environment": 1},
+      ],
+  }
   y = sw.pseudo_labels(story, [0, 1, 2, 3], 4)
   assert y.dtype == np.float32
   np.testing.assert_allclose(y, [0.375, 0.625, 0.75, 0.375])
@@ -306,14 +331,27 @@ def test_tokenizer_save_load_and_pickle(tmp_path):
 
 
 def _run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "onestory_jax.data.storyworld", *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+      [sys.executable, "-m", "onestory_jax.data.storyworld", *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
 
 
 def test_export_cli_writes_story_and_frames(tmp_path):
   out = tmp_path / "story"
-  proc = _run_cli("export", "--seed=4", "--pattern=compose", f"--out={out}", "--num_shots=4",
-                  "--height=16", "--width=16", "--frames_per_shot=4")
+  proc = _run_cli(
+      "export",
+      "--seed=4",
+      "--pattern=compose",
+      f"--out={out}",
+      "--num_shots=4",
+      "--height=16",
+      "--width=16",
+      "--frames_per_shot=4",
+  )
   assert proc.returncode == 0, proc.stderr
   with open(out / "story.json") as f:
     story = json.load(f)
@@ -346,8 +384,10 @@ def test_example_story_files(pattern):
 
 def test_config_from_experiment_config():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  data = ml_collections.ConfigDict({"height": 16, "width": 24, "frames_per_shot": 4,
-                                    "min_shots": 3, "max_shots": 5, "batch_size": 8})
+
+  data = ml_collections.ConfigDict(
+      {"height": 16, "width": 24, "frames_per_shot": 4, "min_shots": 3, "max_shots": 5, "batch_size": 8}
+  )
   assert sw.StoryWorldConfig.from_config(data) == sw.StoryWorldConfig(16, 24, 4, 3, 5)
   assert sw.StoryWorldConfig.from_config(data, min_shots=3, max_shots=3).max_shots == 3
   old = ml_collections.ConfigDict({"height": 16, "width": 16, "frames_per_shot": 4})  # no shot range
@@ -363,6 +403,7 @@ def test_config_from_experiment_config():
 
 def test_tfds_round_trip(tmp_path):
   from onestory_jax.data import storyworld_tfds  # pylint: disable=g-import-not-at-top
+
   data_dir = str(tmp_path / "tfds")
   storyworld_tfds.build(data_dir, "tiny")
   cfg = sw.StoryWorldConfig(height=16, width=16, frames_per_shot=4, max_shots=4)
@@ -381,11 +422,12 @@ def test_tfds_round_trip(tmp_path):
   with pytest.raises(ValueError, match="split"):
     storyworld_tfds.storyworld_data_source(data_dir, "test")
   # Reading needs no TensorFlow.
-  code = ("import sys; from onestory_jax.data import storyworld_tfds as st; "
-          f"s = st.storyworld_data_source({data_dir!r}, 'train'); "
-          "assert s[5]['frames'].shape[1:] == (4, 16, 16, 3); "
-          "print('TF_LOADED', 'tensorflow' in sys.modules)")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+  code = (
+      "import sys; from onestory_jax.data import storyworld_tfds as st; "
+      f"s = st.storyworld_data_source({data_dir!r}, 'train'); "
+      "assert s[5]['frames'].shape[1:] == (4, 16, 16, 3); "
+      "print('TF_LOADED', 'tensorflow' in sys.modules)"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "TF_LOADED False" in proc.stdout

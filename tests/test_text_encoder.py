@@ -1,4 +1,5 @@
 """Tests for the T5-style text encoder (models/wan/umt5.py)."""
+
 import math
 
 import flax.linen as nn
@@ -14,8 +15,15 @@ VOCAB, D, LAYERS, HEADS, FF, BUCKETS, MAXDIST = 40, 16, 2, 4, 32, 8, 20
 
 
 def _model(**kw):
-  args = dict(vocab_size=VOCAB, d_model=D, num_layers=LAYERS, num_heads=HEADS, d_ff=FF,
-              rel_buckets=BUCKETS, rel_max_distance=MAXDIST)
+  args = dict(
+      vocab_size=VOCAB,
+      d_model=D,
+      num_layers=LAYERS,
+      num_heads=HEADS,
+      d_ff=FF,
+      rel_buckets=BUCKETS,
+      rel_max_distance=MAXDIST,
+  )
   args.update(kw)
   return te.T5Encoder(**args)
 
@@ -69,10 +77,8 @@ def _bucket_reference(rel: int, num_buckets: int, max_distance: int) -> int:
 def test_bucket_hand_computed_t5_defaults():
   # 32 buckets, max distance 128: 16 per direction, distances 0..7 exact, then
   # 8 + floor(ln(n/8) / ln(16) * 8) up to bucket 15. Values computed by hand.
-  rel = np.array([0, 1, 7, 8, 10, 20, 40, 100, 127, 500,
-                  -1, -7, -10, -20, -40, -100, -500])
-  expected = np.array([0, 17, 23, 24, 24, 26, 28, 31, 31, 31,
-                       1, 7, 8, 10, 12, 15, 15])
+  rel = np.array([0, 1, 7, 8, 10, 20, 40, 100, 127, 500, -1, -7, -10, -20, -40, -100, -500])
+  expected = np.array([0, 17, 23, 24, 24, 26, 28, 31, 31, 31, 1, 7, 8, 10, 12, 15, 15])
   got = np.asarray(te.relative_position_bucket(jnp.asarray(rel), 32, 128))
   np.testing.assert_array_equal(got, expected)
 
@@ -93,7 +99,7 @@ def _rms(x, scale):
 
 
 def _gelu_tanh(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _reference(params, tokens, pad_id=0):
@@ -155,8 +161,7 @@ def test_real_outputs_ignore_padding_content_and_length(model_and_params):
   np.testing.assert_allclose(np.asarray(shifted)[:, 2:6], out[:1, :4], atol=1e-5)
   # A different pad id masks a different token.
   other = _apply(model, params, TOKENS[:1, :4].at[0, 3].set(1), pad_id=1)
-  np.testing.assert_allclose(np.asarray(other)[:, :3],
-                             np.asarray(_apply(model, params, TOKENS[:1, :3])), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(other)[:, :3], np.asarray(_apply(model, params, TOKENS[:1, :3])), atol=1e-5)
   assert (np.asarray(other)[:, 3] == 0).all()
 
 
@@ -171,8 +176,7 @@ def test_positions_matter(model_and_params):
 def test_params_have_per_layer_bias_and_logical_names():
   model = _model()
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
-  names = jax.tree.map(lambda x: x.names, boxed["params"],
-                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  names = jax.tree.map(lambda x: x.names, boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert names["token_embedding"] == ("vocab", "embed")
   for i in range(LAYERS):
     layer = names[f"layers_{i}"]
@@ -180,8 +184,7 @@ def test_params_have_per_layer_bias_and_logical_names():
     assert layer["attn"]["q"]["kernel"] == ("embed", "heads", "kv")
     assert layer["ffn"]["wi_0"]["kernel"] == ("embed", "mlp")
     assert layer["ffn"]["wo"]["kernel"] == ("mlp", "embed")
-    assert nn.unbox(boxed)["params"][f"layers_{i}"]["attn"]["relative_attention_bias"].shape == (
-        BUCKETS, HEADS)
+    assert nn.unbox(boxed)["params"][f"layers_{i}"]["attn"]["relative_attention_bias"].shape == (BUCKETS, HEADS)
   leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert all(isinstance(x, nn.Partitioned) for x in leaves)
   flat = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]
@@ -214,8 +217,9 @@ def test_sharded_apply_matches_unsharded(model_and_params):
   tokens = jnp.tile(TOKENS[:2], (4, 1))  # [8, 6]
   boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
   want = _apply(model, params, tokens)
-  mesh = jax.make_mesh((2, 2, 1, 2), ("data", "fsdp", "context", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  mesh = jax.make_mesh(
+      (2, 2, 1, 2), ("data", "fsdp", "context", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 4
+  )
   rules = tuple(config.logical_axis_rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)

@@ -1,4 +1,5 @@
 """End to end on 8 simulated devices: train, kill and resume exactly, sample reproducibly, resume a story."""
+
 import json
 import os
 import shutil
@@ -19,8 +20,15 @@ STEPS = 4
 
 
 def _config(**kw):
-  return load_config("tiny", num_train_steps=STEPS, checkpoint_every_steps=2, log_every_steps=2,
-                     sample_every_steps=4, warmup_fraction_dc=0.5, **kw)
+  return load_config(
+      "tiny",
+      num_train_steps=STEPS,
+      checkpoint_every_steps=2,
+      log_every_steps=2,
+      sample_every_steps=4,
+      warmup_fraction_dc=0.5,
+      **kw,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +94,9 @@ def test_loss_weight_t_reweights_only_l_shot(trained):
   for weight_t in (0.0, 0.5):
     tr = trainer_lib.Trainer(_config(**{"flow.loss_weight_t": weight_t}))
     batch = next(iter(tr.dataset()))
-    _, metrics[weight_t] = jax.jit(lambda p, b, tr=tr: objective.loss_fn(
-        p, tr.system, tr.enc, b, jax.random.key(3), jax.numpy.asarray(STEPS)))(params, batch)
+    _, metrics[weight_t] = jax.jit(
+        lambda p, b, tr=tr: objective.loss_fn(p, tr.system, tr.enc, b, jax.random.key(3), jax.numpy.asarray(STEPS))
+    )(params, batch)
   assert float(metrics[0.5]["l_sel"]) == float(metrics[0.0]["l_sel"])
   assert 0.0 < float(metrics[0.5]["l_shot"]) < float(metrics[0.0]["l_shot"])
 
@@ -103,6 +112,7 @@ def test_bad_config_errors():
 
 def _story(tmp_path, n=3, pattern="recall"):
   from onestory_jax.data import storyworld
+
   cfg = storyworld.StoryWorldConfig(height=32, width=32, frames_per_shot=8)
   s = storyworld.generate_story(7, pattern, cfg, num_shots=n)
   path = tmp_path / "story.json"
@@ -177,8 +187,10 @@ def test_interrupted_story_resumes_where_it_stopped(trained, tmp_path, monkeypat
   monkeypatch.setattr(sampler.ShotGenerator, "__call__", real_call)
   resumed = sampler.generate_story(gen, story, out, seed=5, resume=True)
   assert resumed["complete"] and resumed["shots"] == full["shots"]
-  for a, b in zip(video_io.load_frames_npz(os.path.join(out, "frames.npz")),
-                  video_io.load_frames_npz(str(tmp_path / "full" / "frames.npz"))):
+  for a, b in zip(
+      video_io.load_frames_npz(os.path.join(out, "frames.npz")),
+      video_io.load_frames_npz(str(tmp_path / "full" / "frames.npz")),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -191,8 +203,10 @@ def test_export_then_sample_matches_workdir(trained, tmp_path):
   m_work = sampler.generate_story(_generator(workdir), story, str(tmp_path / "w"), seed=1)
   m_exp = sampler.generate_story(_generator(out), story, str(tmp_path / "e"), seed=1)
   assert m_work["shots"] == m_exp["shots"]
-  for a, b in zip(video_io.load_frames_npz(str(tmp_path / "w" / "frames.npz")),
-                  video_io.load_frames_npz(str(tmp_path / "e" / "frames.npz"))):
+  for a, b in zip(
+      video_io.load_frames_npz(str(tmp_path / "w" / "frames.npz")),
+      video_io.load_frames_npz(str(tmp_path / "e" / "frames.npz")),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -217,15 +231,21 @@ def test_init_params_fine_tunes_from_an_export(trained, tmp_path):
   tr = trainer_lib.Trainer(_config(init_params=out))
   state = tr.init_state()
   assert int(state.step) == 0
-  assert all(float(jax.numpy.abs(m).max()) == 0.0 for m in jax.tree.leaves(state.opt_state)
-             if getattr(m, "ndim", 0) > 0 and m.dtype == jax.numpy.float32)
+  assert all(
+      float(jax.numpy.abs(m).max()) == 0.0
+      for m in jax.tree.leaves(state.opt_state)
+      if getattr(m, "ndim", 0) > 0 and m.dtype == jax.numpy.float32
+  )
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))
   dit = state.params["dit"]["patch_embedding"]["kernel"]
   assert dit.sharding == tr.program.state_shardings.params["dit"]["patch_embedding"]["kernel"]
   # A run whose model differs gets every differing parameter named, before anything trains.
-  with pytest.raises(ValueError, match=r"does not fit the run's model \(1 difference;.*\n  \['frame_selection'\]"
-                     r"\['queries'\]: export has shape \(4, 32\), the run's model \(6, 32\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"does not fit the run's model \(1 difference;.*\n  \['frame_selection'\]"
+      r"\['queries'\]: export has shape \(4, 32\), the run's model \(6, 32\)",
+  ):
     trainer_lib.Trainer(_config(init_params=out, **{"selection.num_queries": 6})).init_state()
   with pytest.raises(ValueError, match="not an exported checkpoint"):
     trainer_lib.Trainer(_config(init_params=str(tmp_path))).init_state()
@@ -241,8 +261,9 @@ def test_init_params_can_change_the_conditioner_kernels(trained, tmp_path):
   checkpoints.export_params(workdir, out)
   old = params["adaptive_conditioner"]
   pe = params["dit"]["patch_embedding"]
-  tr = trainer_lib.Trainer(_config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 2, 4), (1, 4, 4),
-                                                                                 (1, 8, 8))}))
+  tr = trainer_lib.Trainer(
+      _config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 2, 4), (1, 4, 4), (1, 8, 8))})
+  )
   state = tr.init_state()
   new = jax.device_get(state.params["adaptive_conditioner"])
   for n, o in (("patchifier_0", "patchifier_0"), ("patchifier_2", "patchifier_1"), ("patchifier_3", "patchifier_2")):
@@ -258,16 +279,20 @@ def test_init_params_can_change_the_conditioner_kernels(trained, tmp_path):
     np.testing.assert_array_equal(a, np.asarray(b))
   # Dropping a kernel keeps the others, whatever their new index.
   state = trainer_lib.Trainer(_config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 8, 8))})).init_state()
-  np.testing.assert_array_equal(state.params["adaptive_conditioner"]["patchifier_1"]["kernel"], old["patchifier_2"]["kernel"])
+  np.testing.assert_array_equal(
+      state.params["adaptive_conditioner"]["patchifier_1"]["kernel"], old["patchifier_2"]["kernel"]
+  )
   assert set(state.params["adaptive_conditioner"]) == {"patchifier_0", "patchifier_1"}
   # Anything else that differs is still named.
   with pytest.raises(ValueError, match=r"\['frame_selection'\]\['queries'\]: export has shape"):
-    trainer_lib.Trainer(_config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 8, 8)),
-                                                    "selection.num_queries": 6})).init_state()
+    trainer_lib.Trainer(
+        _config(init_params=out, **{"conditioner.kernels": ((1, 2, 2), (1, 8, 8)), "selection.num_queries": 6})
+    ).init_state()
 
 
 def test_memory_ablation_reports_both_modes(trained):
   from onestory_jax import memory_ablation
+
   workdir, _ = trained
   out = memory_ablation.run(workdir, "recall", num_stories=1, out=None)
   for mode in ("full", "none"):
@@ -283,6 +308,7 @@ def test_memory_ablation_references_rank_as_expected():
   """Ground truth scores near the top; random colours far below; a random colour of the same name in between."""
   from onestory_jax import memory_ablation
   from onestory_jax.data import storyworld
+
   stories = [storyworld.generate_story(seed, "recall") for seed in range(100, 108)]
   ref = memory_ablation.reference_scores(stories)
   assert ref["ground_truth"] > 0.9
@@ -293,13 +319,17 @@ def test_memory_ablation_references_rank_as_expected():
   frames = memory_ablation.recolour_returning_characters(s, np.random.default_rng(0), same_name=False)
   truth = storyworld.render_story(s)
   np.testing.assert_array_equal(frames[0], truth[0])
-  returning = [j for j, shot in enumerate(s["shots"])
-               if any(c in sum((t["characters"] for t in s["shots"][:j]), []) for c in shot["characters"])]
+  returning = [
+      j
+      for j, shot in enumerate(s["shots"])
+      if any(c in sum((t["characters"] for t in s["shots"][:j]), []) for c in shot["characters"])
+  ]
   assert returning and all(not np.array_equal(frames[j], truth[j]) for j in returning)
 
 
 def test_selection_top1_hit_follows_annotations():
   from onestory_jax import memory_ablation
+
   story = {"shots": [{"characters": [0]}, {"characters": [1]}, {"characters": [0]}, {"characters": [2]}]}
   info = lambda idx, ok=True: {"indices": np.array([idx, 0]), "valid": np.array([ok, ok])}
   f = 4  # latent frames per shot
@@ -320,6 +350,7 @@ def test_i2msv_start_image_enters_shot_one(trained, tmp_path):
   gen = _generator(workdir)
   story = _story(tmp_path)
   from onestory_jax.data import storyworld
+
   start = storyworld.render_shot(story.raw, 0)[0]
   video_io.save_png(str(tmp_path / "start.png"), start)
   raw = dict(story.raw, start_image="start.png")

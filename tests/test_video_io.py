@@ -1,4 +1,5 @@
 """Tests for onestory_jax/video_io.py: mp4, contact sheets, npz frames, atomic writes."""
+
 import json
 import os
 
@@ -69,7 +70,7 @@ def test_contact_sheet_layout(tmp_path):
   assert sheet.shape[0] > frame_rows + 3 * 10  # a caption band per row
   # The first frame of shot 1 appears, upscaled, somewhere in the sheet.
   target = np.repeat(np.repeat(shots[0][0], 2, 0), 2, 1)
-  found = any(np.array_equal(sheet[y:y + 32, 2:34], target) for y in range(sheet.shape[0] - 31))
+  found = any(np.array_equal(sheet[y : y + 32, 2:34], target) for y in range(sheet.shape[0] - 31))
   assert found
   # The long caption wraps onto more lines than the short one: the sheet grows with it.
   short = video_io.contact_sheet(shots, ["a", "b", "c"], scale=2, max_frames=4)
@@ -148,13 +149,10 @@ def test_npz_load_errors(tmp_path):
   with pytest.raises(ValueError, match=r"bad.npz: not a readable npz file"):
     video_io.load_frames_npz(bad)
   cases = {
-      "keys.npz": ({"shot_0": _clip(), "extra": _clip()},
-                   r"keys.npz: unexpected key\(s\) \['extra'\]"),
+      "keys.npz": ({"shot_0": _clip(), "extra": _clip()}, r"keys.npz: unexpected key\(s\) \['extra'\]"),
       "gap.npz": ({"shot_0": _clip(), "shot_2": _clip()}, r"gap.npz: .*missing \['shot_1'\]"),
-      "dtype.npz": ({"shot_0": _clip().astype(np.float32)},
-                    r"dtype.npz: shot_0 must be uint8, got dtype float32"),
-      "shape.npz": ({"shot_0": _clip()[0]},
-                    r"shape.npz: shot_0 must be \[T, H, W, 3\].*\(16, 16, 3\)"),
+      "dtype.npz": ({"shot_0": _clip().astype(np.float32)}, r"dtype.npz: shot_0 must be uint8, got dtype float32"),
+      "shape.npz": ({"shot_0": _clip()[0]}, r"shape.npz: shot_0 must be \[T, H, W, 3\].*\(16, 16, 3\)"),
       "empty.npz": ({}, r"empty.npz: contains no shots"),
   }
   for name, (arrays, message) in cases.items():

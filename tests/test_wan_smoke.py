@@ -16,6 +16,7 @@ Restored weights are compared exactly (``assert_array_equal``) with the referenc
 port's published-name key map, so no tolerance is involved here; numerical parity of the ports themselves (relative
 error max|ours - reference| / max|reference| <= 1e-5 in float32) is in tests/test_parity_*.py.
 """
+
 import json
 import os
 
@@ -89,29 +90,65 @@ def build_release(root: str, *, i2v: bool = True) -> dict:
   torch.manual_seed(0)
   os.makedirs(os.path.join(root, "tokenizer"))
   vocab = _tokenizer_json(os.path.join(root, "tokenizer", "tokenizer.json"))
-  umt5 = _perturbed(transformers.UMT5EncoderModel(transformers.UMT5Config(
-      vocab_size=vocab, d_model=UMT5["d_model"], d_kv=UMT5["d_kv"], d_ff=UMT5["d_ff"],
-      num_layers=UMT5["num_layers"], num_heads=UMT5["num_heads"], feed_forward_proj="gated-gelu",
-      relative_attention_num_buckets=UMT5["rel_buckets"],
-      relative_attention_max_distance=UMT5["rel_max_distance"], dropout_rate=0.0)), 0.1)
+  umt5 = _perturbed(
+      transformers.UMT5EncoderModel(
+          transformers.UMT5Config(
+              vocab_size=vocab,
+              d_model=UMT5["d_model"],
+              d_kv=UMT5["d_kv"],
+              d_ff=UMT5["d_ff"],
+              num_layers=UMT5["num_layers"],
+              num_heads=UMT5["num_heads"],
+              feed_forward_proj="gated-gelu",
+              relative_attention_num_buckets=UMT5["rel_buckets"],
+              relative_attention_max_distance=UMT5["rel_max_distance"],
+              dropout_rate=0.0,
+          )
+      ),
+      0.1,
+  )
   umt5.save_pretrained(os.path.join(root, "text_encoder"), safe_serialization=True)
   vae = diffusers.AutoencoderKLWan(**VAE).eval()
   vae.save_pretrained(os.path.join(root, "vae"), safe_serialization=True)
   image = {}
   if i2v:
-    clip = _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=CLIP["hidden_size"], intermediate_size=CLIP["intermediate_size"],
-        num_hidden_layers=CLIP["num_layers"], num_attention_heads=CLIP["num_heads"], patch_size=CLIP["patch_size"],
-        image_size=CLIP["image_size"], hidden_act="gelu")), 0.1)
+    clip = _perturbed(
+        transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(
+                hidden_size=CLIP["hidden_size"],
+                intermediate_size=CLIP["intermediate_size"],
+                num_hidden_layers=CLIP["num_layers"],
+                num_attention_heads=CLIP["num_heads"],
+                patch_size=CLIP["patch_size"],
+                image_size=CLIP["image_size"],
+                hidden_act="gelu",
+            )
+        ),
+        0.1,
+    )
     clip.save_pretrained(os.path.join(root, "image_encoder"), safe_serialization=True)
-    transformers.CLIPImageProcessor(size={"shortest_edge": CLIP["image_size"]},
-                                    crop_size={"height": CLIP["image_size"], "width": CLIP["image_size"]}
-                                    ).save_pretrained(os.path.join(root, "image_processor"))
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": CLIP["image_size"]},
+        crop_size={"height": CLIP["image_size"], "width": CLIP["image_size"]},
+    ).save_pretrained(os.path.join(root, "image_processor"))
     image = dict(image_dim=CLIP["hidden_size"], added_kv_proj_dim=DIM)
-  dit = _perturbed(diffusers.WanTransformer3DModel(
-      patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
-      in_channels=Z + MASK + Z if i2v else Z, out_channels=Z, text_dim=UMT5["d_model"], freq_dim=FREQ, ffn_dim=FFN,
-      num_layers=LAYERS, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **image))
+  dit = _perturbed(
+      diffusers.WanTransformer3DModel(
+          patch_size=(1, 2, 2),
+          num_attention_heads=HEADS,
+          attention_head_dim=HEAD_DIM,
+          in_channels=Z + MASK + Z if i2v else Z,
+          out_channels=Z,
+          text_dim=UMT5["d_model"],
+          freq_dim=FREQ,
+          ffn_dim=FFN,
+          num_layers=LAYERS,
+          cross_attn_norm=True,
+          qk_norm="rms_norm_across_heads",
+          eps=1e-6,
+          **image,
+      )
+  )
   dit.save_pretrained(os.path.join(root, "transformer"), safe_serialization=True, max_shard_size="40KB")
   refs = {"transformer": dit, "vae": vae, "text_encoder": umt5}
   if i2v:
@@ -123,17 +160,32 @@ def tiny_config(variant: str, dst: str, **overrides):
   """``variant`` of configs/onestory.py shrunk to the release of :func:`build_release`."""
   kw = {
       "pretrained": dst,
-      "model.dim": DIM, "model.ffn_dim": FFN, "model.num_heads": HEADS, "model.num_layers": LAYERS,
-      "model.freq_dim": FREQ, "model.dtype": "float32",
+      "model.dim": DIM,
+      "model.ffn_dim": FFN,
+      "model.num_heads": HEADS,
+      "model.num_layers": LAYERS,
+      "model.freq_dim": FREQ,
+      "model.dtype": "float32",
       "codec": _codec(VAE),
       **{f"text_encoder.{k}": v for k, v in UMT5.items()},
-      "text_encoder.vocab_size": _vocab_size(dst), "text_encoder.dtype": "float32",
+      "text_encoder.vocab_size": _vocab_size(dst),
+      "text_encoder.dtype": "float32",
       "text_encoder.param_dtype": "float32",
-      "data.height": HW, "data.width": HW, "data.frames_per_shot": FRAMES, "data.text_len": TEXT_LEN,
-      "data.batch_size": BATCH, "mesh.shape": MESH,
+      "data.height": HW,
+      "data.width": HW,
+      "data.frames_per_shot": FRAMES,
+      "data.text_len": TEXT_LEN,
+      "data.batch_size": BATCH,
+      "mesh.shape": MESH,
       # K_sel = 2: a 2-shot story's memory is one shot of 2 latent frames (top-K needs K <= memory frames).
-      "selection.num_queries": 4, "selection.num_heads": 2, "selection.k_sel": 2, "optim.warmup_steps": 1,
-      "num_train_steps": STEPS, "checkpoint_every_steps": STEPS, "log_every_steps": STEPS, "sample.steps": 2,
+      "selection.num_queries": 4,
+      "selection.num_heads": 2,
+      "selection.k_sel": 2,
+      "optim.warmup_steps": 1,
+      "num_train_steps": STEPS,
+      "checkpoint_every_steps": STEPS,
+      "log_every_steps": STEPS,
+      "sample.steps": 2,
   }
   if variant.startswith("wan21_i2v"):
     kw.update({f"image_encoder.{k}": v for k, v in CLIP.items()})
@@ -200,9 +252,14 @@ def trained(converted, tmp_path_factory):
   def init_state(self):
     state = real_init(self)
     q = state.params["dit"]["blocks"]["attn1"]["to_q"]["kernel"]
-    rec.update(params=jax.device_get(state.params), opt_state=jax.device_get(state.opt_state),
-               enc=jax.device_get(self.enc), q_spec=q.sharding.spec,
-               q_shards={s.data.shape for s in q.addressable_shards}, tokenizer=self.system.tokenizer)
+    rec.update(
+        params=jax.device_get(state.params),
+        opt_state=jax.device_get(state.opt_state),
+        enc=jax.device_get(self.enc),
+        q_spec=q.sharding.spec,
+        q_shards={s.data.shape for s in q.addressable_shards},
+        tokenizer=self.system.tokenizer,
+    )
     return state
 
   def step(self, state, batch):
@@ -246,10 +303,12 @@ def test_fresh_start_restores_the_converted_weights(release, trained):
   """Right after init: DiT, umT5, VAE and CLIP are the release's tensors; the new modules are initialised."""
   _, sd = release
   params, enc = trained["params"], trained["enc"]
-  assert_restored(params["dit"], sd["transformer"],
-                  lambda k: wan_dit.torch_key_to_target(k, num_layers=LAYERS, scanned=True))
-  assert_restored(params["text_encoder"], sd["text_encoder"],
-                  lambda k: te.umt5_torch_key_to_target(k, num_heads=UMT5["num_heads"]))
+  assert_restored(
+      params["dit"], sd["transformer"], lambda k: wan_dit.torch_key_to_target(k, num_layers=LAYERS, scanned=True)
+  )
+  assert_restored(
+      params["text_encoder"], sd["text_encoder"], lambda k: te.umt5_torch_key_to_target(k, num_heads=UMT5["num_heads"])
+  )
   assert_restored(enc["codec"], sd["vae"], wan_vae.torch_key_to_target)
   assert_restored(enc["image_encoder"], sd["image_encoder"], clip_vision.torch_key_to_target)
   # Sharded straight into the layout of the rules: the stacked q kernel (layers, embed, heads) is split 4 ways
@@ -294,6 +353,7 @@ def test_training_batches_use_the_release_tokenizer(converted, trained):
 
 def test_resume_takes_precedence_over_pretrained(converted, trained):
   """Re-running the finished command restores the workdir; the converted weights are not read again."""
+
   def refuse(self):
     raise AssertionError("init_state must not run when the workdir holds a checkpoint")
 
@@ -307,23 +367,32 @@ def test_resume_takes_precedence_over_pretrained(converted, trained):
 
 def test_mismatched_conversions_are_explained(converted):
   dst = converted[0]
-  with pytest.raises(ValueError, match=r"converted with --scan_layers, but config.model.scan_layers=False.*"
-                                       r"--config.model.scan_layers=True"):
+  with pytest.raises(
+      ValueError,
+      match=r"converted with --scan_layers, but config.model.scan_layers=False.*" r"--config.model.scan_layers=True",
+  ):
     trainer_lib.Trainer(tiny_config("wan21_i2v_14b_480p", dst, **{"model.scan_layers": False})).init_state()
   with pytest.raises(ValueError, match=r"model.ffn_dim: run config has 128, the release has 64"):
     trainer_lib.Trainer(tiny_config("wan21_i2v_14b_480p", dst, **{"model.ffn_dim": 128})).init_state()
   with pytest.raises(ValueError, match=r"text_encoder.d_ff: run config has 32, the release has 64"):
     trainer_lib.Trainer(tiny_config("wan21_i2v_14b_480p", dst, **{"text_encoder.d_ff": 32})).init_state()
   with pytest.raises(ValueError, match=r"codec.vae.num_res_blocks: run config has 2, the release has 1"):
-    next_shot.make_system(tiny_config("wan21_i2v_14b_480p", dst, codec=_codec(dict(VAE, num_res_blocks=2)))
-                          ).encoder_params(jax.random.key(0))
+    next_shot.make_system(
+        tiny_config("wan21_i2v_14b_480p", dst, codec=_codec(dict(VAE, num_res_blocks=2)))
+    ).encoder_params(jax.random.key(0))
   with pytest.raises(ValueError, match=r"image_encoder.act: run config has 'quick_gelu', the release has 'gelu'"):
-    next_shot.make_system(tiny_config("wan21_i2v_14b_480p", dst, **{"image_encoder.act": "quick_gelu"})
-                          ).encoder_params(jax.random.key(0))
+    next_shot.make_system(tiny_config("wan21_i2v_14b_480p", dst, **{"image_encoder.act": "quick_gelu"})).encoder_params(
+        jax.random.key(0)
+    )
   with pytest.raises(ValueError, match="no 'vae' checkpoint|no vae.config.json"):
-    next_shot.make_system(tiny_config("wan21_i2v_14b_480p", dst, pretrained=str(dst) + "_nothing",
-                                      **{"text_encoder.tokenizer": os.path.join(dst, "tokenizer")})
-                          ).encoder_params(jax.random.key(0))
+    next_shot.make_system(
+        tiny_config(
+            "wan21_i2v_14b_480p",
+            dst,
+            pretrained=str(dst) + "_nothing",
+            **{"text_encoder.tokenizer": os.path.join(dst, "tokenizer")},
+        )
+    ).encoder_params(jax.random.key(0))
 
 
 # ----------------------------------------------------------------------------- sample
@@ -334,14 +403,18 @@ def test_sample_a_two_shot_story(trained, tmp_path, monkeypatch):
   cfg = storyworld.StoryWorldConfig(height=HW, width=HW, frames_per_shot=FRAMES)
   story_raw = storyworld.generate_story(11, "consistency", cfg, num_shots=2)
   video_io.save_png(str(tmp_path / "start.png"), storyworld.render_shot(story_raw, 0)[0])
-  (tmp_path / "story.json").write_text(json.dumps(
-      {"shots": [{"caption": s["caption"]} for s in story_raw["shots"]], "start_image": "start.png"}))
+  (tmp_path / "story.json").write_text(
+      json.dumps({"shots": [{"caption": s["caption"]} for s in story_raw["shots"]], "start_image": "start.png"})
+  )
   story = story_lib.load_story(str(tmp_path / "story.json"))
 
   loads = []
   load_converted = weights.load_converted
-  monkeypatch.setattr(weights, "load_converted", lambda dst, component, *a, **k: loads.append(component) or
-                      load_converted(dst, component, *a, **k))
+  monkeypatch.setattr(
+      weights,
+      "load_converted",
+      lambda dst, component, *a, **k: loads.append(component) or load_converted(dst, component, *a, **k),
+  )
   system, params, enc = checkpoints.load_for_sampling(trained["workdir"])
   assert sorted(loads) == ["image_encoder", "vae"]  # each frozen encoder read once; the DiT from the workdir
   assert system.latent_shape == (2, HW // 8, HW // 8, Z)  # Wan2.1 VAE: stride (4, 8, 8), 16 channels
@@ -349,8 +422,7 @@ def test_sample_a_two_shot_story(trained, tmp_path, monkeypatch):
   for a, b in zip(jax.tree.leaves(trained["enc"]), jax.tree.leaves(jax.device_get(enc))):
     np.testing.assert_array_equal(a, b)  # the sampler's encoders are the converted ones too
   sm = system.config.sample
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=2, steps=sm.steps, shift=sm.shift,
-                              guidance=sm.guidance)
+  gen = sampler.ShotGenerator(system, params, enc, max_shots=2, steps=sm.steps, shift=sm.shift, guidance=sm.guidance)
   out = tmp_path / "out"
   manifest = sampler.generate_story(gen, story, str(out), seed=0)
 
@@ -366,8 +438,9 @@ def test_sample_a_two_shot_story(trained, tmp_path, monkeypatch):
   assert first["selected"] == [] and first["context_tokens"] == 0
   assert 1 <= second["context_tokens"] <= 4  # budget: one latent frame of tokens
   kernels = [list(k) for k in system.config.conditioner.kernels]
-  assert second["selected"] and all(0 <= s["memory_frame"] < 2 and s["shot"] == 0 and s["patchifier"] in kernels
-                                    for s in second["selected"])
+  assert second["selected"] and all(
+      0 <= s["memory_frame"] < 2 and s["shot"] == 0 and s["patchifier"] in kernels for s in second["selected"]
+  )
 
 
 # ----------------------------------------------------------------------------- T2V
@@ -380,8 +453,10 @@ def test_t2v_release_without_scanned_layers(tmp_path):
   assert convert.main([f"--src={src}", f"--dst={dst}", "--batch_mb=0.05"]) == 0
   with open(os.path.join(dst, "report.json")) as f:
     assert sorted(json.load(f)["components"]) == ["text_encoder", "transformer", "vae"]
-  with pytest.raises(ValueError, match=r"converted without --scan_layers, but config.model.scan_layers=True.*"
-                                       r"--overwrite --scan_layers"):
+  with pytest.raises(
+      ValueError,
+      match=r"converted without --scan_layers, but config.model.scan_layers=True.*" r"--overwrite --scan_layers",
+  ):
     trainer_lib.Trainer(tiny_config("wan21_t2v_1_3b", dst)).init_state()
   tr = trainer_lib.Trainer(tiny_config("wan21_t2v_1_3b", dst, **{"model.scan_layers": False}))
   assert tr.system.config.conditioner.image_condition == "none" and tr.enc["image_encoder"] == {}
@@ -389,7 +464,9 @@ def test_t2v_release_without_scanned_layers(tmp_path):
   params = jax.device_get(tr.init_state().params)
   assert "image_embedder" not in params["dit"]["condition_embedder"]
   assert params["dit"]["patch_embedding"]["kernel"].shape[3] == Z  # noise latent only, no I2V channels
-  assert_restored(params["dit"], sd["transformer"],
-                  lambda k: wan_dit.torch_key_to_target(k, num_layers=LAYERS, scanned=False))
-  assert_restored(params["text_encoder"], sd["text_encoder"],
-                  lambda k: te.umt5_torch_key_to_target(k, num_heads=UMT5["num_heads"]))
+  assert_restored(
+      params["dit"], sd["transformer"], lambda k: wan_dit.torch_key_to_target(k, num_layers=LAYERS, scanned=False)
+  )
+  assert_restored(
+      params["text_encoder"], sd["text_encoder"], lambda k: te.umt5_torch_key_to_target(k, num_heads=UMT5["num_heads"])
+  )

@@ -37,6 +37,7 @@ and, per global batch, :func:`batch_spec`::
   synthetic   bool    []               inflated triplet?
   story       int32   []               story index
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,14 +50,14 @@ import numpy as np
 from onestory_jax.data import sources
 from onestory_jax.data import tokenizer as tokenizer_lib
 
-
-
 INSERTED_LABEL = -1.0
 AUGMENTED_LABEL = 0.0
+
 
 @dataclasses.dataclass(frozen=True)
 class TripletSpec:
   """The knobs of triplet sampling (picklable, read from the config)."""
+
   seed: int
   shuffle_seed: int
   global_batch: int
@@ -78,8 +79,7 @@ def augment_shot(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     uint8 [T, H, W, 3].
   """
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(f"augment_shot expects uint8 [T, H, W, 3], got {frames.dtype} "
-                     f"{frames.shape}")
+    raise ValueError(f"augment_shot expects uint8 [T, H, W, 3], got {frames.dtype} " f"{frames.shape}")
   _, h, w, _ = frames.shape
   x = frames.astype(np.float32)
   if rng.random() < 0.5:
@@ -109,12 +109,15 @@ class TripletSampler:
       and must have its shapes.
   """
 
-  def __init__(self, spec: TripletSpec, stories: sources.StorySource,
-               tokenizer: tokenizer_lib.CaptionTokenizer,
-               layout: dict[str, tuple[tuple[int, ...], Any]]):
+  def __init__(
+      self,
+      spec: TripletSpec,
+      stories: sources.StorySource,
+      tokenizer: tokenizer_lib.CaptionTokenizer,
+      layout: dict[str, tuple[tuple[int, ...], Any]],
+  ):
     if len(stories) < 2:
-      raise ValueError(f"the story source needs >= 2 stories (cross-video insertion), "
-                       f"got {len(stories)}")
+      raise ValueError(f"the story source needs >= 2 stories (cross-video insertion), " f"got {len(stories)}")
     self.spec = spec
     self.stories = stories
     self.tokenizer = tokenizer
@@ -160,21 +163,30 @@ class TripletSampler:
         shots = [syn_shot, first]
     frames = np.stack(memory + [read_shot(target)])
     tokens = self.tokenizer.encode([story["shots"][target]["caption"]])[0]
-    return self._conform({"frames": frames, "tokens": tokens, "sel_labels": labels,
-                          "real_first": real_first, "memory_shots": shots,
-                          "synthetic": inflate, "story": story_index})
+    return self._conform(
+        {
+            "frames": frames,
+            "tokens": tokens,
+            "sel_labels": labels,
+            "real_first": real_first,
+            "memory_shots": shots,
+            "synthetic": inflate,
+            "story": story_index,
+        }
+    )
 
   def _conform(self, sample: dict[str, Any]) -> dict[str, np.ndarray]:
     """``sample`` cast to the layout's dtypes; raises if a shape differs from the layout."""
     if set(sample) != set(self.layout):
-      raise AssertionError(f"TripletSampler fields {sorted(sample)} differ from example_spec "
-                           f"{sorted(self.layout)}")
+      raise AssertionError(f"TripletSampler fields {sorted(sample)} differ from example_spec " f"{sorted(self.layout)}")
     out = {}
     for name, (shape, dtype) in self.layout.items():
       value = np.asarray(sample[name], dtype)
       if value.shape != tuple(shape):
-        raise ValueError(f"training sample field {name!r} has shape {value.shape}, but the "
-                         f"batch layout (example_spec of config.data) wants {tuple(shape)}")
+        raise ValueError(
+            f"training sample field {name!r} has shape {value.shape}, but the "
+            f"batch layout (example_spec of config.data) wants {tuple(shape)}"
+        )
       out[name] = value
     return out
 
@@ -187,13 +199,15 @@ def example_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
   """
   d = config.data
   shot = (int(d.frames_per_shot), int(d.height), int(d.width), 3)
-  return {"frames": ((3,) + shot, np.uint8),
-          "tokens": ((int(d.text_len),), np.int32),
-          "sel_labels": ((2,), np.float32),
-          "real_first": ((2,), np.bool_),
-          "memory_shots": ((2,), np.int32),
-          "synthetic": ((), np.bool_),
-          "story": ((), np.int32)}
+  return {
+      "frames": ((3,) + shot, np.uint8),
+      "tokens": ((int(d.text_len),), np.int32),
+      "sel_labels": ((2,), np.float32),
+      "real_first": ((2,), np.bool_),
+      "memory_shots": ((2,), np.int32),
+      "synthetic": ((), np.bool_),
+      "story": ((), np.int32),
+  }
 
 
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -203,9 +217,14 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
   return {k: ((b,) + shape, dtype) for k, (shape, dtype) in example_spec(config).items()}
 
 
-def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
-                       process_index: int = 0, process_count: int = 1,
-                       tokenizer: tokenizer_lib.CaptionTokenizer | None = None) -> grain.IterDataset:
+def make_train_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    warmup_steps: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    tokenizer: tokenizer_lib.CaptionTokenizer | None = None,
+) -> grain.IterDataset:
   """Infinite grain dataset of local batches (config.data.batch_size // process_count).
 
   Args:
@@ -221,21 +240,26 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
   """
   data = config.data
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, process_count={process_count}), "
-                     f"got {process_index}")
+    raise ValueError(f"process_index must be in [0, process_count={process_count}), " f"got {process_index}")
   global_batch = int(data.batch_size)
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(f"config.data.batch_size={global_batch} must be a positive multiple "
-                     f"of process_count={process_count}")
+    raise ValueError(
+        f"config.data.batch_size={global_batch} must be a positive multiple " f"of process_count={process_count}"
+    )
   if warmup_steps < 0:
     raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
   for name in ("p_inflate", "p_insert", "p_syn_second"):
     if not 0.0 <= float(data[name]) <= 1.0:
       raise ValueError(f"config.data.{name} must be in [0, 1], got {data[name]}")
-  spec = TripletSpec(seed=int(config.seed), shuffle_seed=int(data.shuffle_seed),
-                     global_batch=global_batch, warmup_steps=int(warmup_steps),
-                     p_inflate=float(data.p_inflate), p_insert=float(data.p_insert),
-                     p_syn_second=float(data.p_syn_second))
+  spec = TripletSpec(
+      seed=int(config.seed),
+      shuffle_seed=int(data.shuffle_seed),
+      global_batch=global_batch,
+      warmup_steps=int(warmup_steps),
+      p_inflate=float(data.p_inflate),
+      p_insert=float(data.p_insert),
+      p_syn_second=float(data.p_syn_second),
+  )
   stories = sources.make_story_source(config)
   tokenizer = tokenizer or tokenizer_lib.storyworld_tokenizer(int(data.text_len))
   sampler = TripletSampler(spec, stories, tokenizer, example_spec(config))
@@ -244,7 +268,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, warmup_steps: int,
   ds = ds[process_index::process_count]
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
   read_options = grain.ReadOptions(
-      num_threads=int(data.read_threads), prefetch_buffer_size=int(data.prefetch_buffer_size))
+      num_threads=int(data.read_threads), prefetch_buffer_size=int(data.prefetch_buffer_size)
+  )
   it = ds.to_iter_dataset(read_options)
   if int(data.worker_count) > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.worker_count)))

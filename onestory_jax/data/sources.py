@@ -21,6 +21,7 @@ ArrayRecord split). A new source is a picklable class with the three members of
 and, for a module of this package, its name in ``SOURCE_MODULES`` below, so that looking
 the name up imports it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -57,8 +58,7 @@ class StorySource(Protocol):
       ``read_shot(i)`` returns shot ``i``'s frames, uint8 [T, H, W, 3].
     """
 
-  def pseudo_labels(self, story: dict[str, Any], memory_shots: Sequence[int],
-                    target: int) -> np.ndarray:
+  def pseudo_labels(self, story: dict[str, Any], memory_shots: Sequence[int], target: int) -> np.ndarray:
     """Frame Selection pseudo-labels (paper App. A.2, Eq. 11) of memory shots for a target.
 
     Args:
@@ -111,7 +111,9 @@ def make_story_source(config: ml_collections.ConfigDict) -> StorySource:
     raise ValueError(f"config.data.source must be one of {names}, got {name!r}")
   source = SOURCES[name](config)
   if not isinstance(source, StorySource):
-    raise TypeError(f"the factory of config.data.source={name!r} returned "
-                    f"{type(source).__name__}, which lacks a StorySource member "
-                    "(__len__, record, pseudo_labels)")
+    raise TypeError(
+        f"the factory of config.data.source={name!r} returned "
+        f"{type(source).__name__}, which lacks a StorySource member "
+        "(__len__, record, pseudo_labels)"
+    )
   return source

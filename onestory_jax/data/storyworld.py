@@ -41,6 +41,7 @@ Export one story, or build the TFDS dataset::
   python -m onestory_jax.data.storyworld export --seed=3 --pattern=recall --out=/tmp/s3
   python -m onestory_jax.data.storyworld_tfds --data_dir=/data/tfds --config=demo
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -60,8 +61,7 @@ ACTIONS = ("left", "right", "up", "down")
 FRAMINGS = ("wide", "close")
 HUE_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 GRAY = "gray"
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh",
-            "eighth", "ninth")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
 # Shot numbers are written as digits, so stories have at most 9 shots.
 MAX_SHOTS_LIMIT = 9
 
@@ -69,10 +69,23 @@ MAX_SHOTS_LIMIT = 9
 _HUE_EDGES = (15.0, 45.0, 70.0, 160.0, 200.0, 260.0, 290.0, 345.0)
 # Nominal character diameter in pixels at 32 px per framing.
 FRAMING_SIZE_PX = {"wide": 7.0, "close": 13.0}
-_DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0),
-               "down": (0.0, 1.0)}
-_FUNCTION_WORDS = ("a", "new", "the", "same", "and", "character", "moves", "move",
-                   "together", "in", "place", "from", "shot", "view")
+_DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+_FUNCTION_WORDS = (
+    "a",
+    "new",
+    "the",
+    "same",
+    "and",
+    "character",
+    "moves",
+    "move",
+    "together",
+    "in",
+    "place",
+    "from",
+    "shot",
+    "view",
+)
 _PUNCTUATION = (",", ".")
 
 
@@ -88,6 +101,7 @@ class StoryWorldConfig:
       need 3).
     max_shots: most shots in a story (at most 9).
   """
+
   height: int = 32
   width: int = 32
   frames_per_shot: int = 8
@@ -100,12 +114,13 @@ class StoryWorldConfig:
       if not isinstance(value, int) or value < 8:
         raise ValueError(f"StoryWorldConfig.{name} must be an int >= 8, got {value!r}")
     if not isinstance(self.frames_per_shot, int) or self.frames_per_shot < 1:
-      raise ValueError("StoryWorldConfig.frames_per_shot must be an int >= 1, got "
-                       f"{self.frames_per_shot!r}")
+      raise ValueError("StoryWorldConfig.frames_per_shot must be an int >= 1, got " f"{self.frames_per_shot!r}")
     if not 2 <= self.min_shots <= self.max_shots <= MAX_SHOTS_LIMIT:
-      raise ValueError("StoryWorldConfig needs 2 <= min_shots <= max_shots <= "
-                       f"{MAX_SHOTS_LIMIT}, got min_shots={self.min_shots}, "
-                       f"max_shots={self.max_shots}")
+      raise ValueError(
+          "StoryWorldConfig needs 2 <= min_shots <= max_shots <= "
+          f"{MAX_SHOTS_LIMIT}, got min_shots={self.min_shots}, "
+          f"max_shots={self.max_shots}"
+      )
 
   @classmethod
   def from_config(cls, data: Any, **overrides: int) -> StoryWorldConfig:
@@ -132,8 +147,7 @@ def story_seed(base_seed: int, index: int) -> int:
   Stable across processes and platforms (unlike Python's ``hash``); used by the
   training pipeline and the TFDS builder to map a story index to its seed.
   """
-  digest = hashlib.blake2b(f"storyworld:{int(base_seed)}:{int(index)}".encode(),
-                           digest_size=8).digest()
+  digest = hashlib.blake2b(f"storyworld:{int(base_seed)}:{int(index)}".encode(), digest_size=8).digest()
   return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
@@ -148,9 +162,17 @@ def hue_name(hue: float) -> str:
 
 def vocabulary() -> list[str]:
   """Every word a StoryWorld caption can contain, in a fixed order."""
-  words = (list(_FUNCTION_WORDS) + list(ACTIONS) + list(FRAMINGS) + list(HUE_NAMES)
-           + [GRAY] + list(KINDS) + list(ORDINALS)
-           + [str(k) for k in range(1, MAX_SHOTS_LIMIT + 1)] + list(_PUNCTUATION))
+  words = (
+      list(_FUNCTION_WORDS)
+      + list(ACTIONS)
+      + list(FRAMINGS)
+      + list(HUE_NAMES)
+      + [GRAY]
+      + list(KINDS)
+      + list(ORDINALS)
+      + [str(k) for k in range(1, MAX_SHOTS_LIMIT + 1)]
+      + list(_PUNCTUATION)
+  )
   if len(set(words)) != len(words):
     raise AssertionError("StoryWorld vocabulary has duplicate words")
   return words
@@ -184,11 +206,12 @@ def _draw_characters(rng: np.random.Generator, count: int) -> list[dict[str, Any
     color = character_rgb(rng, hue)
     size = round(float(rng.uniform(0.85, 1.15)), 3)
     name = hue_name(hue)
-    if not all(kind != c["kind"] or (name != c["color_name"] and _hue_distance(hue, h) >= 0.2)
-               for c, h in zip(characters, hues)):
+    if not all(
+        kind != c["kind"] or (name != c["color_name"] and _hue_distance(hue, h) >= 0.2)
+        for c, h in zip(characters, hues)
+    ):
       continue
-    characters.append({"id": len(characters), "kind": kind, "color": color,
-                       "color_name": name, "size": size})
+    characters.append({"id": len(characters), "kind": kind, "color": color, "color_name": name, "size": size})
     hues.append(hue)
   return characters
 
@@ -217,18 +240,16 @@ def _draw_environments(rng: np.random.Generator, count: int) -> list[dict[str, A
     if layout in ("horizon", "vertical"):
       params = {"split": round(float(rng.uniform(0.35, 0.65)), 3)}
     elif layout == "diagonal":
-      params = {"direction": int(rng.choice([-1, 1])),
-                "offset": round(float(rng.uniform(-0.2, 0.2)), 3)}
+      params = {"direction": int(rng.choice([-1, 1])), "offset": round(float(rng.uniform(-0.2, 0.2)), 3)}
     else:
-      params = {"lo": round(float(rng.uniform(0.25, 0.4)), 3),
-                "hi": round(float(rng.uniform(0.6, 0.75)), 3)}
-    environments.append({"id": len(environments), "layout": layout, "colors": colors,
-                         "color_name": name, "params": params})
+      params = {"lo": round(float(rng.uniform(0.25, 0.4)), 3), "hi": round(float(rng.uniform(0.6, 0.75)), 3)}
+    environments.append(
+        {"id": len(environments), "layout": layout, "colors": colors, "color_name": name, "params": params}
+    )
   return environments
 
 
-def _next_environment(rng: np.random.Generator, used: int, previous: int,
-                      p_new: float, max_envs: int) -> int:
+def _next_environment(rng: np.random.Generator, used: int, previous: int, p_new: float, max_envs: int) -> int:
   """A new environment id (probability p_new) or a previous one, not the last one."""
   others = [e for e in range(used) if e != previous]
   if used < max_envs and (not others or rng.random() < p_new):
@@ -279,8 +300,9 @@ def _scale(height: int, width: int) -> float:
   return min(height, width) / 32.0
 
 
-def _draw_starts(rng: np.random.Generator, sizes_px: Sequence[float], action: str,
-                 speed: float, height: int, width: int, frames: int) -> list[list[float]]:
+def _draw_starts(
+    rng: np.random.Generator, sizes_px: Sequence[float], action: str, speed: float, height: int, width: int, frames: int
+) -> list[list[float]]:
   """Start centres so that every centre stays in frame and characters are apart.
 
   Characters take evenly spaced slots (with jitter) across the motion, so centres are
@@ -349,8 +371,9 @@ def caption_for_shot(story: dict[str, Any], index: int) -> str:
     ch = by_id[c]
     if c in introduced:
       ordinal = ORDINALS[introduced.index(c)]
-      phrases.append(f"the same {ordinal} {ch['kind']} character" if len(ids) == 1
-                     else f"the {ordinal} {ch['kind']} character")
+      phrases.append(
+          f"the same {ordinal} {ch['kind']} character" if len(ids) == 1 else f"the {ordinal} {ch['kind']} character"
+      )
     else:
       phrases.append(f"{article} {ch['color_name']} {ch['kind']} character")
   if len(ids) == 1:
@@ -362,17 +385,16 @@ def caption_for_shot(story: dict[str, Any], index: int) -> str:
     place = f"the {env_by_id[env]['color_name']} place from shot {first_env_shot[env] + 1}"
   else:
     place = f"{article} {env_by_id[env]['color_name']} place"
-  subject = phrases[0] if len(phrases) == 1 else (
-      f"{', '.join(phrases[:-1])} and {phrases[-1]}")
+  subject = phrases[0] if len(phrases) == 1 else (f"{', '.join(phrases[:-1])} and {phrases[-1]}")
   return f"{subject} {verb} in {place}, {shot['framing']} view."
 
 
 # ----------------------------------------------------------------------------- stories
 
 
-def generate_story(seed: int, pattern: str | None = None,
-                   cfg: StoryWorldConfig = StoryWorldConfig(),
-                   num_shots: int | None = None) -> dict[str, Any]:
+def generate_story(
+    seed: int, pattern: str | None = None, cfg: StoryWorldConfig = StoryWorldConfig(), num_shots: int | None = None
+) -> dict[str, Any]:
   """Generates the story of `seed` (a pure function of its arguments).
 
   Args:
@@ -396,29 +418,35 @@ def generate_story(seed: int, pattern: str | None = None,
   lo = max(cfg.min_shots, MIN_SHOTS_FOR_PATTERN[pattern])
   if num_shots is None:
     if lo > cfg.max_shots:
-      raise ValueError(f"pattern {pattern!r} needs >= {lo} shots but "
-                       f"StoryWorldConfig.max_shots={cfg.max_shots}")
+      raise ValueError(f"pattern {pattern!r} needs >= {lo} shots but " f"StoryWorldConfig.max_shots={cfg.max_shots}")
     num_shots = int(rng.integers(lo, cfg.max_shots + 1))
   elif not lo <= num_shots <= cfg.max_shots:
-    raise ValueError(f"num_shots for pattern {pattern!r} must be in [{lo}, "
-                     f"{cfg.max_shots}], got {num_shots!r}")
+    raise ValueError(f"num_shots for pattern {pattern!r} must be in [{lo}, " f"{cfg.max_shots}], got {num_shots!r}")
   plan = _plan(rng, pattern, num_shots)
   num_chars = 1 + max(c for chars, _ in plan for c in chars)
   num_envs = 1 + max(e for _, e in plan)
   story: dict[str, Any] = {
-      "seed": int(seed), "pattern": pattern, "height": cfg.height, "width": cfg.width,
+      "seed": int(seed),
+      "pattern": pattern,
+      "height": cfg.height,
+      "width": cfg.width,
       "frames_per_shot": cfg.frames_per_shot,
       "characters": _draw_characters(rng, num_chars),
       "environments": _draw_environments(rng, num_envs),
       "shots": [],
   }
   for chars, env in plan:
-    shot = {"caption": "", "characters": chars, "environment": env,
-            "action": ACTIONS[int(rng.integers(len(ACTIONS)))],
-            "framing": FRAMINGS[int(rng.integers(len(FRAMINGS)))],
-            "speed": round(float(rng.uniform(0.75, 1.25)), 3)}
-    shot["start"] = _draw_starts(rng, _character_sizes(story, shot), shot["action"],
-                                 shot["speed"], cfg.height, cfg.width, cfg.frames_per_shot)
+    shot = {
+        "caption": "",
+        "characters": chars,
+        "environment": env,
+        "action": ACTIONS[int(rng.integers(len(ACTIONS)))],
+        "framing": FRAMINGS[int(rng.integers(len(FRAMINGS)))],
+        "speed": round(float(rng.uniform(0.75, 1.25)), 3),
+    }
+    shot["start"] = _draw_starts(
+        rng, _character_sizes(story, shot), shot["action"], shot["speed"], cfg.height, cfg.width, cfg.frames_per_shot
+    )
     story["shots"].append(shot)
   for i, shot in enumerate(story["shots"]):
     shot["caption"] = caption_for_shot(story, i)
@@ -451,12 +479,13 @@ def _environment_image(env: dict[str, Any], height: int, width: int) -> np.ndarr
     yy = np.broadcast_to(y, (height, width))
     region = (yy >= params["lo"]).astype(int) + (yy >= params["hi"]).astype(int)
   else:
-    raise ValueError(f"environment {env.get('id')!r}: layout must be one of {LAYOUTS}, "
-                     f"got {layout!r}")
+    raise ValueError(f"environment {env.get('id')!r}: layout must be one of {LAYOUTS}, " f"got {layout!r}")
   colors = np.asarray(env["colors"], dtype=np.float64)
   if colors.ndim != 2 or colors.shape[1] != 3 or colors.shape[0] <= region.max():
-    raise ValueError(f"environment {env.get('id')!r}: colors must be a list of "
-                     f"{region.max() + 1} RGB triples, got {env['colors']!r}")
+    raise ValueError(
+        f"environment {env.get('id')!r}: colors must be a list of "
+        f"{region.max() + 1} RGB triples, got {env['colors']!r}"
+    )
   return colors[region]
 
 
@@ -497,13 +526,10 @@ def render_shot(story: dict[str, Any], shot_index: int) -> np.ndarray:
     if key not in shot:
       raise ValueError(f"story shot {shot_index} is missing the field {key!r}")
   if shot["action"] not in ACTIONS:
-    raise ValueError(f"shot {shot_index}: action must be one of {ACTIONS}, "
-                     f"got {shot['action']!r}")
+    raise ValueError(f"shot {shot_index}: action must be one of {ACTIONS}, " f"got {shot['action']!r}")
   if shot["framing"] not in FRAMINGS:
-    raise ValueError(f"shot {shot_index}: framing must be one of {FRAMINGS}, "
-                     f"got {shot['framing']!r}")
-  height, width, frames = (int(story["height"]), int(story["width"]),
-                           int(story["frames_per_shot"]))
+    raise ValueError(f"shot {shot_index}: framing must be one of {FRAMINGS}, " f"got {shot['framing']!r}")
+  height, width, frames = (int(story["height"]), int(story["width"]), int(story["frames_per_shot"]))
   envs = {e["id"]: e for e in story["environments"]}
   chars = {c["id"]: c for c in story["characters"]}
   if shot["environment"] not in envs:
@@ -518,8 +544,7 @@ def render_shot(story: dict[str, Any], shot_index: int) -> np.ndarray:
     rng = np.random.default_rng([int(story.get("seed", 0)), int(shot_index)])
     starts = _draw_starts(rng, sizes, shot["action"], speed, height, width, frames)
   if len(starts) != len(shot["characters"]):
-    raise ValueError(f"shot {shot_index}: 'start' needs one [x, y] per character, "
-                     f"got {starts!r}")
+    raise ValueError(f"shot {shot_index}: 'start' needs one [x, y] per character, " f"got {starts!r}")
   background = _environment_image(envs[shot["environment"]], height, width)
   image = np.broadcast_to(background, (frames, height, width, 3)).copy()
   t = np.arange(frames, dtype=np.float64)[:, None, None]
@@ -543,8 +568,7 @@ def render_story(story: dict[str, Any]) -> list[np.ndarray]:
   return [render_shot(story, i) for i in range(len(story["shots"]))]
 
 
-def pseudo_labels(story: dict[str, Any], memory_shot_indices: Sequence[int],
-                  target_index: int) -> np.ndarray:
+def pseudo_labels(story: dict[str, Any], memory_shot_indices: Sequence[int], target_index: int) -> np.ndarray:
   """Frame-selection pseudo-labels of memory shots for a target shot.
 
   StoryWorld replaces the paper's DINOv2/CLIP similarity labels (App. A.2, Eq. 11)
@@ -580,8 +604,7 @@ def export_story(story: dict[str, Any], out_dir: str) -> None:
   with open(os.path.join(out_dir, "story.json"), "w") as f:
     json.dump(story, f, indent=2)
   frames = render_story(story)
-  np.savez_compressed(os.path.join(out_dir, "frames.npz"),
-                      **{f"shot_{i}": x for i, x in enumerate(frames)})
+  np.savez_compressed(os.path.join(out_dir, "frames.npz"), **{f"shot_{i}": x for i, x in enumerate(frames)})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -589,25 +612,27 @@ def export_story(story: dict[str, Any], out_dir: str) -> None:
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   flags.DEFINE_integer("seed", 0, "export: story seed (>= 0).")
-  flags.DEFINE_string("pattern", None, f"export: one of {PATTERNS}; default: drawn from "
-                      "the seed.")
+  flags.DEFINE_string("pattern", None, f"export: one of {PATTERNS}; default: drawn from " "the seed.")
   flags.DEFINE_string("out", None, "export: output directory.")
-  flags.DEFINE_integer("num_shots", None, "export: number of shots; default: drawn from "
-                       "the seed.")
+  flags.DEFINE_integer("num_shots", None, "export: number of shots; default: drawn from " "the seed.")
   flags.DEFINE_integer("height", 32, "export: frame height.")
   flags.DEFINE_integer("width", 32, "export: frame width.")
   flags.DEFINE_integer("frames_per_shot", 8, "export: frames per shot.")
   flags.DEFINE_integer("max_shots", 6, "export: most shots per story.")
 
 
-_USAGE = ("usage: python -m onestory_jax.data.storyworld export --seed=S "
-          "--pattern=<consistency|recall|compose> --out=DIR [--num_shots=N]\n"
-          "(the TFDS build: python -m onestory_jax.data.storyworld_tfds --data_dir=DIR [--config=demo|tiny])")
+_USAGE = (
+    "usage: python -m onestory_jax.data.storyworld export --seed=S "
+    "--pattern=<consistency|recall|compose> --out=DIR [--num_shots=N]\n"
+    "(the TFDS build: python -m onestory_jax.data.storyworld_tfds --data_dir=DIR [--config=demo|tiny])"
+)
 
 
 def _main(argv: Sequence[str]) -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+
   fl = flags.FLAGS
   command = list(argv[1:])
   if command != ["export"]:
@@ -624,5 +649,6 @@ def _main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app as _app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   _app.run(_main)

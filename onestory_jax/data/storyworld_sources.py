@@ -8,6 +8,7 @@
 
 Both take pseudo-labels from the story annotations (:func:`storyworld.pseudo_labels`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,7 @@ from onestory_jax.data import storyworld
 class _AnnotatedStories:
   """Pseudo-labels from StoryWorld's annotations (shared characters and environment)."""
 
-  def pseudo_labels(self, story: dict[str, Any], memory_shots: Sequence[int],
-                    target: int) -> np.ndarray:
+  def pseudo_labels(self, story: dict[str, Any], memory_shots: Sequence[int], target: int) -> np.ndarray:
     return storyworld.pseudo_labels(story, memory_shots, target)
 
 
@@ -40,8 +40,7 @@ class ProceduralStories(_AnnotatedStories):
     return self.num_stories
 
   def record(self, index: int) -> tuple[dict[str, Any], sources.ShotReader]:
-    story = storyworld.generate_story(storyworld.story_seed(self.base_seed, index),
-                                      cfg=self.cfg)
+    story = storyworld.generate_story(storyworld.story_seed(self.base_seed, index), cfg=self.cfg)
     return story, functools.partial(storyworld.render_shot, story)
 
 
@@ -61,8 +60,9 @@ class TfdsStories(_AnnotatedStories):
 
 def on_the_fly_source(config: ml_collections.ConfigDict) -> ProceduralStories:
   """``config.data.source = 'on_the_fly'``."""
-  return ProceduralStories(storyworld.StoryWorldConfig.from_config(config.data),
-                           int(config.seed), int(config.data.num_train_stories))
+  return ProceduralStories(
+      storyworld.StoryWorldConfig.from_config(config.data), int(config.seed), int(config.data.num_train_stories)
+  )
 
 
 def tfds_source(config: ml_collections.ConfigDict) -> TfdsStories:
@@ -70,17 +70,18 @@ def tfds_source(config: ml_collections.ConfigDict) -> TfdsStories:
   data = config.data
   story_cfg = storyworld.StoryWorldConfig.from_config(data)
   if not data.tfds_data_dir:
-    raise ValueError("config.data.tfds_data_dir must be set when config.data.source "
-                     "is 'tfds'")
+    raise ValueError("config.data.tfds_data_dir must be set when config.data.source " "is 'tfds'")
   from onestory_jax.data import storyworld_tfds  # pylint: disable=g-import-not-at-top
-  source = storyworld_tfds.storyworld_data_source(
-      data.tfds_data_dir, "train", data.tfds_config or None)
+
+  source = storyworld_tfds.storyworld_data_source(data.tfds_data_dir, "train", data.tfds_config or None)
   shape = source.features_shape[1:]
   want = (story_cfg.frames_per_shot, story_cfg.height, story_cfg.width, 3)
   if shape != want:
-    raise ValueError(f"StoryWorld TFDS data in {data.tfds_data_dir!r} has shots of shape "
-                     f"{shape}, but config.data asks for (frames_per_shot, height, width, "
-                     f"3) = {want}")
+    raise ValueError(
+        f"StoryWorld TFDS data in {data.tfds_data_dir!r} has shots of shape "
+        f"{shape}, but config.data asks for (frames_per_shot, height, width, "
+        f"3) = {want}"
+    )
   return TfdsStories(source)
 
 

@@ -14,6 +14,7 @@ to ``max_len - 1`` pieces, given the EOS token ``</s>`` (as T5's tokenizer appen
 padded with ``<pad>`` (id 0) to ``max_len`` (512 in Wan); the attention mask marks the real
 tokens, EOS included.
 """
+
 from __future__ import annotations
 
 import html
@@ -55,8 +56,7 @@ class CaptionTokenizer:
     words = list(words)
     for w in words:
       if not isinstance(w, str) or not w or w != w.lower() or any(ch.isspace() for ch in w):
-        raise ValueError("vocabulary words must be non-empty lower-case strings without "
-                         f"whitespace, got {w!r}")
+        raise ValueError("vocabulary words must be non-empty lower-case strings without " f"whitespace, got {w!r}")
     if len(set(words)) != len(words):
       raise ValueError("vocabulary words must be unique")
     if PAD in words or UNK in words:
@@ -65,8 +65,7 @@ class CaptionTokenizer:
     vocab.update({w: i + 2 for i, w in enumerate(words)})
     tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     tok.add_special_tokens([PAD, UNK])
     return cls(tok, max_len)
 
@@ -148,8 +147,9 @@ def clean_prompt(text: str) -> str:
   try:
     import ftfy  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("clean_prompt needs the 'ftfy' package (Wan's prompt cleaning); "
-                      "pip install ftfy==6.3.1") from e
+    raise ImportError(
+        "clean_prompt needs the 'ftfy' package (Wan's prompt cleaning); " "pip install ftfy==6.3.1"
+    ) from e
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
   return re.sub(r"\s+", " ", text).strip()
 
@@ -202,8 +202,7 @@ class UMT5Tokenizer(CaptionTokenizer):
     return {**super().__getstate__(), "clean": self._clean}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(tokenizers.Tokenizer.from_str(state["tokenizer_json"]), state["max_len"],
-                  state["clean"])
+    self.__init__(tokenizers.Tokenizer.from_str(state["tokenizer_json"]), state["max_len"], state["clean"])
 
 
 def load_umt5_tokenizer(path: str, max_len: int = 512, clean: bool = True) -> UMT5Tokenizer:
@@ -220,8 +219,10 @@ def load_umt5_tokenizer(path: str, max_len: int = 512, clean: bool = True) -> UM
   """
   file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
   if not os.path.isfile(file):
-    raise ValueError(f"umT5 tokenizer: {file!r} does not exist (expected the release's "
-                     "tokenizer/ directory holding tokenizer.json, or that file)")
+    raise ValueError(
+        f"umT5 tokenizer: {file!r} does not exist (expected the release's "
+        "tokenizer/ directory holding tokenizer.json, or that file)"
+    )
   try:
     tok = tokenizers.Tokenizer.from_file(file)
   except Exception as e:  # tokenizers raises its own exception type for a malformed file

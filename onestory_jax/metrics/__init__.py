@@ -3,6 +3,7 @@
 
 Importing this package registers the built-in metrics; a module that adds metrics is imported here.
 """
+
 from onestory_jax.metrics import storyworld_metrics  # registers C-Cons, E-Cons, ... (in this order)
 from onestory_jax.metrics.registry import METRICS
 from onestory_jax.metrics.registry import Metric
@@ -12,5 +13,4 @@ from onestory_jax.metrics.registry import get
 from onestory_jax.metrics.registry import names
 from onestory_jax.metrics.registry import register_metric
 
-__all__ = ["METRICS", "Metric", "StoryEval", "compute", "get", "names", "register_metric",
-           "storyworld_metrics"]
+__all__ = ["METRICS", "Metric", "StoryEval", "compute", "get", "names", "register_metric", "storyworld_metrics"]

@@ -17,6 +17,7 @@ registration order, and ``memory_ablation`` averages each of them per memory mod
 
 (:mod:`onestory_jax.metrics` imports the modules that register the built-in metrics.)
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,9 @@ class StoryEval:
     cfg: the thresholds of the StoryWorld analysis.
   """
 
-  def __init__(self, story: dict, frames: Sequence[np.ndarray],
-               cfg: shot_analysis.MetricConfig = shot_analysis.MetricConfig()):
+  def __init__(
+      self, story: dict, frames: Sequence[np.ndarray], cfg: shot_analysis.MetricConfig = shot_analysis.MetricConfig()
+  ):
     self.story = story
     self.frames = frames
     self.cfg = cfg

@@ -62,6 +62,7 @@ Per shot (``analyze_shot``):
 There is no randomness: initialisations are fixed and sorts are stable, so equal inputs give equal
 outputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,6 +79,7 @@ _FOUR = ((-1, 0), (1, 0), (0, -1), (0, 1))
 @dataclasses.dataclass(frozen=True)
 class MetricConfig:
   """Thresholds of the StoryWorld metrics (Delta-E values are CIE76 distances in CIELAB)."""
+
   vivid_saturation: float = 0.525  # between background s <= 0.45 and character s >= 0.6
   vivid_value: float = 0.725  # between background v <= 0.7 and character v >= 0.75
   fg_delta_e: float = 12.0  # distance from the temporal-median background that marks foreground
@@ -103,6 +105,7 @@ class MetricConfig:
 @dataclasses.dataclass(frozen=True)
 class ColourCluster:
   """One colour of a shot's entities (module docstring, step 5)."""
+
   centre: np.ndarray  # Lab [3]
   fraction: float  # share of the shot's solid candidate pixels
   coherence: float
@@ -118,6 +121,7 @@ class ColourCluster:
 @dataclasses.dataclass(frozen=True)
 class ShotAnalysis:
   """What ``analyze_shot`` measures on one shot."""
+
   foreground: np.ndarray  # bool [T, H, W]
   entities: np.ndarray  # int [T, H, W]: index of the entity owning each pixel, -1 elsewhere
   entity_cluster: np.ndarray  # int [num_entities]: colour cluster of each entity
@@ -139,15 +143,13 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
   """sRGB in [0, 1] (any leading shape, last axis 3) to CIELAB under D65."""
   rgb = np.asarray(rgb, np.float64)
   lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-  m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                [0.2126729, 0.7151522, 0.0721750],
-                [0.0193339, 0.1191920, 0.9503041]])
+  m = np.array(
+      [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+  )
   xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
   eps = (6.0 / 29.0) ** 3
   f = np.where(xyz > eps, np.cbrt(xyz), xyz / (3.0 * (6.0 / 29.0) ** 2) + 4.0 / 29.0)
-  return np.stack([116.0 * f[..., 1] - 16.0,
-                   500.0 * (f[..., 0] - f[..., 1]),
-                   200.0 * (f[..., 1] - f[..., 2])], axis=-1)
+  return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
 def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,15 +165,16 @@ def delta_e(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def colour_similarity(a: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
   """``s(a, b) = exp(-(DeltaE(a, b) / sigma)^2)`` of Lab colours: 1 for equal colours."""
-  return np.exp(-(delta_e(a, b) / sigma) ** 2)
+  return np.exp(-((delta_e(a, b) / sigma) ** 2))
 
 
 def _ramp(x: float, lo: float, hi: float) -> float:
   return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
 
 
-def cluster_colours(lab: np.ndarray, *, merge_delta_e: float, max_clusters: int,
-                    min_fraction: float, iterations: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def cluster_colours(
+    lab: np.ndarray, *, merge_delta_e: float, max_clusters: int, min_fraction: float, iterations: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
   """Deterministic colour clustering of Lab pixels ``[N, 3]`` (module docstring, step 3).
 
   Returns:
@@ -289,8 +292,7 @@ def _solid(ids: np.ndarray) -> np.ndarray:
   """Pixels with ``ids >= 0`` [T, H, W] whose 4 neighbours carry the same id at least 3 times."""
   _, h, w = ids.shape
   padded = np.pad(ids, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
-  same = sum((padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] == ids).astype(np.int64)
-             for dy, dx in _FOUR)
+  same = sum((padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == ids).astype(np.int64) for dy, dx in _FOUR)
   return (ids >= 0) & (same >= 3)
 
 
@@ -304,16 +306,17 @@ def _occupancy_grid(mask: np.ndarray, g: int) -> np.ndarray:
 def _flatness(image: np.ndarray, valid: np.ndarray, threshold: float) -> float:
   """Share of 4-adjacent pixel pairs, both valid, closer than ``threshold``."""
   pairs, flat = 0, 0
-  for a, b, va, vb in ((image[1:], image[:-1], valid[1:], valid[:-1]),
-                       (image[:, 1:], image[:, :-1], valid[:, 1:], valid[:, :-1])):
+  for a, b, va, vb in (
+      (image[1:], image[:-1], valid[1:], valid[:-1]),
+      (image[:, 1:], image[:, :-1], valid[:, 1:], valid[:, :-1]),
+  ):
     both = va & vb
     pairs += int(both.sum())
     flat += int((both & (delta_e(a, b) < threshold)).sum())
   return flat / pairs if pairs else 0.0
 
 
-def _entities(regions: np.ndarray, num_regions: int, lab: np.ndarray, fg: np.ndarray,
-              cfg: MetricConfig):
+def _entities(regions: np.ndarray, num_regions: int, lab: np.ndarray, fg: np.ndarray, cfg: MetricConfig):
   """Steps 2-4: clusters of solid candidate pixels, then entities as (region, cluster) pairs."""
   solid = _solid(regions)
   region_area = np.bincount(regions[fg], minlength=num_regions)
@@ -322,8 +325,8 @@ def _entities(regions: np.ndarray, num_regions: int, lab: np.ndarray, fg: np.nda
   in_candidate = np.append(candidate, False)[regions]  # id -1 (background) picks the False
   core = solid & in_candidate
   centres, core_labels = cluster_colours(
-      lab[core], merge_delta_e=cfg.merge_delta_e, max_clusters=cfg.max_clusters,
-      min_fraction=cfg.min_cluster_fraction)
+      lab[core], merge_delta_e=cfg.merge_delta_e, max_clusters=cfg.max_clusters, min_fraction=cfg.min_cluster_fraction
+  )
   k_all = max(centres.shape[0], 1)
   combo = np.full(fg.shape, -1, np.int64)  # region * k_all + nearest cluster, on candidate pixels
   if centres.shape[0]:
@@ -337,21 +340,22 @@ def _entities(regions: np.ndarray, num_regions: int, lab: np.ndarray, fg: np.nda
     r, k = int(pairs[i] // k_all), int(pairs[i] % k_all)
     if r in taken and not (
         own.get(int(pairs[i]), 0) >= max(cfg.min_solid, cfg.split_fraction * region_solid[r])
-        and all(delta_e(centres[k], centres[j]) >= cfg.region_delta_e for j in taken[r])):
+        and all(delta_e(centres[k], centres[j]) >= cfg.region_delta_e for j in taken[r])
+    ):
       continue
     taken.setdefault(r, []).append(k)
     ent_region.append(r)
     ent_cluster.append(k)
-  return (centres, lab[core], core_labels, np.asarray(ent_region, np.int64),
-          np.asarray(ent_cluster, np.int64))
+  return (centres, lab[core], core_labels, np.asarray(ent_region, np.int64), np.asarray(ent_cluster, np.int64))
 
 
 def analyze_shot(frames: np.ndarray, cfg: MetricConfig = MetricConfig()) -> ShotAnalysis:
   """Segments and describes one shot, uint8 ``[T >= 2, H, W, 3]`` (module docstring, steps 1-7)."""
   frames = np.asarray(frames)
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 2:
-    raise ValueError(f"analyze_shot: expected uint8 frames of shape [T>=2, H, W, 3], got "
-                     f"{frames.dtype} {frames.shape}")
+    raise ValueError(
+        f"analyze_shot: expected uint8 frames of shape [T>=2, H, W, 3], got " f"{frames.dtype} {frames.shape}"
+    )
   t_len, h, w, _ = frames.shape
   rgb = frames.astype(np.float64) / 255.0
   lab = srgb_to_lab(rgb)
@@ -368,8 +372,7 @@ def analyze_shot(frames: np.ndarray, cfg: MetricConfig = MetricConfig()) -> Shot
   regions, num_regions = _colour_regions(fg, lab, cfg.region_delta_e)
   region_frame = np.zeros(num_regions, np.int64)
   region_frame[regions[fg]] = np.nonzero(fg)[0]
-  centres, core_lab, core_labels, ent_region, ent_cluster = _entities(
-      regions, num_regions, lab, fg, cfg)
+  centres, core_lab, core_labels, ent_region, ent_cluster = _entities(regions, num_regions, lab, fg, cfg)
   ent_frame = region_frame[ent_region]
   frame_counts = np.bincount(ent_frame, minlength=t_len)
   count = int(np.argmax(np.bincount(frame_counts)))
@@ -401,12 +404,16 @@ def analyze_shot(frames: np.ndarray, cfg: MetricConfig = MetricConfig()) -> Shot
           shapes.append(_occupancy_grid(owner[t, y0:y1, x0:x1] == e, cfg.shape_grid))
           break
     shown = per_frame[per_frame > 0]
-    clusters.append(ColourCluster(
-        centre=centres[k], fraction=float((core_labels == k).mean()),
-        coherence=_ramp(float((d < cfg.coherence_delta_e).mean()), cfg.quality_lo, cfg.quality_hi),
-        presence=_ramp(float((per_frame > 0).mean()), cfg.presence_lo, cfg.presence_hi),
-        multiplicity=int(np.argmax(np.bincount(shown))) if shown.size else 1,
-        shape=np.mean(shapes, axis=0) if shapes else None))
+    clusters.append(
+        ColourCluster(
+            centre=centres[k],
+            fraction=float((core_labels == k).mean()),
+            coherence=_ramp(float((d < cfg.coherence_delta_e).mean()), cfg.quality_lo, cfg.quality_hi),
+            presence=_ramp(float((per_frame > 0).mean()), cfg.presence_lo, cfg.presence_hi),
+            multiplicity=int(np.argmax(np.bincount(shown))) if shown.size else 1,
+            shape=np.mean(shapes, axis=0) if shapes else None,
+        )
+    )
 
   # 6. Motion.
   span = max(1, t_len // 4)
@@ -426,15 +433,26 @@ def analyze_shot(frames: np.ndarray, cfg: MetricConfig = MetricConfig()) -> Shot
     direction = "down" if dy > 0 else "up"
 
   # 7. Background descriptors.
-  bg_quality = _ramp(_flatness(background, background_valid, cfg.flat_delta_e),
-                     cfg.quality_lo, cfg.quality_hi)
+  bg_quality = _ramp(_flatness(background, background_valid, cfg.flat_delta_e), cfg.quality_lo, cfg.quality_hi)
   bg_centres, bg_labels = cluster_colours(
-      background[background_valid], merge_delta_e=cfg.merge_delta_e,
-      max_clusters=cfg.max_clusters, min_fraction=cfg.min_cluster_fraction)
+      background[background_valid],
+      merge_delta_e=cfg.merge_delta_e,
+      max_clusters=cfg.max_clusters,
+      min_fraction=cfg.min_cluster_fraction,
+  )
   bg_shares = np.bincount(bg_labels, minlength=bg_centres.shape[0]) / max(bg_labels.size, 1)
 
   return ShotAnalysis(
-      foreground=fg, entities=owner, entity_cluster=ent_cluster, clusters=tuple(clusters),
-      frame_counts=frame_counts, count=count, displacement=(dx, dy), direction=direction,
-      background=background, background_valid=background_valid, background_quality=bg_quality,
-      background_signature=(bg_centres, bg_shares.astype(np.float64)))
+      foreground=fg,
+      entities=owner,
+      entity_cluster=ent_cluster,
+      clusters=tuple(clusters),
+      frame_counts=frame_counts,
+      count=count,
+      displacement=(dx, dy),
+      direction=direction,
+      background=background,
+      background_valid=background_valid,
+      background_quality=bg_quality,
+      background_signature=(bg_centres, bg_shares.astype(np.float64)),
+  )

@@ -40,6 +40,7 @@ A metric with nothing to average over is ``None`` (JSON ``null``). :func:`detail
 (``character_pairs``, ``environment_pairs``), every shot (``shots``) and their numbers
 (``num_character_pairs``, ``num_environment_pairs``, ``num_direction_shots``, ``num_shots``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -73,8 +74,9 @@ def _best_matching(sim: np.ndarray, n: int) -> float:
   return float(sim[r[real], c[real]].sum())
 
 
-def character_pair_score(a: ShotAnalysis, b: ShotAnalysis, num_shared: int,
-                         cfg: MetricConfig = MetricConfig()) -> float:
+def character_pair_score(
+    a: ShotAnalysis, b: ShotAnalysis, num_shared: int, cfg: MetricConfig = MetricConfig()
+) -> float:
   """C-Cons of one pair of shots that share ``num_shared >= 1`` characters (module docstring)."""
   if num_shared < 1:
     raise ValueError(f"character_pair_score: num_shared must be >= 1, got {num_shared}")
@@ -86,9 +88,11 @@ def character_pair_score(a: ShotAnalysis, b: ShotAnalysis, num_shared: int,
       shape_sim = 1.0
       if ca.shape is not None and cb.shape is not None:
         shape_sim = 1.0 - float(np.abs(ca.shape - cb.shape).mean())
-      sim[i, j] = (float(shot_analysis.colour_similarity(ca.centre, cb.centre, cfg.colour_sigma))
-                   * np.sqrt(ca.quality * cb.quality)
-                   * (1.0 - cfg.shape_weight + cfg.shape_weight * shape_sim))
+      sim[i, j] = (
+          float(shot_analysis.colour_similarity(ca.centre, cb.centre, cfg.colour_sigma))
+          * np.sqrt(ca.quality * cb.quality)
+          * (1.0 - cfg.shape_weight + cfg.shape_weight * shape_sim)
+      )
   return _best_matching(sim, num_shared) / num_shared
 
 
@@ -105,8 +109,7 @@ def count_precision(analysis: ShotAnalysis, num_characters: int) -> float:
   return num_characters / analysis.count
 
 
-def environment_pair_score(a: ShotAnalysis, b: ShotAnalysis,
-                           cfg: MetricConfig = MetricConfig()) -> float:
+def environment_pair_score(a: ShotAnalysis, b: ShotAnalysis, cfg: MetricConfig = MetricConfig()) -> float:
   """E-Cons of one pair of shots annotated with the same environment (module docstring)."""
   (ca, wa), (cb, wb) = a.background_signature, b.background_signature
   signature = 0.0
@@ -116,8 +119,7 @@ def environment_pair_score(a: ShotAnalysis, b: ShotAnalysis,
   both = a.background_valid & b.background_valid
   layout = 0.0
   if both.any():
-    layout = float(shot_analysis.colour_similarity(a.background[both], b.background[both],
-                                      cfg.colour_sigma).mean())
+    layout = float(shot_analysis.colour_similarity(a.background[both], b.background[both], cfg.colour_sigma).mean())
   return float(np.sqrt(a.background_quality * b.background_quality) * 0.5 * (signature + layout))
 
 
@@ -130,28 +132,33 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def count_precisions(ev: registry.StoryEval) -> list[float]:
   """:func:`count_precision` of every shot against its annotated characters."""
-  return ev.cached("count_precision", lambda: [
-      count_precision(an, len(shot["characters"]))
-      for shot, an in zip(ev.story["shots"], ev.analyses)])
+  return ev.cached(
+      "count_precision",
+      lambda: [count_precision(an, len(shot["characters"])) for shot, an in zip(ev.story["shots"], ev.analyses)],
+  )
 
 
 def character_pairs(ev: registry.StoryEval) -> list[dict]:
   """Every shot pair ``i < j`` that shares a character: ``{"shots", "shared", "score"}``."""
+
   def compute():
     shots, analyses, precision = ev.story["shots"], ev.analyses, count_precisions(ev)
     pairs = []
     for i, j in itertools.combinations(range(len(shots)), 2):
       shared = sorted(set(shots[i]["characters"]) & set(shots[j]["characters"]), key=str)
       if shared:
-        score = (character_pair_score(analyses[i], analyses[j], len(shared), ev.cfg)
-                 * float(np.sqrt(precision[i] * precision[j])))
+        score = character_pair_score(analyses[i], analyses[j], len(shared), ev.cfg) * float(
+            np.sqrt(precision[i] * precision[j])
+        )
         pairs.append({"shots": [i, j], "shared": shared, "score": score})
     return pairs
+
   return ev.cached("character_pairs", compute)
 
 
 def environment_pairs(ev: registry.StoryEval) -> list[dict]:
   """Every shot pair ``i < j`` with the same environment: ``{"shots", "environment", "score"}``."""
+
   def compute():
     shots, analyses = ev.story["shots"], ev.analyses
     pairs = []
@@ -160,12 +167,14 @@ def environment_pairs(ev: registry.StoryEval) -> list[dict]:
         score = environment_pair_score(analyses[i], analyses[j], ev.cfg)
         pairs.append({"shots": [i, j], "environment": shots[i]["environment"], "score": score})
     return pairs
+
   return ev.cached("environment_pairs", compute)
 
 
 def _direction_hits(ev: registry.StoryEval) -> list[float]:
-  return [float(an.direction == shot["action"])
-          for shot, an in zip(ev.story["shots"], ev.analyses) if shot["characters"]]
+  return [
+      float(an.direction == shot["action"]) for shot, an in zip(ev.story["shots"], ev.analyses) if shot["characters"]
+  ]
 
 
 @registry.register_metric("character_consistency")
@@ -183,8 +192,7 @@ def environment_consistency(ev: registry.StoryEval) -> float | None:
 @registry.register_metric("inter_avg")
 def inter_avg(ev: registry.StoryEval) -> float | None:
   """The paper's "Inter-shot Avg.": mean of C-Cons and E-Cons, of those defined."""
-  return _mean([x for x in (character_consistency(ev), environment_consistency(ev))
-                if x is not None])
+  return _mean([x for x in (character_consistency(ev), environment_consistency(ev)) if x is not None])
 
 
 @registry.register_metric("direction_accuracy")
@@ -196,8 +204,7 @@ def direction_accuracy(ev: registry.StoryEval) -> float | None:
 @registry.register_metric("count_accuracy")
 def count_accuracy(ev: registry.StoryEval) -> float | None:
   """Share of the shots whose count of entities is the number of annotated characters."""
-  return _mean([float(an.count == len(shot["characters"]))
-                for shot, an in zip(ev.story["shots"], ev.analyses)])
+  return _mean([float(an.count == len(shot["characters"])) for shot, an in zip(ev.story["shots"], ev.analyses)])
 
 
 def details(ev: registry.StoryEval) -> dict:
@@ -205,14 +212,19 @@ def details(ev: registry.StoryEval) -> dict:
   shots, precision = ev.story["shots"], count_precisions(ev)
   per_shot = []
   for i, (shot, an) in enumerate(zip(shots, ev.analyses)):
-    per_shot.append({
-        "shot": i, "action": shot["action"], "detected_direction": an.direction,
-        "displacement": [an.displacement[0], an.displacement[1]],
-        "num_characters": len(shot["characters"]), "detected_count": an.count,
-        "count_precision": precision[i],
-        "num_colours": sum(c.quality >= 0.5 for c in an.clusters),
-        "background_quality": an.background_quality,
-    })
+    per_shot.append(
+        {
+            "shot": i,
+            "action": shot["action"],
+            "detected_direction": an.direction,
+            "displacement": [an.displacement[0], an.displacement[1]],
+            "num_characters": len(shot["characters"]),
+            "detected_count": an.count,
+            "count_precision": precision[i],
+            "num_colours": sum(c.quality >= 0.5 for c in an.clusters),
+            "background_quality": an.background_quality,
+        }
+    )
   char_pairs, env_pairs = character_pairs(ev), environment_pairs(ev)
   return {
       "num_shots": len(shots),

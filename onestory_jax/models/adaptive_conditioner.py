@@ -16,6 +16,7 @@ The ``K_sel`` frames chosen by Frame Selection (best first) are patchified into 
 Everything has static shapes: every selected frame is patchified at every level, and a gather packs the tokens that
 the allocation keeps into a fixed ``N_c`` buffer with a validity mask, so one compiled step serves every shot.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,13 +70,12 @@ def allocate_patchifiers(valid: jax.Array, counts: Sequence[int], budget: int) -
   left = jnp.full(valid.shape[:1], budget, jnp.int32)
   levels = []
   for r in range(k):
-    remaining = jnp.sum(valid[:, r + 1:].astype(jnp.int32), axis=1)
+    remaining = jnp.sum(valid[:, r + 1 :].astype(jnp.int32), axis=1)
     allowed = left - remaining * coarsest
     fits = counts_a[None, :] <= allowed[:, None]  # [B, L]
     # Finest level that fits (levels are ordered finest first => first True).
     finest = jnp.argmax(fits, axis=1).astype(jnp.int32)
-    level = jnp.where(jnp.any(fits, axis=1), finest,
-                      jnp.where(coarsest <= left, len(counts) - 1, -1)).astype(jnp.int32)
+    level = jnp.where(jnp.any(fits, axis=1), finest, jnp.where(coarsest <= left, len(counts) - 1, -1)).astype(jnp.int32)
     level = jnp.where(valid[:, r], level, -1)
     left = left - jnp.where(level >= 0, counts_a[jnp.maximum(level, 0)], 0)
     levels.append(level)
@@ -102,8 +102,9 @@ def level_positions(latent_hw: tuple[int, int], kernel: Kernel, patch: Sequence[
   return pos.reshape(-1, 2).astype(np.float32)
 
 
-def pack_tokens(tokens: jax.Array, positions: jax.Array, levels: jax.Array, counts: Sequence[int],
-                budget: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def pack_tokens(
+    tokens: jax.Array, positions: jax.Array, levels: jax.Array, counts: Sequence[int], budget: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Gathers each frame's tokens at its level into a static [B, budget] buffer.
 
   Args:
@@ -137,6 +138,7 @@ def pack_tokens(tokens: jax.Array, positions: jax.Array, levels: jax.Array, coun
 
 class Patchifier(nn.Module):
   """One ``P_l``: a per-frame (1, kh, kw) convolution with stride = kernel, as a patch reshape + matmul."""
+
   kernel: Kernel
   dim: int
   dtype: jnp.dtype = jnp.float32
@@ -149,16 +151,23 @@ class Patchifier(nn.Module):
     gh, gw = math.ceil(h / kh), math.ceil(w / kw)
     x = jnp.pad(frames, ((0, 0), (0, 0), (0, gh * kh - h), (0, gw * kw - w), (0, 0)))
     x = einops.rearrange(x, "b k (gh kh) (gw kw) c -> b k (gh gw) kh kw c", kh=kh, kw=kw)
-    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(
-        in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, "conv_in", "embed")), (1, kh, kw, c, self.dim))
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, "conv_in", "embed")
+        ),
+        (1, kh, kw, c, self.dim),
+    )
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (self.dim,))
-    out = jnp.einsum("bnxyc,xycd->bnd", x.reshape((-1,) + x.shape[2:]).astype(self.dtype),
-                     kernel[0].astype(self.dtype)) + bias.astype(self.dtype)
+    out = jnp.einsum(
+        "bnxyc,xycd->bnd", x.reshape((-1,) + x.shape[2:]).astype(self.dtype), kernel[0].astype(self.dtype)
+    ) + bias.astype(self.dtype)
     return out.reshape(x.shape[:3] + (self.dim,))
 
 
 class AdaptiveConditioner(nn.Module):
   """Eq. 7: importance-guided patchification of the selected memory frames into ``N_c <= budget`` tokens."""
+
   kernels: tuple[Kernel, ...]
   patch: tuple[int, int, int]
   dim: int
@@ -186,14 +195,16 @@ class AdaptiveConditioner(nn.Module):
       sp = jnp.asarray(level_positions(hw, kern, self.patch))  # [n, 2]
       t = jnp.broadcast_to(frame_time[:, :, None, None], frame_time.shape + (sp.shape[0], 1))
       poss.append(jnp.concatenate([t.astype(jnp.float32), jnp.broadcast_to(sp, t.shape[:3] + (2,))], axis=-1))
-    tokens, positions, mask = pack_tokens(jnp.concatenate(toks, axis=2), jnp.concatenate(poss, axis=2), levels,
-                                          counts, self.budget)
+    tokens, positions, mask = pack_tokens(
+        jnp.concatenate(toks, axis=2), jnp.concatenate(poss, axis=2), levels, counts, self.budget
+    )
     tokens = nn.with_logical_constraint(tokens, ("batch", "ctx", "embed"))
     return dict(tokens=tokens, positions=positions, mask=mask, levels=levels)
 
 
-def init_patchifiers_from_patch_embedding(patch_kernel: jax.Array, kernels: Sequence[Kernel],
-                                          latent_channels: int) -> list[jax.Array]:
+def init_patchifiers_from_patch_embedding(
+    patch_kernel: jax.Array, kernels: Sequence[Kernel], latent_channels: int
+) -> list[jax.Array]:
   """FramePack-style initialisation of the patchifiers from the DiT's patch embedding.
 
   ``patch_kernel`` is the DiT's (pt, ph, pw, C_in, D) kernel; only its first ``latent_channels`` input channels see

@@ -35,6 +35,7 @@ rule shards the token sequence (the ``context`` mesh axis, size ``c > 1``):
 * cross-attention (``kv_follows_q=False``, text or image keys): queries stay split over tokens; the short key/value
   sequence is gathered whole onto every device (what ``shard_map`` does for a replicated ``in_spec``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -97,8 +98,10 @@ def _xla(q, k, v, key_mask, kv_lengths):
 
 def _cudnn(q, k, v, key_mask, kv_lengths):
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"config.model.attention='cudnn' runs on bfloat16/float16 only; got {q.dtype}. Set "
-                     f"config.model.dtype='bfloat16' or config.model.attention='xla'")
+    raise ValueError(
+        f"config.model.attention='cudnn' runs on bfloat16/float16 only; got {q.dtype}. Set "
+        f"config.model.dtype='bfloat16' or config.model.attention='xla'"
+    )
   if key_mask is not None:  # cuDNN takes padding only as lengths: pack valid keys first (exact).
     lengths, (k, v) = pack_valid_first(key_mask, k, v)
     kv_lengths = lengths if kv_lengths is None else jnp.minimum(lengths, kv_lengths.astype(jnp.int32))
@@ -121,6 +124,7 @@ def _splash_tile(length: int) -> tuple[int, int]:
 
 def _splash(q, k, v, key_mask, kv_lengths, *, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+
   b, lq, h, d = q.shape
   lk = k.shape[1]
   lq_p, bq = _splash_tile(lq)
@@ -134,8 +138,16 @@ def _splash(q, k, v, key_mask, kv_lengths, *, interpret: bool):
   to_bhld = lambda a, lp: jnp.pad(jnp.swapaxes(a, 1, 2), ((0, 0), (0, 0), (0, lp - a.shape[1]), (0, 0)))
   qt = to_bhld((q.astype(jnp.float32) * (1.0 / math.sqrt(d))).astype(q.dtype), lq_p)
   kt, vt = to_bhld(k, lk_p), to_bhld(v, lk_p)
-  blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                         block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  blocks = sa.BlockSizes(
+      block_q=bq,
+      block_kv=bkv,
+      block_kv_compute=bkv,
+      block_q_dkv=bq,
+      block_kv_dkv=bkv,
+      block_kv_dkv_compute=bkv,
+      block_q_dq=bq,
+      block_kv_dq=bkv,
+  )
   mask = sa.MultiHeadMask([sa.FullMask((lq_p, lk_p))] * h)
   kernel = sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
   if valid is None:
@@ -158,8 +170,9 @@ def backend_names() -> tuple[str, ...]:
 def check_backend(name: str) -> str:
   """Returns ``name`` if the registry knows it; raises ValueError listing the registry otherwise."""
   if name not in backend_names():
-    raise ValueError(f"config.model.attention={name!r} is not an attention backend; expected one of "
-                     f"{list(backend_names())}")
+    raise ValueError(
+        f"config.model.attention={name!r} is not an attention backend; expected one of " f"{list(backend_names())}"
+    )
   return name
 
 
@@ -219,9 +232,16 @@ def _ulysses(fn, context_axes):
   return run
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, key_mask: Array | None = None,
-                          kv_lengths: Array | None = None, *, backend: str = "xla",
-                          kv_follows_q: bool = True) -> Array:
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    key_mask: Array | None = None,
+    kv_lengths: Array | None = None,
+    *,
+    backend: str = "xla",
+    kv_follows_q: bool = True,
+) -> Array:
   """Softmax attention with a registry backend, sharded over the active mesh (module docstring).
 
   Args:
@@ -239,8 +259,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, key_mask: Array | None =
     ``[B, Lq, H, D]`` in ``q.dtype``.
   """
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-    raise ValueError(f"attention: expected q [B, Lq, H, D] and k, v [B, Lk, H, D]; got {q.shape}, {k.shape}, "
-                     f"{v.shape}")
+    raise ValueError(
+        f"attention: expected q [B, Lq, H, D] and k, v [B, Lk, H, D]; got {q.shape}, {k.shape}, " f"{v.shape}"
+    )
   b, lq, h, _ = q.shape
   lk = k.shape[1]
   if key_mask is not None and key_mask.shape != (b, lk):
@@ -268,7 +289,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, key_mask: Array | None =
     raise ValueError(
         f"context parallelism: the {h} attention heads, {h_local} per device after the heads axes {head_axes}, "
         f"must be divisible by the context mesh axes {ctx_axes} (size {c}); change config.model.num_heads or "
-        f"config.mesh.shape")
+        f"config.mesh.shape"
+    )
 
   lq_pad = 0
   if c > 1 and (lq % c or (kv_follows_q and lk % c)):  # Ulysses needs whole token shards: pad, mask, drop.
@@ -292,13 +314,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, key_mask: Array | None =
   mask_spec = None if key_mask is None else P(bat, None)
   len_spec = None if kv_lengths is None else P(bat)
   out = jax.shard_map(
-      local, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, len_spec), out_specs=q_spec,
-      check_vma=False)(q, k, v, key_mask, kv_lengths)
+      local, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, len_spec), out_specs=q_spec, check_vma=False
+  )(q, k, v, key_mask, kv_lengths)
   return out[:, :lq] if lq_pad else out
 
 
-def reference_attention(q: Array, k: Array, v: Array, key_mask: Array | None = None,
-                        kv_lengths: Array | None = None) -> Array:
+def reference_attention(
+    q: Array, k: Array, v: Array, key_mask: Array | None = None, kv_lengths: Array | None = None
+) -> Array:
   """Plain softmax attention in float32 (``einsum`` + ``softmax``); the tests' ground truth."""
   q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
   logits = jnp.einsum("bqhd,bkhd->bhqk", q32, k32) / math.sqrt(q.shape[-1])
@@ -308,5 +331,14 @@ def reference_attention(q: Array, k: Array, v: Array, key_mask: Array | None = N
   return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v32)
 
 
-__all__ = ["dot_product_attention", "backend_names", "check_backend", "resolve_backend", "current_platform",
-           "pack_valid_first", "key_valid", "reference_attention", "SPLASH_BLOCK"]
+__all__ = [
+    "dot_product_attention",
+    "backend_names",
+    "check_backend",
+    "resolve_backend",
+    "current_platform",
+    "pack_valid_first",
+    "key_valid",
+    "reference_attention",
+    "SPLASH_BLOCK",
+]

@@ -25,6 +25,7 @@ of the sequence with frame 0 repeated, i.e. pixel frame ``max(0, f * stride_t + 
 Pixel convention: videos are float arrays in [-1, 1] with shape [B, T, H, W, 3]
 (:func:`to_unit` / :func:`to_uint8` convert from / to uint8).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,8 +77,7 @@ class Codec(Protocol):
   def decode(self, params: Any, latents: Array) -> jax.Array:
     """[B, F, h, w, C] -> [B, T, H, W, 3]."""
 
-  def frame_mask(self, pixel_mask: Array,
-                 latent_hw: tuple[int, int] | None = None) -> jax.Array:
+  def frame_mask(self, pixel_mask: Array, latent_hw: tuple[int, int] | None = None) -> jax.Array:
     """[B, T] (1 = given frame) -> [B, F, h, w, mask_channels]."""
 
 
@@ -116,14 +116,14 @@ class SpaceToDepthCodec:
     if frames % st or height % sh or width % sw or min(frames, height, width) < 1:
       raise ValueError(
           f"SpaceToDepthCodec: video (T, H, W) = {(frames, height, width)} must be positive and "
-          f"divisible by the stride (t, h, w) = {self.stride}")
+          f"divisible by the stride (t, h, w) = {self.stride}"
+      )
     return frames // st, height // sh, width // sw, self.latent_channels
 
   def video_shape(self, latent_frames: int, height: int, width: int) -> tuple[int, int, int]:
     """(T, H, W) for latents of (latent_frames, height, width) cells."""
     if min(latent_frames, height, width) < 1:
-      raise ValueError(f"SpaceToDepthCodec: latent (F, h, w) = {(latent_frames, height, width)} "
-                       "must be positive")
+      raise ValueError(f"SpaceToDepthCodec: latent (F, h, w) = {(latent_frames, height, width)} " "must be positive")
     st, sh, sw = self.stride
     return latent_frames * st, height * sh, width * sw
 
@@ -135,28 +135,26 @@ class SpaceToDepthCodec:
     """[B, T, H, W, 3] in [-1, 1] -> [B, T/st, H/sh, W/sw, 3*st*sh*sw] (dtype kept)."""
     del params
     if video.ndim != 5 or video.shape[-1] != 3:
-      raise ValueError(f"SpaceToDepthCodec.encode: video must be [B, T, H, W, 3], got shape "
-                       f"{tuple(video.shape)}")
+      raise ValueError(f"SpaceToDepthCodec.encode: video must be [B, T, H, W, 3], got shape " f"{tuple(video.shape)}")
     self.latent_shape(*video.shape[1:4])
     st, sh, sw = self.stride
-    return einops.rearrange(
-        jnp.asarray(video), "b (f pt) (h ph) (w pw) c -> b f h w (pt ph pw c)",
-        pt=st, ph=sh, pw=sw)
+    return einops.rearrange(jnp.asarray(video), "b (f pt) (h ph) (w pw) c -> b f h w (pt ph pw c)", pt=st, ph=sh, pw=sw)
 
   def decode(self, params: Any, latents: Array) -> jax.Array:
     """[B, F, h, w, 3*st*sh*sw] -> [B, F*st, h*sh, w*sw, 3] (exact inverse of encode)."""
     del params
     if latents.ndim != 5 or latents.shape[-1] != self.latent_channels:
-      raise ValueError(f"SpaceToDepthCodec.decode: latents must be [B, F, h, w, "
-                       f"{self.latent_channels}] for stride {self.stride}, got shape "
-                       f"{tuple(latents.shape)}")
+      raise ValueError(
+          f"SpaceToDepthCodec.decode: latents must be [B, F, h, w, "
+          f"{self.latent_channels}] for stride {self.stride}, got shape "
+          f"{tuple(latents.shape)}"
+      )
     st, sh, sw = self.stride
     return einops.rearrange(
-        jnp.asarray(latents), "b f h w (pt ph pw c) -> b (f pt) (h ph) (w pw) c",
-        pt=st, ph=sh, pw=sw, c=3)
+        jnp.asarray(latents), "b f h w (pt ph pw c) -> b (f pt) (h ph) (w pw) c", pt=st, ph=sh, pw=sw, c=3
+    )
 
-  def frame_mask(self, pixel_mask: Array,
-                 latent_hw: tuple[int, int] | None = None) -> jax.Array:
+  def frame_mask(self, pixel_mask: Array, latent_hw: tuple[int, int] | None = None) -> jax.Array:
     """I2V mask in latent space (see the module docstring for the layout).
 
     Args:
@@ -168,12 +166,15 @@ class SpaceToDepthCodec:
       float32 [B, T/st, h, w, st]; channel c of latent frame f is pixel frame f*st + c.
     """
     if pixel_mask.ndim != 2:
-      raise ValueError(f"SpaceToDepthCodec.frame_mask: pixel_mask must be [B, T], got shape "
-                       f"{tuple(pixel_mask.shape)}")
+      raise ValueError(
+          f"SpaceToDepthCodec.frame_mask: pixel_mask must be [B, T], got shape " f"{tuple(pixel_mask.shape)}"
+      )
     st = self.stride[0]
     if pixel_mask.shape[1] % st or pixel_mask.shape[1] < 1:
-      raise ValueError(f"SpaceToDepthCodec.frame_mask: pixel_mask frames T = {pixel_mask.shape[1]} "
-                       f"must be positive and divisible by the stride t = {st}")
+      raise ValueError(
+          f"SpaceToDepthCodec.frame_mask: pixel_mask frames T = {pixel_mask.shape[1]} "
+          f"must be positive and divisible by the stride t = {st}"
+      )
     b, t = pixel_mask.shape
     mask = jnp.asarray(pixel_mask, jnp.float32).reshape(b, t // st, 1, 1, st)
     if latent_hw is None:
@@ -216,8 +217,10 @@ class WanVAECodec:
     if not isinstance(self.config, wan_vae.WanVAEConfig):
       raise ValueError(f"WanVAECodec.config: expected a wan_vae.WanVAEConfig, got {type(self.config).__name__}")
     if self.config.video_channels != 3:
-      raise ValueError(f"WanVAECodec.config: the codec works on RGB videos; in_channels / patch_size**2 = "
-                       f"{self.config.video_channels}, expected 3")
+      raise ValueError(
+          f"WanVAECodec.config: the codec works on RGB videos; in_channels / patch_size**2 = "
+          f"{self.config.video_channels}, expected 3"
+      )
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"WanVAECodec.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
 
@@ -228,8 +231,10 @@ class WanVAECodec:
     vae = codec_config.get("vae", "wan2.1")
     if isinstance(vae, str):
       if vae not in wan_vae.PRESETS:
-        raise ValueError(f"config.codec.vae: unknown preset {vae!r}; available: {', '.join(wan_vae.PRESETS)} "
-                         "(or a mapping of diffusers vae/config.json keys)")
+        raise ValueError(
+            f"config.codec.vae: unknown preset {vae!r}; available: {', '.join(wan_vae.PRESETS)} "
+            "(or a mapping of diffusers vae/config.json keys)"
+        )
       vae_config = wan_vae.PRESETS[vae]
     else:
       vae_config = wan_vae.config_from_diffusers(vae.to_dict() if hasattr(vae, "to_dict") else dict(vae))
@@ -255,8 +260,10 @@ class WanVAECodec:
     """(1 + k, H/s, W/s, z) for T = 1 + 4k frames; raises on other sizes."""
     st, s, _ = self.stride
     if frames < 1 or (frames - 1) % st or height % s or width % s or min(height, width) < 1:
-      raise ValueError(f"WanVAECodec: video (T, H, W) = {(frames, height, width)} needs T = 1 + {st}k frames and "
-                       f"H, W positive and divisible by the spatial stride {s} (stride (t, h, w) = {self.stride})")
+      raise ValueError(
+          f"WanVAECodec: video (T, H, W) = {(frames, height, width)} needs T = 1 + {st}k frames and "
+          f"H, W positive and divisible by the spatial stride {s} (stride (t, h, w) = {self.stride})"
+      )
     return 1 + (frames - 1) // st, height // s, width // s, self.latent_channels
 
   def video_shape(self, latent_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -289,8 +296,9 @@ class WanVAECodec:
   def decode_raw(self, params: Any, z: Array) -> jax.Array:
     """Un-normalised latents [B, F, h, w, z] -> video [B, 1 + 4 (F - 1), h*s, w*s, 3] (compute dtype, clamped)."""
     if z.ndim != 5 or z.shape[-1] != self.latent_channels or z.shape[1] < 1:
-      raise ValueError(f"WanVAECodec.decode: latents must be [B, F, h, w, {self.latent_channels}], got shape "
-                       f"{tuple(z.shape)}")
+      raise ValueError(
+          f"WanVAECodec.decode: latents must be [B, F, h, w, {self.latent_channels}], got shape " f"{tuple(z.shape)}"
+      )
     return _wan_fns(self.config, self.dtype)[2](params, jnp.asarray(z))
 
   def encode(self, params: Any, video: Array) -> jax.Array:
@@ -300,12 +308,13 @@ class WanVAECodec:
   def decode(self, params: Any, latents: Array) -> jax.Array:
     """Normalised latents [B, F, h, w, z] -> video float32 [B, 1 + 4 (F - 1), h*s, w*s, 3] in [-1, 1]."""
     if latents.ndim != 5 or latents.shape[-1] != self.latent_channels:
-      raise ValueError(f"WanVAECodec.decode: latents must be [B, F, h, w, {self.latent_channels}], got shape "
-                       f"{tuple(latents.shape)}")
+      raise ValueError(
+          f"WanVAECodec.decode: latents must be [B, F, h, w, {self.latent_channels}], got shape "
+          f"{tuple(latents.shape)}"
+      )
     return self.decode_raw(params, wan_vae.denormalize(self.config, latents)).astype(jnp.float32)
 
-  def frame_mask(self, pixel_mask: Array,
-                 latent_hw: tuple[int, int] | None = None) -> jax.Array:
+  def frame_mask(self, pixel_mask: Array, latent_hw: tuple[int, int] | None = None) -> jax.Array:
     """Wan2.1-I2V mask in latent space: frame 0's entry repeated ``stride_t`` times, then grouped.
 
     Args:
@@ -321,8 +330,9 @@ class WanVAECodec:
     st = self.stride[0]
     b, t = pixel_mask.shape
     if t < 1 or (t - 1) % st:
-      raise ValueError(f"WanVAECodec.frame_mask: pixel_mask frames T = {t} must be 1 + {st}k (causal stride t = "
-                       f"{st})")
+      raise ValueError(
+          f"WanVAECodec.frame_mask: pixel_mask frames T = {t} must be 1 + {st}k (causal stride t = " f"{st})"
+      )
     m = jnp.asarray(pixel_mask, jnp.float32)
     m = jnp.concatenate([jnp.repeat(m[:, :1], st, axis=1), m[:, 1:]], axis=1)
     f = m.shape[1] // st

@@ -18,6 +18,7 @@ most relevant ones:
 Memory is padded to a static number of frames; ``memory_mask`` marks the real ones. Padded frames are never keys,
 never selected and never in the loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,7 @@ _NEG = -1e9
 
 class CrossAttentionBlock(nn.Module):
   """Pre-norm residual cross-attention followed by a pre-norm residual MLP: ``q + Attn(LN(q), kv, kv)``."""
+
   dim: int
   num_heads: int
   dtype: jnp.dtype = jnp.float32
@@ -45,7 +47,8 @@ class CrossAttentionBlock(nn.Module):
     kvn = nn.LayerNorm(dtype=jnp.float32, name="norm_kv")(kv)
     heads = self.num_heads
     proj = lambda name, x: einops.rearrange(  # noqa: E731
-        layers.dense(self.dim, ("embed", "heads"), name, self.dtype)(x), "b l (h d) -> b l h d", h=heads)
+        layers.dense(self.dim, ("embed", "heads"), name, self.dtype)(x), "b l (h d) -> b l h d", h=heads
+    )
     qh, kh, vh = proj("to_q", h), proj("to_k", kvn), proj("to_v", kvn)
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
     out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, implementation="xla")
@@ -59,6 +62,7 @@ class CrossAttentionBlock(nn.Module):
 
 class MemoryProjector(nn.Module):
   """``phi_V``: two stride-2 3x3 convolutions per latent frame, then a linear map to ``D`` (Eq. 4)."""
+
   dim: int
   dtype: jnp.dtype = jnp.float32
 
@@ -67,10 +71,16 @@ class MemoryProjector(nn.Module):
     b, f = memory.shape[:2]
     x = einops.rearrange(memory, "b f h w c -> (b f) h w c").astype(self.dtype)
     for i in range(2):
-      x = nn.Conv(self.dim, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name=f"conv_{i}",
-                  kernel_init=nn.with_logical_partitioning(
-                      nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))(x)
+      x = nn.Conv(
+          self.dim,
+          (3, 3),
+          strides=(2, 2),
+          padding="SAME",
+          dtype=self.dtype,
+          name=f"conv_{i}",
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      )(x)
       x = jax.nn.silu(x)
     x = layers.dense(self.dim, ("conv_out", "embed"), "proj", self.dtype)(x)
     return einops.rearrange(x, "(b f) h w d -> b f (h w) d", b=b, f=f)
@@ -94,19 +104,29 @@ def chronological_shots(batch: int, num_frames: int, frames_per_shot: int) -> ja
 
 class FrameSelection(nn.Module):
   """Scores memory frames against the caption (Eqs. 3-5). Returns ``S`` [B, F] (float32)."""
+
   dim: int
   num_queries: int
   num_heads: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, text: jax.Array, text_mask: jax.Array | None, memory: jax.Array,
-               memory_mask: jax.Array, memory_shot: jax.Array) -> jax.Array:
+  def __call__(
+      self,
+      text: jax.Array,
+      text_mask: jax.Array | None,
+      memory: jax.Array,
+      memory_mask: jax.Array,
+      memory_shot: jax.Array,
+  ) -> jax.Array:
     """text [B, Lt, Dt]; text_mask [B, Lt] bool or None; memory [B, F, h, w, C]; memory_mask [B, F] bool;
     memory_shot [B, F] int: the shot of the story that each memory frame comes from."""
     b, f = memory.shape[:2]
-    queries = self.param("queries", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("queries", "embed")),
-                         (self.num_queries, self.dim))
+    queries = self.param(
+        "queries",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("queries", "embed")),
+        (self.num_queries, self.dim),
+    )
     q = jnp.broadcast_to(queries.astype(self.dtype), (b, self.num_queries, self.dim))
     text_p = layers.dense(self.dim, (None, "embed"), "phi_t", self.dtype)(text)  # phi_T
     q = CrossAttentionBlock(self.dim, self.num_heads, self.dtype, name="caption_attn")(q, text_p, text_mask)  # Eq. 3

@@ -14,6 +14,7 @@ picks the backend from ``config.image_encoder.name``:
   :mod:`onestory_jax.models.wan.clip` with CLIPImageProcessor's preprocessing; its tokens are
   the penultimate layer's hidden states, as in diffusers' ``WanImageToVideoPipeline.encode_image``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,10 @@ class PatchImageEncoder:
   def _check(self, height: int, width: int) -> None:
     p = self.patch
     if height < 1 or width < 1 or height % p or width % p:
-      raise ValueError(f"PatchImageEncoder: image (H, W) = {(height, width)} must be positive and "
-                       f"divisible by the patch size {p}")
+      raise ValueError(
+          f"PatchImageEncoder: image (H, W) = {(height, width)} must be positive and "
+          f"divisible by the patch size {p}"
+      )
 
   def num_tokens(self, height: int, width: int) -> int:
     self._check(height, width)
@@ -78,19 +81,18 @@ class PatchImageEncoder:
   def encode(self, params: Any, images: Array) -> jax.Array:
     del params
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"PatchImageEncoder.encode: images must be [B, H, W, 3], got shape "
-                       f"{tuple(images.shape)}")
+      raise ValueError(f"PatchImageEncoder.encode: images must be [B, H, W, 3], got shape " f"{tuple(images.shape)}")
     self._check(images.shape[1], images.shape[2])
     p = self.patch
-    return einops.rearrange(jnp.asarray(images), "b (h ph) (w pw) c -> b (h w) (ph pw c)",
-                            ph=p, pw=p)
+    return einops.rearrange(jnp.asarray(images), "b (h ph) (w pw) c -> b (h w) (ph pw c)", ph=p, pw=p)
 
   def decode(self, tokens: Array, height: int, width: int) -> jax.Array:
     """Inverse of :meth:`encode` (for tests and visualisation)."""
     self._check(height, width)
     p = self.patch
-    return einops.rearrange(jnp.asarray(tokens), "b (h w) (ph pw c) -> b (h ph) (w pw) c",
-                            h=height // p, w=width // p, ph=p, pw=p, c=3)
+    return einops.rearrange(
+        jnp.asarray(tokens), "b (h w) (ph pw c) -> b (h ph) (w pw) c", h=height // p, w=width // p, ph=p, pw=p, c=3
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +129,17 @@ class CLIPImageEncoder:
   @property
   def module(self) -> clip_vision.CLIPVisionTransformer:
     return clip_vision.CLIPVisionTransformer(
-        hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-        num_layers=self.num_layers, num_heads=self.num_heads, patch_size=self.patch_size,
-        image_size=self.image_size, eps=self.eps, act=self.act, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size,
+        num_layers=self.num_layers,
+        num_heads=self.num_heads,
+        patch_size=self.patch_size,
+        image_size=self.image_size,
+        eps=self.eps,
+        act=self.act,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
 
   def num_tokens(self, height: int, width: int) -> int:
     del height, width  # every image is resized and cropped to image_size first
@@ -146,8 +155,9 @@ class CLIPImageEncoder:
 
   def preprocess(self, images: Array) -> jax.Array:
     """[B, H, W, 3] in [-1, 1] -> normalised [B, image_size, image_size, 3]."""
-    return clip_vision.preprocess(jnp.asarray(images), crop_size=self.image_size,
-                                  shortest_edge=self.shortest_edge, mean=self.mean, std=self.std)
+    return clip_vision.preprocess(
+        jnp.asarray(images), crop_size=self.image_size, shortest_edge=self.shortest_edge, mean=self.mean, std=self.std
+    )
 
   def encode(self, params: Any, images: Array) -> jax.Array:
     return self.module.apply({"params": params}, self.preprocess(images), layer=self.layer)
@@ -183,13 +193,19 @@ def make_image_encoder(config) -> ImageEncoder:
       sizes[field] = int(ie[field])
     shortest = ie.get("shortest_edge", None)
     return CLIPImageEncoder(
-        **sizes, layer=int(ie.get("layer", -2)), eps=float(ie.get("eps", 1e-5)),
-        act=str(ie.get("act", "gelu")), shortest_edge=None if shortest is None else int(shortest),
+        **sizes,
+        layer=int(ie.get("layer", -2)),
+        eps=float(ie.get("eps", 1e-5)),
+        act=str(ie.get("act", "gelu")),
+        shortest_edge=None if shortest is None else int(shortest),
         mean=tuple(float(v) for v in ie.get("mean", clip_vision.CLIP_MEAN)),
         std=tuple(float(v) for v in ie.get("std", clip_vision.CLIP_STD)),
-        dtype=jnp.dtype(ie.get("dtype", "float32")), param_dtype=jnp.dtype(ie.get("param_dtype", "float32")))
-  raise ValueError(f"config.image_encoder.name: unknown image encoder {name!r}; available: "
-                   f"{', '.join(_IMAGE_ENCODERS)}")
+        dtype=jnp.dtype(ie.get("dtype", "float32")),
+        param_dtype=jnp.dtype(ie.get("param_dtype", "float32")),
+    )
+  raise ValueError(
+      f"config.image_encoder.name: unknown image encoder {name!r}; available: " f"{', '.join(_IMAGE_ENCODERS)}"
+  )
 
 
 def num_image_tokens(config, height: int, width: int) -> int:

@@ -10,6 +10,7 @@
 The codec ``E`` (space-to-depth in the demo, the Wan VAE in real configs) and the I2V image encoder (patches /
 CLIP) are frozen and live outside this module with their own parameters; :mod:`onestory_jax.next_shot` wires them.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -30,6 +31,7 @@ def dit_in_channels(latent_channels: int, mask_channels: int, i2v: bool) -> int:
 
 class OneStory(nn.Module):
   """The trainable OneStory model. ``config`` is a FrozenConfigDict of the whole run config."""
+
   config: ml_collections.FrozenConfigDict
   latent_hw: tuple[int, int]
   latent_channels: int
@@ -41,13 +43,23 @@ class OneStory(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.model.dtype)
     self.text_encoder = te.make_text_encoder(c, self.vocab_size)
-    self.frame_selection = fs.FrameSelection(dim=c.model.dim, num_queries=c.selection.num_queries,
-                                             num_heads=c.selection.num_heads, dtype=dtype)
+    self.frame_selection = fs.FrameSelection(
+        dim=c.model.dim, num_queries=c.selection.num_queries, num_heads=c.selection.num_heads, dtype=dtype
+    )
     self.adaptive_conditioner = ac.AdaptiveConditioner(
-        kernels=tuple(tuple(k) for k in c.conditioner.kernels), patch=tuple(c.model.patch_size), dim=c.model.dim,
-        budget=self.budget, dtype=dtype)
-    self.dit = wan_dit.make_dit(c, in_channels=self.in_channels, out_channels=self.latent_channels,
-                                text_dim=te.text_dim(c), image_dim=self.image_dim if c.model.i2v else None)
+        kernels=tuple(tuple(k) for k in c.conditioner.kernels),
+        patch=tuple(c.model.patch_size),
+        dim=c.model.dim,
+        budget=self.budget,
+        dtype=dtype,
+    )
+    self.dit = wan_dit.make_dit(
+        c,
+        in_channels=self.in_channels,
+        out_channels=self.latent_channels,
+        text_dim=te.text_dim(c),
+        image_dim=self.image_dim if c.model.i2v else None,
+    )
 
   @property
   def in_channels(self) -> int:
@@ -61,8 +73,9 @@ class OneStory(nn.Module):
     """T(C_i): [B, Lt] int32 -> [B, Lt, D_t] (zero at padding, as Wan feeds its DiT)."""
     return self.text_encoder(tokens)
 
-  def score_memory(self, text: jax.Array, text_mask: jax.Array, memory: jax.Array,
-                   memory_mask: jax.Array, memory_shot: jax.Array) -> jax.Array:
+  def score_memory(
+      self, text: jax.Array, text_mask: jax.Array, memory: jax.Array, memory_mask: jax.Array, memory_shot: jax.Array
+  ) -> jax.Array:
     """Eqs. 3-5: relevance score S [B, F] of every memory frame (``memory_shot``: each frame's shot index)."""
     return self.frame_selection(text, text_mask, memory, memory_mask, memory_shot)
 
@@ -70,8 +83,9 @@ class OneStory(nn.Module):
     """Eq. 7: context tokens of the selected frames (best first)."""
     return self.adaptive_conditioner(frames, valid, frame_time)
 
-  def velocity(self, x: jax.Array, timestep: jax.Array, text: jax.Array, image: jax.Array | None,
-               context: dict | None) -> jax.Array:
+  def velocity(
+      self, x: jax.Array, timestep: jax.Array, text: jax.Array, image: jax.Array | None, context: dict | None
+  ) -> jax.Array:
     """Eq. 8: the DiT on ``[noise tokens; context tokens]``; returns the velocity of the noise latents only."""
     image = image if self.config.model.i2v else None  # T2V / TI2V backbones have no image cross-attention
     kw = {}

@@ -1,7 +1,8 @@
 """Builds the StoryWorld TFDS dataset (ArrayRecord).
 
-  python -m onestory_jax.data.storyworld_tfds --data_dir=/data/tfds [--config=demo|tiny]
+python -m onestory_jax.data.storyworld_tfds --data_dir=/data/tfds [--config=demo|tiny]
 """
+
 from absl import app
 from absl import flags
 

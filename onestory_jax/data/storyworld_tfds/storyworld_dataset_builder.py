@@ -17,6 +17,7 @@ Build (configs: ``demo`` 32x32x8, 2000/200 stories; ``tiny`` 16x16x4, 6/2 storie
 
 Read: ``storyworld_data_source(data_dir, 'train')[k] -> {'story', 'frames', 'index'}``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ SPLIT_BASE_SEEDS = {"train": 0, "validation": 1_000_001}
 @dataclasses.dataclass(eq=False)
 class StoryWorldBuilderConfig(tfds.core.BuilderConfig):
   """Story size and split sizes of one StoryWorld build."""
+
   height: int = 32
   width: int = 32
   frames_per_shot: int = 8
@@ -56,9 +58,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
       StoryWorldBuilderConfig(name="demo", description="32x32, 8 frames per shot."),
-      StoryWorldBuilderConfig(name="tiny", description="16x16, 4 frames, for tests.",
-                              height=16, width=16, frames_per_shot=4, max_shots=4,
-                              num_train=6, num_validation=2),
+      StoryWorldBuilderConfig(
+          name="tiny",
+          description="16x16, 4 frames, for tests.",
+          height=16,
+          width=16,
+          frames_per_shot=4,
+          max_shots=4,
+          num_train=6,
+          num_validation=2,
+      ),
   ]
   DEFAULT_CONFIG_NAME = "demo"
   # tfds 4.9.10 derives `code_path` through the `importlib_resources` backport, which
@@ -72,25 +81,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     frames_shape = (cfg.max_shots, cfg.frames_per_shot, cfg.height, cfg.width, 3)
-    features = tfds.features.FeaturesDict({
-        "frames": tfds.features.Tensor(shape=frames_shape, dtype=np.uint8,
-                                       encoding=tfds.features.Encoding.ZLIB),
-        "num_shots": tfds.features.Tensor(shape=(), dtype=np.int32),
-        "seed": tfds.features.Tensor(shape=(), dtype=np.int32),
-        "index": tfds.features.Tensor(shape=(), dtype=np.int32),
-        "story_json": tfds.features.Tensor(shape=(None,), dtype=np.uint8,
-                                           encoding=tfds.features.Encoding.BYTES),
-    })
+    features = tfds.features.FeaturesDict(
+        {
+            "frames": tfds.features.Tensor(shape=frames_shape, dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+            "num_shots": tfds.features.Tensor(shape=(), dtype=np.int32),
+            "seed": tfds.features.Tensor(shape=(), dtype=np.int32),
+            "index": tfds.features.Tensor(shape=(), dtype=np.int32),
+            "story_json": tfds.features.Tensor(shape=(None,), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
+        }
+    )
     return self.dataset_info_from_configs(
         description="StoryWorld: procedural multi-shot stories with referential captions.",
-        features=features, disable_shuffling=True)
+        features=features,
+        disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download.
     cfg = self.builder_config
-    return {"train": self._generate_examples(SPLIT_BASE_SEEDS["train"], cfg.num_train),
-            "validation": self._generate_examples(SPLIT_BASE_SEEDS["validation"],
-                                                  cfg.num_validation)}
+    return {
+        "train": self._generate_examples(SPLIT_BASE_SEEDS["train"], cfg.num_train),
+        "validation": self._generate_examples(SPLIT_BASE_SEEDS["validation"], cfg.num_validation),
+    }
 
   def _generate_examples(self, base_seed: int, count: int) -> Iterator[tuple[int, dict]]:
     cfg = self.builder_config
@@ -98,20 +110,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for k in range(count):
       seed = storyworld.story_seed(base_seed, k)
       story = storyworld.generate_story(seed, cfg=story_cfg)
-      frames = np.zeros((cfg.max_shots, cfg.frames_per_shot, cfg.height, cfg.width, 3),
-                        np.uint8)
+      frames = np.zeros((cfg.max_shots, cfg.frames_per_shot, cfg.height, cfg.width, 3), np.uint8)
       for i, shot in enumerate(storyworld.render_story(story)):
         frames[i] = shot
       payload = np.frombuffer(json.dumps(story).encode("utf-8"), dtype=np.uint8)
-      yield k, {"frames": frames, "num_shots": np.int32(len(story["shots"])),
-                "seed": np.int32(seed), "index": np.int32(k), "story_json": payload}
+      yield k, {
+          "frames": frames,
+          "num_shots": np.int32(len(story["shots"])),
+          "seed": np.int32(seed),
+          "index": np.int32(k),
+          "story_json": payload,
+      }
 
 
 def _decode(record: dict[str, Any]) -> dict[str, Any]:
   num_shots = int(record["num_shots"])
   story = json.loads(np.asarray(record["story_json"], np.uint8).tobytes().decode("utf-8"))
-  return {"story": story, "frames": np.asarray(record["frames"][:num_shots]),
-          "index": int(record["index"])}
+  return {"story": story, "frames": np.asarray(record["frames"][:num_shots]), "index": int(record["index"])}
 
 
 class StoryWorldSource:
@@ -129,8 +144,9 @@ class StoryWorldSource:
 
   def _open(self):
     if self._source is None:
-      self._source = tfds.data_source(f"{NAME}/{self.config_name}", split=self.split,
-                                      data_dir=self.data_dir, download=False)
+      self._source = tfds.data_source(
+          f"{NAME}/{self.config_name}", split=self.split, data_dir=self.data_dir, download=False
+      )
     return self._source
 
   @property
@@ -148,15 +164,13 @@ class StoryWorldSource:
     return _decode(self._open()[int(index) % n])
 
   def __getstate__(self) -> dict[str, Any]:
-    return {"data_dir": self.data_dir, "split": self.split,
-            "config_name": self.config_name}
+    return {"data_dir": self.data_dir, "split": self.split, "config_name": self.config_name}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__init__(state["data_dir"], state["split"], state["config_name"])
 
 
-def storyworld_data_source(data_dir: str, split: str,
-                           config_name: str | None = None) -> StoryWorldSource:
+def storyworld_data_source(data_dir: str, split: str, config_name: str | None = None) -> StoryWorldSource:
   """Opens a built StoryWorld split for random access (no TensorFlow needed).
 
   Args:
@@ -167,18 +181,25 @@ def storyworld_data_source(data_dir: str, split: str,
   if split not in SPLIT_BASE_SEEDS:
     raise ValueError(f"split must be one of {tuple(SPLIT_BASE_SEEDS)}, got {split!r}")
   root = os.path.join(os.fspath(data_dir), NAME)
-  built = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
-                 if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+  built = sorted(
+      d
+      for d in (os.listdir(root) if os.path.isdir(root) else [])
+      if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
+  )
   if config_name is None:
     if len(built) != 1:
-      raise ValueError(f"tfds data_dir {data_dir!r}: expected exactly one built StoryWorld "
-                       f"config under {root!r}, found {built}; pass config_name")
+      raise ValueError(
+          f"tfds data_dir {data_dir!r}: expected exactly one built StoryWorld "
+          f"config under {root!r}, found {built}; pass config_name"
+      )
     config_name = built[0]
   if config_name not in built:
-    raise ValueError(f"tfds data_dir {data_dir!r} has no built StoryWorld config "
-                     f"{config_name!r} (found {built}); build it with `python -m "
-                     "onestory_jax.data.storyworld_tfds "
-                     f"--data_dir={data_dir} --config={config_name}`")
+    raise ValueError(
+        f"tfds data_dir {data_dir!r} has no built StoryWorld config "
+        f"{config_name!r} (found {built}); build it with `python -m "
+        "onestory_jax.data.storyworld_tfds "
+        f"--data_dir={data_dir} --config={config_name}`"
+    )
   source = StoryWorldSource(data_dir, split, config_name)
   len(source)  # Opens it: fails early on a missing split.
   return source
@@ -187,4 +208,3 @@ def storyworld_data_source(data_dir: str, split: str,
 def build(data_dir: str, config_name: str = "demo") -> None:
   """Builds (downloads nothing) the StoryWorld dataset into `data_dir`."""
   Builder(data_dir=data_dir, config=config_name).download_and_prepare()
-

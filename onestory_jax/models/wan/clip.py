@@ -31,6 +31,7 @@ rounds at the same places, so it matches the processor to one uint8 step (see th
 ``image_encoder/config.json``, :func:`processor_config_from_transformers` its
 ``image_processor/preprocessor_config.json``.
 """
+
 from __future__ import annotations
 
 import re
@@ -73,6 +74,7 @@ class CLIPAttention(nn.Module):
   published weights only transpose); the fused axis carries the logical name 'heads', which
   splits it at head boundaries when sharded.
   """
+
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -87,7 +89,7 @@ class CLIPAttention(nn.Module):
     k = split(layers.dense(d, ("embed", "heads"), "k", **kw)(x))
     v = split(layers.dense(d, ("embed", "heads"), "v", **kw)(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1).astype(self.dtype)
+    probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads"))
     return layers.dense(d, ("heads", "embed"), "o", **kw)(out)
@@ -95,6 +97,7 @@ class CLIPAttention(nn.Module):
 
 class CLIPEncoderLayer(nn.Module):
   """Pre-norm residual block: attention, then fc1 -> activation -> fc2."""
+
   num_heads: int
   intermediate_size: int
   act: str = "gelu"
@@ -131,6 +134,7 @@ class CLIPVisionTransformer(nn.Module):
     dtype: compute dtype (LayerNorm statistics and softmax in float32).
     param_dtype: parameter dtype.
   """
+
   hidden_size: int
   intermediate_size: int
   num_layers: int
@@ -144,34 +148,52 @@ class CLIPVisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size",
-                  "image_size", "num_channels"):
+    for field in (
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "patch_size",
+        "image_size",
+        "num_channels",
+    ):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"CLIPVisionTransformer: {field} must be a positive int, got {value!r}")
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"CLIPVisionTransformer: hidden_size = {self.hidden_size} must be divisible "
-                       f"by num_heads = {self.num_heads}")
+      raise ValueError(
+          f"CLIPVisionTransformer: hidden_size = {self.hidden_size} must be divisible "
+          f"by num_heads = {self.num_heads}"
+      )
     if self.image_size % self.patch_size:
-      raise ValueError(f"CLIPVisionTransformer: image_size = {self.image_size} must be divisible by "
-                       f"patch_size = {self.patch_size}")
+      raise ValueError(
+          f"CLIPVisionTransformer: image_size = {self.image_size} must be divisible by "
+          f"patch_size = {self.patch_size}"
+      )
     if self.act not in _ACTIVATIONS:
-      raise ValueError(f"CLIPVisionTransformer: act must be one of {sorted(_ACTIVATIONS)}, got "
-                       f"{self.act!r}")
+      raise ValueError(f"CLIPVisionTransformer: act must be one of {sorted(_ACTIVATIONS)}, got " f"{self.act!r}")
     d, p = self.hidden_size, self.patch_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.class_embedding = self.param(
-        "class_embedding", _partitioned(nn.initializers.normal(d ** -0.5), ("embed",)), (d,),
-        self.param_dtype)
+        "class_embedding", _partitioned(nn.initializers.normal(d**-0.5), ("embed",)), (d,), self.param_dtype
+    )
     self.patch_kernel = self.param(  # Flax conv layout [p, p, C, D]
-        "patch_embedding", _partitioned(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
-        (p, p, self.num_channels, d), self.param_dtype)
+        "patch_embedding",
+        _partitioned(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
+        (p, p, self.num_channels, d),
+        self.param_dtype,
+    )
     self.position_embedding = self.param(
-        "position_embedding", _partitioned(nn.initializers.normal(0.02), (None, "embed")),
-        (self.num_tokens, d), self.param_dtype)
+        "position_embedding",
+        _partitioned(nn.initializers.normal(0.02), (None, "embed")),
+        (self.num_tokens, d),
+        self.param_dtype,
+    )
     self.pre_norm = layers.layer_norm(self.eps, **kw)
-    self.layers = [CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.act, self.eps, **kw)
-                   for _ in range(self.num_layers)]
+    self.layers = [
+        CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.act, self.eps, **kw)
+        for _ in range(self.num_layers)
+    ]
     self.post_norm = layers.layer_norm(self.eps, **kw)
 
   @property
@@ -182,8 +204,10 @@ class CLIPVisionTransformer(nn.Module):
   def _embed(self, pixels: jax.Array) -> jax.Array:
     s, p, c = self.image_size, self.patch_size, self.num_channels
     if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (s, s, c):
-      raise ValueError(f"CLIPVisionTransformer: pixels must be [B, {s}, {s}, {c}] (normalised, "
-                       f"channels last), got shape {tuple(pixels.shape)}")
+      raise ValueError(
+          f"CLIPVisionTransformer: pixels must be [B, {s}, {s}, {c}] (normalised, "
+          f"channels last), got shape {tuple(pixels.shape)}"
+      )
     b, g = pixels.shape[0], s // p
     patches = pixels.astype(self.dtype).reshape(b, g, p, g, p, c)
     x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, self.patch_kernel.astype(self.dtype))
@@ -205,8 +229,7 @@ class CLIPVisionTransformer(nn.Module):
     """
     n = self.num_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not -(n + 1) <= layer <= n:
-      raise ValueError(f"CLIPVisionTransformer: layer must be an int in [{-(n + 1)}, {n}], got "
-                       f"{layer!r}")
+      raise ValueError(f"CLIPVisionTransformer: layer must be an int in [{-(n + 1)}, {n}], got " f"{layer!r}")
     depth = layer % (n + 1)
     x = self.pre_norm(self._embed(pixels))
     out = x
@@ -239,8 +262,14 @@ def _round_u8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
 
 
-def preprocess(images: jax.Array, *, crop_size: int = 224, shortest_edge: int | None = None,
-               mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> jax.Array:
+def preprocess(
+    images: jax.Array,
+    *,
+    crop_size: int = 224,
+    shortest_edge: int | None = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> jax.Array:
   """CLIPImageProcessor in JAX: [B, H, W, 3] in [-1, 1] -> normalised [B, crop, crop, 3].
 
   Steps: quantise to uint8 values (what the processor receives), resize the shorter side to
@@ -249,23 +278,24 @@ def preprocess(images: jax.Array, *, crop_size: int = 224, shortest_edge: int | 
   ``(size - crop) // 2``), rescale by 1/255, then ``(x - mean) / std``.
   """
   if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"CLIP preprocess: images must be [B, H, W, 3] in [-1, 1], got shape "
-                     f"{tuple(images.shape)}")
+    raise ValueError(f"CLIP preprocess: images must be [B, H, W, 3] in [-1, 1], got shape " f"{tuple(images.shape)}")
   if len(mean) != 3 or len(std) != 3:
     raise ValueError(f"CLIP preprocess: mean and std must have 3 entries, got {mean!r}, {std!r}")
   b, h, w, _ = images.shape
   shortest_edge = crop_size if shortest_edge is None else shortest_edge
   oh, ow = resize_output_size(h, w, shortest_edge)
   if oh < crop_size or ow < crop_size:
-    raise ValueError(f"CLIP preprocess: resized size {(oh, ow)} is smaller than crop_size "
-                     f"{crop_size} (shortest_edge = {shortest_edge})")
+    raise ValueError(
+        f"CLIP preprocess: resized size {(oh, ow)} is smaller than crop_size "
+        f"{crop_size} (shortest_edge = {shortest_edge})"
+    )
   x = _round_u8((images.astype(jnp.float32) + 1.0) * 127.5)
   if ow != w:
     x = _round_u8(jax.image.resize(x, (b, h, ow, 3), "bicubic", antialias=True))
   if oh != h:
     x = _round_u8(jax.image.resize(x, (b, oh, ow, 3), "bicubic", antialias=True))
   top, left = (oh - crop_size) // 2, (ow - crop_size) // 2
-  x = x[:, top:top + crop_size, left:left + crop_size] / 255.0
+  x = x[:, top : top + crop_size, left : left + crop_size] / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
@@ -301,8 +331,9 @@ def config_from_transformers(cfg: dict) -> dict:
     cfg = cfg.get("vision_config") or {}
     cfg = {"model_type": "clip_vision_model", **cfg}
   if cfg.get("model_type") != "clip_vision_model":
-    raise ValueError(f"CLIP config: model_type must be 'clip_vision_model' or 'clip', got "
-                     f"{cfg.get('model_type')!r}")
+    raise ValueError(
+        f"CLIP config: model_type must be 'clip_vision_model' or 'clip', got " f"{cfg.get('model_type')!r}"
+    )
   out: dict[str, Any] = {"name": "clip_vision", **weights.positive_int_fields(cfg, _FIELDS, "CLIP config")}
   out["num_channels"] = int(cfg.get("num_channels", 3))
   out["eps"] = float(cfg.get("layer_norm_eps", 1e-5))
@@ -341,8 +372,7 @@ def processor_config_from_transformers(cfg: dict) -> dict:
   if cfg.get("resample", 3) != 3:
     raise ValueError(f"CLIP processor config: resample must be 3 (bicubic), got {cfg['resample']!r}")
   if abs(float(cfg.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-    raise ValueError(f"CLIP processor config: rescale_factor must be 1/255, got "
-                     f"{cfg['rescale_factor']!r}")
+    raise ValueError(f"CLIP processor config: rescale_factor must be 1/255, got " f"{cfg['rescale_factor']!r}")
   crop = cfg.get("crop_size", 224)
   if isinstance(crop, dict):
     if crop.get("height") != crop.get("width"):
@@ -356,8 +386,7 @@ def processor_config_from_transformers(cfg: dict) -> dict:
   mean = tuple(float(v) for v in cfg.get("image_mean", CLIP_MEAN))
   std = tuple(float(v) for v in cfg.get("image_std", CLIP_STD))
   if len(mean) != 3 or len(std) != 3:
-    raise ValueError(f"CLIP processor config: image_mean / image_std need 3 entries, got "
-                     f"{mean!r}, {std!r}")
+    raise ValueError(f"CLIP processor config: image_mean / image_std need 3 entries, got " f"{mean!r}, {std!r}")
   return {"crop_size": crop, "shortest_edge": shortest, "mean": mean, "std": std}
 
 
@@ -377,8 +406,7 @@ _NORMS = {"pre_layrnorm": ("pre_norm",), "post_layernorm": ("post_norm",)}
 
 def _leaf(prefix: tuple[str, ...], kind: str, is_norm: bool) -> weights.Target | None:
   if kind == "weight":
-    return weights.Target(prefix + ("scale",)) if is_norm else weights.Target(
-        prefix + ("kernel",), weights.linear)
+    return weights.Target(prefix + ("scale",)) if is_norm else weights.Target(prefix + ("kernel",), weights.linear)
   if kind == "bias":
     return weights.Target(prefix + ("bias",))
   return None
@@ -401,7 +429,7 @@ def torch_key_to_target(name: str) -> weights.Target | None:
   """
   if name == "visual_projection.weight":
     return None
-  key = name[len("vision_model."):] if name.startswith("vision_model.") else name
+  key = name[len("vision_model.") :] if name.startswith("vision_model.") else name
   if key == "embeddings.position_ids":
     return None
   if key == "embeddings.class_embedding":
@@ -421,6 +449,8 @@ def torch_key_to_target(name: str) -> weights.Target | None:
     target = _leaf(path, kind, m.group(2).startswith("layer_norm"))
     if target is not None:
       return target
-  raise ValueError(f"CLIP vision checkpoint: unknown tensor name {name!r} (expected a "
-                   "CLIPVisionModel parameter: [vision_model.]embeddings.*, pre_layrnorm.*, "
-                   "encoder.layers.{i}.*, post_layernorm.*)")
+  raise ValueError(
+      f"CLIP vision checkpoint: unknown tensor name {name!r} (expected a "
+      "CLIPVisionModel parameter: [vision_model.]embeddings.*, pre_layrnorm.*, "
+      "encoder.layers.{i}.*, post_layernorm.*)"
+  )

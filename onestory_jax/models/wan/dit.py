@@ -38,6 +38,7 @@ release's ``config.json``; ``onestory_jax.convert`` streams a release through th
 tests/test_parity_wan_dit.py checks the outputs against diffusers in float32 (relative error
 <= 1e-5, timesteps up to 1000) and states the bfloat16 error.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,7 @@ def patchify(x: Array, patch: tuple[int, int, int]) -> Array:
   _, f, h, w, _ = x.shape
   if f % pt or h % ph or w % pw:
     raise ValueError(f"patchify: (F, H, W) = {(f, h, w)} must be divisible by patch {(pt, ph, pw)}")
-  return einops.rearrange(
-      x, "b (f pt) (h ph) (w pw) c -> b (f h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+  return einops.rearrange(x, "b (f pt) (h ph) (w pw) c -> b (f h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
 
 
 def unpatchify(tokens: Array, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Array:
@@ -109,10 +109,11 @@ def unpatchify(tokens: Array, grid: tuple[int, int, int], patch: tuple[int, int,
   if tokens.ndim != 3 or tokens.shape[1] != f * h * w or tokens.shape[2] % (pt * ph * pw):
     raise ValueError(
         f"unpatchify: tokens must have shape [B, {f * h * w}, pt*ph*pw*C] for grid {grid} and "
-        f"patch {(pt, ph, pw)}; got {tokens.shape}")
+        f"patch {(pt, ph, pw)}; got {tokens.shape}"
+    )
   return einops.rearrange(
-      tokens, "b (f h w) (pt ph pw c) -> b (f pt) (h ph) (w pw) c",
-      f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
+      tokens, "b (f h w) (pt ph pw c) -> b (f pt) (h ph) (w pw) c", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw
+  )
 
 
 def timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
@@ -144,8 +145,16 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None, backend: str = "auto", *,
-              kv_lengths: Array | None = None, kv_follows_q: bool = True) -> Array:
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    key_mask: Array | None = None,
+    backend: str = "auto",
+    *,
+    kv_lengths: Array | None = None,
+    kv_follows_q: bool = True,
+) -> Array:
   """Scaled dot-product attention, ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D].
 
   The one place the DiT calls attention: :func:`attention_lib.dot_product_attention` picks the kernel from the
@@ -158,15 +167,18 @@ def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None, backe
     kv_lengths: optional ``[B]``; keys at positions ``>= kv_lengths[b]`` are padding.
     kv_follows_q: True for self-attention (k/v share the query's token sequence and its sharding).
   """
-  return attention_lib.dot_product_attention(q, k, v, key_mask, kv_lengths, backend=backend,
-                                             kv_follows_q=kv_follows_q)
+  return attention_lib.dot_product_attention(q, k, v, key_mask, kv_lengths, backend=backend, kv_follows_q=kv_follows_q)
 
 
 def _rms_norm(eps: float, param_dtype: Dtype, name: str) -> nn.RMSNorm:
   """RMSNorm over the full projected width (across heads), computed in float32."""
   return nn.RMSNorm(
-      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(_ones, ("heads",)))
+      epsilon=eps,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      name=name,
+      scale_init=nn.with_logical_partitioning(_ones, ("heads",)),
+  )
 
 
 # ----------------------------------------------------------------------------- submodules
@@ -174,6 +186,7 @@ def _rms_norm(eps: float, param_dtype: Dtype, name: str) -> nn.RMSNorm:
 
 class PatchEmbed(nn.Module):
   """Conv3d with kernel = stride = patch, as patchify + einsum; kernel ``(pt, ph, pw, C_in, dim)``."""
+
   dim: int
   patch: tuple[int, int, int]
   dtype: Dtype = jnp.float32
@@ -186,11 +199,12 @@ class PatchEmbed(nn.Module):
     kernel = self.param(
         "kernel",
         nn.with_logical_partitioning(
-            nn.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4),
-            (None, None, None, "conv_in", "embed")),
-        (pt, ph, pw, c_in, self.dim), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(_zeros, ("embed",)), (self.dim,),
-                      self.param_dtype)
+            nn.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, "conv_in", "embed")
+        ),
+        (pt, ph, pw, c_in, self.dim),
+        self.param_dtype,
+    )
+    bias = self.param("bias", nn.with_logical_partitioning(_zeros, ("embed",)), (self.dim,), self.param_dtype)
     tokens = patchify(x.astype(self.dtype), self.patch)
     out = jnp.einsum("bnk,kd->bnd", tokens, kernel.reshape(-1, self.dim).astype(self.dtype))
     return out + bias.astype(self.dtype)
@@ -198,6 +212,7 @@ class PatchEmbed(nn.Module):
 
 class TwoLayerMLP(nn.Module):
   """``linear_2(act(linear_1(x)))``: diffusers' TimestepEmbedding / PixArtAlphaTextProjection."""
+
   hidden: int
   features: int
   activation: str  # 'silu' | 'gelu_tanh'
@@ -215,6 +230,7 @@ class TwoLayerMLP(nn.Module):
 
 class GeluProj(nn.Module):
   """diffusers' ``GELU`` activation module: ``gelu(proj(x))``."""
+
   features: int
   approximate: bool
   in_axis: str | None = "embed"
@@ -232,6 +248,7 @@ class GeluProj(nn.Module):
 
 class FeedForward(nn.Module):
   """diffusers' FeedForward: ``net_2(gelu(net_0.proj(x)))`` (net_1 is dropout, absent here)."""
+
   hidden: int
   features: int
   approximate: bool
@@ -242,13 +259,15 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = GeluProj(self.hidden, self.approximate, self.in_axis, self.dtype, self.param_dtype,
-                 self.activation_axes, name="net_0")(x)
+    x = GeluProj(
+        self.hidden, self.approximate, self.in_axis, self.dtype, self.param_dtype, self.activation_axes, name="net_0"
+    )(x)
     return layers.dense(self.features, ("mlp", "embed"), "net_2", self.dtype, self.param_dtype)(x)
 
 
 class ImageEmbedder(nn.Module):
   """I2V image tokens: LayerNorm -> FeedForward(mult 1, exact GELU) -> LayerNorm (eps 1e-5)."""
+
   dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -256,8 +275,7 @@ class ImageEmbedder(nn.Module):
   @nn.compact
   def __call__(self, image: Array) -> Array:
     x = layers.layer_norm(1e-5, param_dtype=self.param_dtype, axis=None, name="norm1")(image).astype(self.dtype)
-    x = FeedForward(image.shape[-1], self.dim, False, None, self.dtype, self.param_dtype,
-                    name="ff")(x)
+    x = FeedForward(image.shape[-1], self.dim, False, None, self.dtype, self.param_dtype, name="ff")(x)
     return layers.layer_norm(1e-5, param_dtype=self.param_dtype, name="norm2")(x).astype(self.dtype)
 
 
@@ -267,6 +285,7 @@ class ConditionEmbedder(nn.Module):
   Returns ``(temb [T, dim], timestep_proj [T, 6, dim], text [B, Lt, dim], image or None)``,
   the timestep parts in float32 (modulation is precision sensitive).
   """
+
   dim: int
   freq_dim: int
   has_image: bool
@@ -276,13 +295,14 @@ class ConditionEmbedder(nn.Module):
   @nn.compact
   def __call__(self, timestep: Array, text: Array, image: Array | None):
     t_feat = timestep_embedding(timestep, self.freq_dim)
-    temb = TwoLayerMLP(self.dim, self.dim, "silu", dtype=jnp.float32,
-                       param_dtype=self.param_dtype, name="time_embedder")(t_feat)
-    t_proj = layers.dense(6 * self.dim, ("embed", "mlp"), "time_proj", jnp.float32,
-                          self.param_dtype)(nn.silu(temb))
+    temb = TwoLayerMLP(
+        self.dim, self.dim, "silu", dtype=jnp.float32, param_dtype=self.param_dtype, name="time_embedder"
+    )(t_feat)
+    t_proj = layers.dense(6 * self.dim, ("embed", "mlp"), "time_proj", jnp.float32, self.param_dtype)(nn.silu(temb))
     t_proj = t_proj.reshape(t_proj.shape[0], 6, self.dim)
-    text_e = TwoLayerMLP(self.dim, self.dim, "gelu_tanh", dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="text_embedder")(text.astype(self.dtype))
+    text_e = TwoLayerMLP(
+        self.dim, self.dim, "gelu_tanh", dtype=self.dtype, param_dtype=self.param_dtype, name="text_embedder"
+    )(text.astype(self.dtype))
     image_e = None
     if self.has_image:
       image_e = ImageEmbedder(self.dim, self.dtype, self.param_dtype, name="image_embedder")(image)
@@ -291,6 +311,7 @@ class ConditionEmbedder(nn.Module):
 
 class _Attention(nn.Module):
   """What ``attn1`` and ``attn2`` share: projections at the model width, the RMS q/k norm across heads, heads."""
+
   dim: int
   num_heads: int
   eps: float
@@ -330,11 +351,11 @@ class SelfAttention(_Attention):
 class CrossAttention(_Attention):
   """``attn2``: queries from the sequence, keys/values from text (+ image tokens for I2V, Wan's
   decoupled cross-attention: the two attention outputs are summed). No RoPE."""
+
   has_image: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, text: Array, image: Array | None,
-               text_mask: Array | None) -> Array:
+  def __call__(self, x: Array, text: Array, image: Array | None, text_mask: Array | None) -> Array:
     q = self._heads(self._norm("norm_q", self._dense("to_q")(x)))
     k = self._heads(self._norm("norm_k", self._dense("to_k")(text)), CROSS_KV)
     v = self._heads(self._dense("to_v")(text), CROSS_KV)
@@ -355,6 +376,7 @@ class WanBlock(nn.Module):
   is True (the context tokens, which follow the noise tokens). With ``scanned`` the call
   returns ``(x, None)`` for ``nn.scan``.
   """
+
   dim: int
   ffn_dim: int
   num_heads: int
@@ -371,8 +393,10 @@ class WanBlock(nn.Module):
   def __call__(self, x, t_proj, t_proj_ctx, is_ctx, cos, sin, kv_lengths, text, image, text_mask):
     table = self.param(
         "scale_shift_table",
-        nn.with_logical_partitioning(nn.initializers.normal(self.dim ** -0.5), (None, None, "embed")),
-        (1, 6, self.dim), self.param_dtype)
+        nn.with_logical_partitioning(nn.initializers.normal(self.dim**-0.5), (None, None, "embed")),
+        (1, 6, self.dim),
+        self.param_dtype,
+    )
 
     def mod(i: int) -> Array:
       """Modulation vector i, [B, 1, dim] (one per sample) or [B, L, dim] (per token), float32."""
@@ -394,8 +418,15 @@ class WanBlock(nn.Module):
 
     norm1 = layers.layer_norm(self.eps, param_dtype=self.param_dtype, affine=False, name="norm1")
     h = nn.with_logical_constraint((norm1(x) * (1.0 + mod(1)) + mod(0)).astype(self.dtype), BLD)
-    kw = dict(dim=self.dim, num_heads=self.num_heads, eps=self.eps, qk_norm=self.qk_norm,
-              attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(
+        dim=self.dim,
+        num_heads=self.num_heads,
+        eps=self.eps,
+        qk_norm=self.qk_norm,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
     attn = SelfAttention(**kw, name="attn1")
     x = nn.with_logical_constraint(residual(x, attn(h, cos, sin, kv_lengths), mod(2)), BLD)
 
@@ -408,8 +439,7 @@ class WanBlock(nn.Module):
 
     norm3 = layers.layer_norm(self.eps, param_dtype=self.param_dtype, affine=False, name="norm3")
     h = nn.with_logical_constraint((norm3(x) * (1.0 + mod(4)) + mod(3)).astype(self.dtype), BLD)
-    ffn = FeedForward(self.ffn_dim, self.dim, True, "embed", self.dtype, self.param_dtype, BLM,
-                      name="ffn")
+    ffn = FeedForward(self.ffn_dim, self.dim, True, "embed", self.dtype, self.param_dtype, BLM, name="ffn")
     x = nn.with_logical_constraint(residual(x, ffn(h), mod(5)), BLD)
     return (x, None) if self.scanned else x
 
@@ -424,6 +454,7 @@ class WanTransformer3D(nn.Module):
   an I2V model with image cross-attention. ``attention_impl`` is the attention backend
   (``config.model.attention``: 'xla' | 'cudnn' | 'splash' | 'auto'), forwarded to :func:`attention`.
   """
+
   in_channels: int
   out_channels: int
   text_dim: int
@@ -445,12 +476,32 @@ class WanTransformer3D(nn.Module):
   attention_impl: str = "auto"
 
   @classmethod
-  def from_config(cls, model_cfg: Any, in_channels: int, out_channels: int, text_dim: int,
-                  image_dim: int | None = None, **overrides: Any) -> "WanTransformer3D":
+  def from_config(
+      cls,
+      model_cfg: Any,
+      in_channels: int,
+      out_channels: int,
+      text_dim: int,
+      image_dim: int | None = None,
+      **overrides: Any,
+  ) -> "WanTransformer3D":
     """Builds the DiT from ``config.model`` (fields as in ``configs/onestory.py``)."""
-    fields = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "freq_dim", "eps",
-              "qk_norm", "cross_attn_norm", "rope_theta", "dtype", "param_dtype",
-              "scan_layers", "remat")
+    fields = (
+        "dim",
+        "ffn_dim",
+        "num_heads",
+        "num_layers",
+        "patch_size",
+        "freq_dim",
+        "eps",
+        "qk_norm",
+        "cross_attn_norm",
+        "rope_theta",
+        "dtype",
+        "param_dtype",
+        "scan_layers",
+        "remat",
+    )
     kw = {}
     for f in fields:
       if f not in model_cfg:
@@ -462,8 +513,7 @@ class WanTransformer3D(nn.Module):
     # Optional: configs saved before the attention registry existed mean 'auto'.
     kw["attention_impl"] = attention_lib.check_backend(model_cfg.get("attention", attention_lib.AUTO))
     kw.update(overrides)
-    return cls(in_channels=in_channels, out_channels=out_channels, text_dim=text_dim,
-               image_dim=image_dim, **kw)
+    return cls(in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, image_dim=image_dim, **kw)
 
   @property
   def head_dim(self) -> int:
@@ -480,8 +530,9 @@ class WanTransformer3D(nn.Module):
       raise ValueError(f"model.num_layers must be >= 1; got {self.num_layers}")
     attention_lib.check_backend(self.attention_impl)
 
-  def _check_inputs(self, x, timestep, text, image, text_mask, context, context_pos,
-                    context_mask, context_timestep) -> None:
+  def _check_inputs(
+      self, x, timestep, text, image, text_mask, context, context_pos, context_mask, context_timestep
+  ) -> None:
     if x.ndim != 5 or x.shape[-1] != self.in_channels:
       raise ValueError(f"x: expected [B, F, H, W, {self.in_channels}]; got {x.shape}")
     b = x.shape[0]
@@ -490,8 +541,9 @@ class WanTransformer3D(nn.Module):
       raise ValueError(f"x: (F, H, W) = {x.shape[1:4]} must be divisible by patch_size {self.patch_size}")
     n = (x.shape[1] // pt) * (x.shape[2] // ph) * (x.shape[3] // pw)
     if timestep.shape not in ((b,), (b, n)):
-      raise ValueError(f"timestep: expected shape [B] = ({b},) or per noise token [B, N] = ({b}, {n}); "
-                       f"got {timestep.shape}")
+      raise ValueError(
+          f"timestep: expected shape [B] = ({b},) or per noise token [B, N] = ({b}, {n}); " f"got {timestep.shape}"
+      )
     if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.text_dim:
       raise ValueError(f"text: expected [B, Lt, {self.text_dim}] with B = {b}; got {text.shape}")
     if text_mask is not None and text_mask.shape != text.shape[:2]:
@@ -511,8 +563,10 @@ class WanTransformer3D(nn.Module):
       raise ValueError(f"context: expected [B, Nc, {self.dim}] with B = {b}; got {context.shape}")
     nc = context.shape[1]
     if context_pos is None or context_pos.shape != (b, nc, 3):
-      raise ValueError(f"context_pos: expected [B, Nc, 3] = ({b}, {nc}, 3); got "
-                       f"{None if context_pos is None else context_pos.shape}")
+      raise ValueError(
+          f"context_pos: expected [B, Nc, 3] = ({b}, {nc}, 3); got "
+          f"{None if context_pos is None else context_pos.shape}"
+      )
     if context_mask is not None and context_mask.shape != (b, nc):
       raise ValueError(f"context_mask: expected [B, Nc] = ({b}, {nc}); got {context_mask.shape}")
     if context_timestep is not None and context_timestep.shape != (b,):
@@ -522,18 +576,29 @@ class WanTransformer3D(nn.Module):
     """The block stack: unrolled ``blocks_i`` or one scanned ``blocks`` module."""
     cls = WanBlock
     if self.remat != "none":
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                if self.remat == "dots" else None)
+      policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
       cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan_layers)
-    kw = dict(dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads, eps=self.eps,
-              qk_norm=self.qk_norm, cross_attn_norm=self.cross_attn_norm,
-              has_image=self.image_dim is not None, attention_impl=self.attention_impl,
-              dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(
+        dim=self.dim,
+        ffn_dim=self.ffn_dim,
+        num_heads=self.num_heads,
+        eps=self.eps,
+        qk_norm=self.qk_norm,
+        cross_attn_norm=self.cross_attn_norm,
+        has_image=self.image_dim is not None,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
     if self.scan_layers:
       scanned = nn.scan(
-          cls, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast,) * 9, length=self.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})
+          cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast,) * 9,
+          length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       block = scanned(scanned=True, name="blocks", **kw)
       return lambda x, *args: block(x, *args)[0]
     blocks = [cls(name=f"blocks_{i}", **kw) for i in range(self.num_layers)]
@@ -542,13 +607,24 @@ class WanTransformer3D(nn.Module):
       for blk in blocks:
         x = blk(x, *args)
       return x
+
     return run
 
   @nn.compact
-  def __call__(self, x: Array, timestep: Array, text: Array, image: Array | None = None, *,
-               text_mask: Array | None = None, context: Array | None = None,
-               context_pos: Array | None = None, context_mask: Array | None = None,
-               context_timestep: Array | None = None, deterministic: bool = True) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      timestep: Array,
+      text: Array,
+      image: Array | None = None,
+      *,
+      text_mask: Array | None = None,
+      context: Array | None = None,
+      context_pos: Array | None = None,
+      context_mask: Array | None = None,
+      context_timestep: Array | None = None,
+      deterministic: bool = True,
+  ) -> Array:
     """Predicts the flow-matching velocity of the noise latents.
 
     Args:
@@ -573,27 +649,24 @@ class WanTransformer3D(nn.Module):
     del deterministic  # Wan2.1 has no dropout layers.
     self._check_attributes()
     x, timestep, text = jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text)
-    self._check_inputs(x, timestep, text, image, text_mask, context, context_pos,
-                       context_mask, context_timestep)
+    self._check_inputs(x, timestep, text, image, text_mask, context, context_pos, context_mask, context_timestep)
     b, f, h, w, _ = x.shape
     pt, ph, pw = self.patch_size
     grid = (f // pt, h // ph, w // pw)
     n = grid[0] * grid[1] * grid[2]
 
-    tokens = PatchEmbed(self.dim, self.patch_size, self.dtype, self.param_dtype,
-                        name="patch_embedding")(x)
+    tokens = PatchEmbed(self.dim, self.patch_size, self.dtype, self.param_dtype, name="patch_embedding")(x)
     tokens = nn.with_logical_constraint(tokens, BLD)
 
     per_token = timestep.ndim == 2
     times = timestep.astype(jnp.float32).reshape(-1)  # [B] or [B * N]
     n_times = times.shape[0]
     if context is not None:
-      ctx_t = (jnp.zeros((b,), jnp.float32) if context_timestep is None
-               else context_timestep.astype(jnp.float32))
+      ctx_t = jnp.zeros((b,), jnp.float32) if context_timestep is None else context_timestep.astype(jnp.float32)
       times = jnp.concatenate([times, ctx_t])
     temb, t_proj, text_e, image_e = ConditionEmbedder(
-        self.dim, self.freq_dim, self.image_dim is not None, self.dtype, self.param_dtype,
-        name="condition_embedder")(times, text, image)
+        self.dim, self.freq_dim, self.image_dim is not None, self.dtype, self.param_dtype, name="condition_embedder"
+    )(times, text, image)
     temb, t_proj_ctx, t_proj = temb[:n_times], t_proj[n_times:], t_proj[:n_times]
     if per_token:
       temb = temb.reshape(b, n, self.dim)
@@ -621,14 +694,15 @@ class WanTransformer3D(nn.Module):
     cos = nn.with_logical_constraint(cos, ("batch", "length", None))
     sin = nn.with_logical_constraint(sin, ("batch", "length", None))
 
-    seq = self._blocks()(seq, t_proj, t_proj_ctx, is_ctx, cos, sin, kv_lengths, text_e, image_e,
-                         text_mask)
+    seq = self._blocks()(seq, t_proj, t_proj_ctx, is_ctx, cos, sin, kv_lengths, text_e, image_e, text_mask)
 
     out = nn.with_logical_constraint(seq[:, :n], BLD)  # context outputs are discarded (Eq. 8)
     table = self.param(
         "scale_shift_table",
-        nn.with_logical_partitioning(nn.initializers.normal(self.dim ** -0.5), (None, None, "embed")),
-        (1, 2, self.dim), self.param_dtype)
+        nn.with_logical_partitioning(nn.initializers.normal(self.dim**-0.5), (None, None, "embed")),
+        (1, 2, self.dim),
+        self.param_dtype,
+    )
     if per_token:  # temb [B, N, dim]: shift and scale per token
       shift = table[0, 0].astype(jnp.float32) + temb
       scale = table[0, 1].astype(jnp.float32) + temb
@@ -637,18 +711,19 @@ class WanTransformer3D(nn.Module):
       scale = (table[0, 1].astype(jnp.float32) + temb)[:, None]
     norm_out = layers.layer_norm(self.eps, param_dtype=self.param_dtype, affine=False, name="norm_out")
     out = (norm_out(out) * (1.0 + scale) + shift).astype(self.dtype)
-    out = layers.dense(self.out_channels * pt * ph * pw, ("embed", "conv_out"), "proj_out", self.dtype,
-                       self.param_dtype, _zeros)(out)
+    out = layers.dense(
+        self.out_channels * pt * ph * pw, ("embed", "conv_out"), "proj_out", self.dtype, self.param_dtype, _zeros
+    )(out)
     return unpatchify(out, grid, self.patch_size)
 
 
-def make_dit(config: Any, in_channels: int, out_channels: int, text_dim: int,
-             image_dim: int | None = None, **overrides: Any) -> WanTransformer3D:
+def make_dit(
+    config: Any, in_channels: int, out_channels: int, text_dim: int, image_dim: int | None = None, **overrides: Any
+) -> WanTransformer3D:
   """Builds the DiT from a full experiment config (reads ``config.model``)."""
   if "model" not in config:
     raise ValueError("make_dit: config has no 'model' section (see configs/onestory.py)")
-  return WanTransformer3D.from_config(config.model, in_channels, out_channels, text_dim,
-                                      image_dim, **overrides)
+  return WanTransformer3D.from_config(config.model, in_channels, out_channels, text_dim, image_dim, **overrides)
 
 
 # ----------------------------------------------------------------------------- published weights
@@ -669,7 +744,9 @@ _TOP_MODULES = {
     "condition_embedder.text_embedder.linear_2": (("condition_embedder", "text_embedder", "linear_2"), "linear"),
     "condition_embedder.image_embedder.norm1": (("condition_embedder", "image_embedder", "norm1"), "ln"),
     "condition_embedder.image_embedder.ff.net.0.proj": (
-        ("condition_embedder", "image_embedder", "ff", "net_0", "proj"), "linear"),
+        ("condition_embedder", "image_embedder", "ff", "net_0", "proj"),
+        "linear",
+    ),
     "condition_embedder.image_embedder.ff.net.2": (("condition_embedder", "image_embedder", "ff", "net_2"), "linear"),
     "condition_embedder.image_embedder.norm2": (("condition_embedder", "image_embedder", "norm2"), "ln"),
     "proj_out": (("proj_out",), "linear"),
@@ -723,8 +800,9 @@ def torch_key_to_target(name: str, *, num_layers: int, scanned: bool) -> weights
     layer = int(match.group(1))
     rest = match.group(2)
     if layer >= num_layers:
-      raise ValueError(f"transformer key {name!r}: block index {layer} is outside [0, {num_layers}) "
-                       f"(num_layers of the config)")
+      raise ValueError(
+          f"transformer key {name!r}: block index {layer} is outside [0, {num_layers}) " f"(num_layers of the config)"
+      )
     if rest == "scale_shift_table":
       sub, kind, leaf_map = ("scale_shift_table",), None, None
     else:
@@ -732,8 +810,10 @@ def torch_key_to_target(name: str, *, num_layers: int, scanned: bool) -> weights
       if sub_module in _IGNORED_BLOCK_MODULES:
         return None
       if sub_module not in _BLOCK_MODULES or leaf not in _LEAVES[_BLOCK_MODULES[sub_module][1]]:
-        raise ValueError(f"transformer key {name!r} is not a parameter of the Wan DiT port "
-                         f"(known block modules: {sorted(_BLOCK_MODULES)})")
+        raise ValueError(
+            f"transformer key {name!r} is not a parameter of the Wan DiT port "
+            f"(known block modules: {sorted(_BLOCK_MODULES)})"
+        )
       path, kind = _BLOCK_MODULES[sub_module]
       leaf_map = _LEAVES[kind][leaf]
       sub = path + (leaf_map[0],)
@@ -747,12 +827,24 @@ def torch_key_to_target(name: str, *, num_layers: int, scanned: bool) -> weights
     path, kind = _TOP_MODULES[module]
     ours, transform = _LEAVES[kind][leaf]
     return weights.Target(path + (ours,), transform)
-  raise ValueError(f"transformer key {name!r} is not a parameter of the Wan DiT port "
-                   f"(known modules: {sorted(_TOP_MODULES)} and blocks.<i>.*)")
+  raise ValueError(
+      f"transformer key {name!r} is not a parameter of the Wan DiT port "
+      f"(known modules: {sorted(_TOP_MODULES)} and blocks.<i>.*)"
+  )
 
 
-_DIFFUSERS_REQUIRED = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels",
-                       "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps")
+_DIFFUSERS_REQUIRED = (
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+    "cross_attn_norm",
+    "eps",
+)
 
 
 def config_from_diffusers(cfg: dict) -> dict:
@@ -774,29 +866,45 @@ def config_from_diffusers(cfg: dict) -> dict:
   """
   missing = [k for k in _DIFFUSERS_REQUIRED if k not in cfg]
   if missing:
-    raise ValueError(f"transformer config.json: missing fields {missing}; expected a diffusers "
-                     f"WanTransformer3DModel config")
+    raise ValueError(
+        f"transformer config.json: missing fields {missing}; expected a diffusers " f"WanTransformer3DModel config"
+    )
   dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
   image_dim = cfg.get("image_dim")
   added_kv = cfg.get("added_kv_proj_dim")
   if cfg.get("pos_embed_seq_len") is not None:
-    raise ValueError(f"transformer config.json: pos_embed_seq_len={cfg['pos_embed_seq_len']} (FLF2V "
-                     f"image position embedding) is not supported by this port; expected null")
+    raise ValueError(
+        f"transformer config.json: pos_embed_seq_len={cfg['pos_embed_seq_len']} (FLF2V "
+        f"image position embedding) is not supported by this port; expected null"
+    )
   if (image_dim is None) != (added_kv is None) or (added_kv is not None and int(added_kv) != dim):
-    raise ValueError(f"transformer config.json: image_dim={image_dim} with added_kv_proj_dim={added_kv}; "
-                     f"expected both null (T2V/TI2V) or added_kv_proj_dim = num_attention_heads * "
-                     f"attention_head_dim = {dim} with image_dim set (I2V)")
+    raise ValueError(
+        f"transformer config.json: image_dim={image_dim} with added_kv_proj_dim={added_kv}; "
+        f"expected both null (T2V/TI2V) or added_kv_proj_dim = num_attention_heads * "
+        f"attention_head_dim = {dim} with image_dim set (I2V)"
+    )
   if cfg.get("qk_norm", "rms_norm_across_heads") not in (None, "rms_norm_across_heads"):
-    raise ValueError(f"transformer config.json: qk_norm={cfg['qk_norm']!r}; expected "
-                     f"'rms_norm_across_heads' (what the reference computes)")
+    raise ValueError(
+        f"transformer config.json: qk_norm={cfg['qk_norm']!r}; expected "
+        f"'rms_norm_across_heads' (what the reference computes)"
+    )
   out_channels = cfg.get("out_channels") or cfg["in_channels"]
   return dict(
-      dim=dim, ffn_dim=int(cfg["ffn_dim"]), num_heads=int(cfg["num_attention_heads"]),
-      num_layers=int(cfg["num_layers"]), patch_size=_triple(cfg["patch_size"], "config.json patch_size"),
-      freq_dim=int(cfg["freq_dim"]), eps=float(cfg["eps"]), qk_norm=True,
-      cross_attn_norm=bool(cfg["cross_attn_norm"]), rope_theta=10000.0,
-      in_channels=int(cfg["in_channels"]), out_channels=int(out_channels), text_dim=int(cfg["text_dim"]),
-      image_dim=None if image_dim is None else int(image_dim))
+      dim=dim,
+      ffn_dim=int(cfg["ffn_dim"]),
+      num_heads=int(cfg["num_attention_heads"]),
+      num_layers=int(cfg["num_layers"]),
+      patch_size=_triple(cfg["patch_size"], "config.json patch_size"),
+      freq_dim=int(cfg["freq_dim"]),
+      eps=float(cfg["eps"]),
+      qk_norm=True,
+      cross_attn_norm=bool(cfg["cross_attn_norm"]),
+      rope_theta=10000.0,
+      in_channels=int(cfg["in_channels"]),
+      out_channels=int(out_channels),
+      text_dim=int(cfg["text_dim"]),
+      image_dim=None if image_dim is None else int(image_dim),
+  )
 
 
 def dit_from_diffusers(cfg: dict, **overrides: Any) -> WanTransformer3D:
@@ -810,9 +918,15 @@ def dit_from_diffusers(cfg: dict, **overrides: Any) -> WanTransformer3D:
   return WanTransformer3D(**kw)
 
 
-def config_mismatches(model_cfg: Any, diffusers_cfg: dict, *, in_channels: int | None = None,
-                      out_channels: int | None = None, text_dim: int | None = None,
-                      image_dim: int | None = None) -> list[str]:
+def config_mismatches(
+    model_cfg: Any,
+    diffusers_cfg: dict,
+    *,
+    in_channels: int | None = None,
+    out_channels: int | None = None,
+    text_dim: int | None = None,
+    image_dim: int | None = None,
+) -> list[str]:
   """Differences between a run config's ``config.model`` and a release's ``config.json``.
 
   Compares every size in :func:`config_from_diffusers` that ``model_cfg`` has (and the
@@ -820,8 +934,15 @@ def config_mismatches(model_cfg: Any, diffusers_cfg: dict, *, in_channels: int |
   """
   ref = config_from_diffusers(diffusers_cfg)
   ours = {k: model_cfg[k] for k in ref if k in model_cfg}
-  ours.update({k: v for k, v in dict(in_channels=in_channels, out_channels=out_channels,
-                                     text_dim=text_dim, image_dim=image_dim).items() if v is not None})
+  ours.update(
+      {
+          k: v
+          for k, v in dict(
+              in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, image_dim=image_dim
+          ).items()
+          if v is not None
+      }
+  )
   out = []
   for k, v in ours.items():
     v = tuple(v) if k == "patch_size" else v
@@ -840,12 +961,10 @@ def abstract_params(model: WanTransformer3D, *, boxed: bool = False) -> Any:
   x = jax.ShapeDtypeStruct((1, pt, ph, pw, model.in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   text = jax.ShapeDtypeStruct((1, 1, model.text_dim), jnp.float32)
-  image = (None if model.image_dim is None
-           else jax.ShapeDtypeStruct((1, 1, model.image_dim), jnp.float32))
+  image = None if model.image_dim is None else jax.ShapeDtypeStruct((1, 1, model.image_dim), jnp.float32)
   variables = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), x, t, text, image)
   params = variables["params"]
   if boxed:
     return params
   is_box = lambda v: isinstance(v, nn.meta.AxisMetadata)  # noqa: E731
-  return jax.tree.map(lambda v: v.unbox(apply_constraint=False) if is_box(v) else v, params,
-                      is_leaf=is_box)
+  return jax.tree.map(lambda v: v.unbox(apply_constraint=False) if is_box(v) else v, params, is_leaf=is_box)

@@ -14,6 +14,7 @@ be grid indices (the history is placed at negative times, coarse patches sit at 
 of the regions they cover), so here positions are float arrays ``[B, L, 3]`` and cos/sin are
 computed from them on the fly. At integer positions this is exactly Wan's table.
 """
+
 from __future__ import annotations
 
 import jax
@@ -25,8 +26,8 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
   """Channels of one head given to the (t, h, w) axes; e.g. 128 -> (44, 42, 42)."""
   if not isinstance(head_dim, (int, np.integer)) or head_dim < 6 or head_dim % 2:
     raise ValueError(
-        f"rope: head_dim must be an even integer >= 6 (3D RoPE rotates channel pairs on 3 axes); "
-        f"got {head_dim!r}")
+        f"rope: head_dim must be an even integer >= 6 (3D RoPE rotates channel pairs on 3 axes); " f"got {head_dim!r}"
+    )
   hw = 2 * (head_dim // 6)
   return head_dim - 2 * hw, hw, hw
 
@@ -43,13 +44,12 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> np.ndarray:
   start = 0
   for axis, c in enumerate(rope_split(head_dim)):
     inv = 1.0 / (theta ** (np.arange(0, c, 2, dtype=np.float64) / c))
-    table[axis, start:start + c // 2] = inv
+    table[axis, start : start + c // 2] = inv
     start += c // 2
   return table
 
 
-def rope_angles(positions: jax.Array, head_dim: int,
-                theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+def rope_angles(positions: jax.Array, head_dim: int, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
   """cos and sin of the rotation angles for float (t, h, w) positions.
 
   Args:
@@ -67,7 +67,7 @@ def rope_angles(positions: jax.Array, head_dim: int,
   pos = positions.astype(jnp.float32)
   # Each pair slot has exactly one nonzero row in `inv`, so a broadcast-and-sum is exact
   # (no matmul precision loss).
-  angles = sum(pos[..., a:a + 1] * jnp.asarray(inv[a], jnp.float32) for a in range(3))
+  angles = sum(pos[..., a : a + 1] * jnp.asarray(inv[a], jnp.float32) for a in range(3))
   return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -83,7 +83,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   if dh % 2 or cos.shape[-1] != dh // 2 or cos.shape != sin.shape or cos.shape[-2] != l:
     raise ValueError(
         f"apply_rope: cos/sin must have shape [B, L, Dh/2] = [{b}, {l}, {dh // 2}]; "
-        f"got cos {cos.shape}, sin {sin.shape}")
+        f"got cos {cos.shape}, sin {sin.shape}"
+    )
   xf = x.astype(jnp.float32).reshape(*x.shape[:-1], dh // 2, 2)
   x_even, x_odd = xf[..., 0], xf[..., 1]
   c = cos[:, :, None, :].astype(jnp.float32)

@@ -27,6 +27,7 @@ back to 512 tokens. Zeroing the padded rows gives exactly that tensor.
 The head width (umT5's ``d_kv``) may differ from ``d_model // num_heads`` (umT5-small: 6 heads
 of 64 on a width of 512); the demo leaves it at ``d_model // num_heads``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,7 @@ from onestory_jax import weights
 Dtype = Any
 
 
-def relative_position_bucket(relative_position: jax.Array, num_buckets: int,
-                             max_distance: int) -> jax.Array:
+def relative_position_bucket(relative_position: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:
   """Bidirectional T5 bucket of ``relative_position = key_pos - query_pos``.
 
   Half of the buckets are for keys after the query (positive offsets), half for keys at or
@@ -69,8 +69,9 @@ def relative_position_bucket(relative_position: jax.Array, num_buckets: int,
   max_exact = half // 2
   # log-spaced buckets for n >= max_exact; jnp.maximum keeps log() finite where unused.
   n_f = jnp.maximum(n, max_exact).astype(jnp.float32)
-  large = max_exact + (jnp.log(n_f / max_exact) / math.log(max_distance / max_exact)
-                       * (half - max_exact)).astype(jnp.int32)
+  large = max_exact + (jnp.log(n_f / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)).astype(
+      jnp.int32
+  )
   large = jnp.minimum(large, half - 1)
   return bucket + jnp.where(n < max_exact, n, large)
 
@@ -80,14 +81,16 @@ class RMSNorm(nn.Module):
 
   (``UMT5LayerNorm``: the mean of squares is taken in float32 and epsilon added inside the root.)
   """
+
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
@@ -99,6 +102,7 @@ class _Einsum(nn.Module):
   (flax's DenseGeneral initialises multi-axis kernels through a flattened 2-D array, which
   breaks logical sharding constraints under a mesh; an explicit kernel avoids that.)
   """
+
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
   equation: str
@@ -109,8 +113,11 @@ class _Einsum(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.normal(self.stddev), self.axes),
-        self.shape, self.param_dtype)
+        "kernel",
+        nn.with_logical_partitioning(nn.initializers.normal(self.stddev), self.axes),
+        self.shape,
+        self.param_dtype,
+    )
     return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -119,6 +126,7 @@ class T5SelfAttention(nn.Module):
 
   ``head_dim`` is umT5's ``d_kv``; ``None`` means ``d_model // num_heads``.
   """
+
   num_heads: int
   rel_buckets: int
   rel_max_distance: int
@@ -134,24 +142,26 @@ class T5SelfAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     def proj(name, std):
-      return _Einsum((d_model, heads, head_dim), ("embed", "heads", "kv"), "bld,dhk->blhk", std,
-                     name=name, **kw)(x)
+      return _Einsum((d_model, heads, head_dim), ("embed", "heads", "kv"), "bld,dhk->blhk", std, name=name, **kw)(x)
 
     # T5 initialisation: q absorbs the missing 1/sqrt(head_dim) of the unscaled logits.
     q = proj("q", (d_model * head_dim) ** -0.5)
-    k = proj("k", d_model ** -0.5)
-    v = proj("v", d_model ** -0.5)
+    k = proj("k", d_model**-0.5)
+    v = proj("v", d_model**-0.5)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
 
     rel_bias = self.param(
         "relative_attention_bias",
-        nn.with_logical_partitioning(nn.initializers.normal(d_model ** -0.5), (None, "heads")),
-        (self.rel_buckets, heads), self.param_dtype)
+        nn.with_logical_partitioning(nn.initializers.normal(d_model**-0.5), (None, "heads")),
+        (self.rel_buckets, heads),
+        self.param_dtype,
+    )
     positions = jnp.arange(length)
-    buckets = relative_position_bucket(positions[None, :] - positions[:, None],
-                                       self.rel_buckets, self.rel_max_distance)  # [q, k]
+    buckets = relative_position_bucket(
+        positions[None, :] - positions[:, None], self.rel_buckets, self.rel_max_distance
+    )  # [q, k]
     bias = jnp.transpose(rel_bias[buckets], (2, 0, 1)).astype(jnp.float32)  # [heads, q, k]
 
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -160,12 +170,19 @@ class T5SelfAttention(nn.Module):
     logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return _Einsum((heads, head_dim, d_model), ("heads", "kv", "embed"), "blhk,hkd->bld",
-                   (heads * head_dim) ** -0.5, name="o", **kw)(out)
+    return _Einsum(
+        (heads, head_dim, d_model),
+        ("heads", "kv", "embed"),
+        "blhk,hkd->bld",
+        (heads * head_dim) ** -0.5,
+        name="o",
+        **kw,
+    )(out)
 
 
 class T5GatedFFN(nn.Module):
   """wo(gelu_tanh(wi_0 x) * wi_1 x), no biases."""
+
   d_ff: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -176,18 +193,24 @@ class T5GatedFFN(nn.Module):
     init = nn.initializers.normal
 
     def dense(name, features, std, axes):
-      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=nn.with_logical_partitioning(init(std), axes), name=name)
+      return nn.Dense(
+          features,
+          use_bias=False,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(init(std), axes),
+          name=name,
+      )
 
-    gate = jax.nn.gelu(dense("wi_0", self.d_ff, d_model ** -0.5, ("embed", "mlp"))(x),
-                       approximate=True)
-    h = gate * dense("wi_1", self.d_ff, d_model ** -0.5, ("embed", "mlp"))(x)
+    gate = jax.nn.gelu(dense("wi_0", self.d_ff, d_model**-0.5, ("embed", "mlp"))(x), approximate=True)
+    h = gate * dense("wi_1", self.d_ff, d_model**-0.5, ("embed", "mlp"))(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return dense("wo", d_model, self.d_ff ** -0.5, ("mlp", "embed"))(h)
+    return dense("wo", d_model, self.d_ff**-0.5, ("mlp", "embed"))(h)
 
 
 class T5EncoderLayer(nn.Module):
   """Pre-norm residual block: self-attention, then gated-GELU FFN."""
+
   num_heads: int
   d_ff: int
   rel_buckets: int
@@ -201,8 +224,9 @@ class T5EncoderLayer(nn.Module):
   def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(eps=self.eps, name="attn_norm", **kw)(x)
-    x = x + T5SelfAttention(self.num_heads, self.rel_buckets, self.rel_max_distance, self.head_dim,
-                            name="attn", **kw)(h, key_mask)
+    x = x + T5SelfAttention(self.num_heads, self.rel_buckets, self.rel_max_distance, self.head_dim, name="attn", **kw)(
+        h, key_mask
+    )
     h = RMSNorm(eps=self.eps, name="ffn_norm", **kw)(x)
     x = x + T5GatedFFN(self.d_ff, name="ffn", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -225,6 +249,7 @@ class T5Encoder(nn.Module):
     dtype: compute dtype (norms and softmax run in float32).
     param_dtype: parameter dtype.
   """
+
   vocab_size: int
   d_model: int
   num_layers: int
@@ -244,8 +269,10 @@ class T5Encoder(nn.Module):
         raise ValueError(f"T5Encoder: {field} must be a positive int, got {value!r}")
     if self.head_dim is None:
       if self.d_model % self.num_heads:
-        raise ValueError(f"T5Encoder: d_model = {self.d_model} must be divisible by "
-                         f"num_heads = {self.num_heads} (or set head_dim)")
+        raise ValueError(
+            f"T5Encoder: d_model = {self.d_model} must be divisible by "
+            f"num_heads = {self.num_heads} (or set head_dim)"
+        )
     elif not isinstance(self.head_dim, (int, np.integer)) or self.head_dim < 1:
       raise ValueError(f"T5Encoder: head_dim must be a positive int or None, got {self.head_dim!r}")
     if not self.eps > 0:
@@ -253,21 +280,33 @@ class T5Encoder(nn.Module):
     if self.rel_buckets < 4 or self.rel_buckets % 2:
       raise ValueError(f"T5Encoder: rel_buckets must be an even int >= 4, got {self.rel_buckets}")
     if self.rel_max_distance <= self.rel_buckets // 4:
-      raise ValueError(f"T5Encoder: rel_max_distance = {self.rel_max_distance} must exceed "
-                       f"rel_buckets // 4 = {self.rel_buckets // 4}")
+      raise ValueError(
+          f"T5Encoder: rel_max_distance = {self.rel_max_distance} must exceed "
+          f"rel_buckets // 4 = {self.rel_buckets // 4}"
+      )
     self.token_embedding = self.param(
         "token_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-        (self.vocab_size, self.d_model), self.param_dtype)
+        (self.vocab_size, self.d_model),
+        self.param_dtype,
+    )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.layers = [
-        T5EncoderLayer(self.num_heads, self.d_ff, self.rel_buckets, self.rel_max_distance,
-                       self.head_dim, self.eps, name=f"layers_{i}", **kw)
-        for i in range(self.num_layers)]
+        T5EncoderLayer(
+            self.num_heads,
+            self.d_ff,
+            self.rel_buckets,
+            self.rel_max_distance,
+            self.head_dim,
+            self.eps,
+            name=f"layers_{i}",
+            **kw,
+        )
+        for i in range(self.num_layers)
+    ]
     self.final_norm = RMSNorm(eps=self.eps, name="final_norm", **kw)
 
-  def __call__(self, tokens: jax.Array, pad_id: int = 0,
-               mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, pad_id: int = 0, mask: jax.Array | None = None) -> jax.Array:
     """Encodes tokens; outputs at padded positions are exactly zero.
 
     Args:
@@ -280,13 +319,15 @@ class T5Encoder(nn.Module):
       [B, L, d_model] last hidden states, zero where the mask is False.
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"T5Encoder: tokens must be an int array [B, L], got {tokens.dtype} "
-                       f"shape {tuple(tokens.shape)}")
+      raise ValueError(
+          f"T5Encoder: tokens must be an int array [B, L], got {tokens.dtype} " f"shape {tuple(tokens.shape)}"
+      )
     if mask is None:
       mask = tokens != pad_id
     elif tuple(mask.shape) != tuple(tokens.shape):
-      raise ValueError(f"T5Encoder: mask must have the tokens' shape {tuple(tokens.shape)}, got "
-                       f"{tuple(mask.shape)}")
+      raise ValueError(
+          f"T5Encoder: mask must have the tokens' shape {tuple(tokens.shape)}, got " f"{tuple(mask.shape)}"
+      )
     else:
       mask = mask.astype(bool)
     x = jnp.take(self.token_embedding, tokens, axis=0).astype(self.dtype)
@@ -308,8 +349,9 @@ def _dtypes(config) -> tuple[Any, Any]:
 
 
 def _unknown(name: str) -> ValueError:
-  return ValueError(f"config.text_encoder.name: unknown text encoder {name!r}; available: "
-                    f"{', '.join(_TEXT_ENCODERS)}")
+  return ValueError(
+      f"config.text_encoder.name: unknown text encoder {name!r}; available: " f"{', '.join(_TEXT_ENCODERS)}"
+  )
 
 
 def make_text_encoder(config, vocab_size: int) -> nn.Module:
@@ -336,9 +378,17 @@ def make_text_encoder(config, vocab_size: int) -> nn.Module:
   te = config.text_encoder
   dtype, param_dtype = _dtypes(config)
   if te.name == "t5":
-    return T5Encoder(vocab_size=int(vocab_size), d_model=te.d_model, num_layers=te.num_layers,
-                     num_heads=te.num_heads, d_ff=te.d_ff, rel_buckets=te.rel_buckets,
-                     rel_max_distance=te.rel_max_distance, dtype=dtype, param_dtype=param_dtype)
+    return T5Encoder(
+        vocab_size=int(vocab_size),
+        d_model=te.d_model,
+        num_layers=te.num_layers,
+        num_heads=te.num_heads,
+        d_ff=te.d_ff,
+        rel_buckets=te.rel_buckets,
+        rel_max_distance=te.rel_max_distance,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
   if te.name == "umt5":
     sizes = {}
     for field in _UMT5_FIELDS:
@@ -346,13 +396,23 @@ def make_text_encoder(config, vocab_size: int) -> nn.Module:
         raise ValueError(f"config.text_encoder.{field} is required for the 'umt5' text encoder")
       sizes[field] = int(te[field])
     if int(vocab_size) > sizes["vocab_size"]:
-      raise ValueError(f"config.text_encoder.vocab_size = {sizes['vocab_size']} is smaller than the "
-                       f"tokenizer's vocabulary ({int(vocab_size)} ids)")
-    return T5Encoder(vocab_size=sizes["vocab_size"], d_model=sizes["d_model"],
-                     num_layers=sizes["num_layers"], num_heads=sizes["num_heads"], d_ff=sizes["d_ff"],
-                     rel_buckets=sizes["rel_buckets"], rel_max_distance=sizes["rel_max_distance"],
-                     head_dim=sizes["d_kv"], eps=float(te.get("eps", 1e-6)), dtype=dtype,
-                     param_dtype=param_dtype)
+      raise ValueError(
+          f"config.text_encoder.vocab_size = {sizes['vocab_size']} is smaller than the "
+          f"tokenizer's vocabulary ({int(vocab_size)} ids)"
+      )
+    return T5Encoder(
+        vocab_size=sizes["vocab_size"],
+        d_model=sizes["d_model"],
+        num_layers=sizes["num_layers"],
+        num_heads=sizes["num_heads"],
+        d_ff=sizes["d_ff"],
+        rel_buckets=sizes["rel_buckets"],
+        rel_max_distance=sizes["rel_max_distance"],
+        head_dim=sizes["d_kv"],
+        eps=float(te.get("eps", 1e-6)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
   raise _unknown(te.name)
 
 
@@ -397,31 +457,37 @@ def config_from_transformers(cfg: dict) -> dict:
   if not isinstance(cfg, dict):
     raise ValueError(f"umT5 config: expected a dict (config.json), got {type(cfg).__name__}")
   if cfg.get("model_type") != "umt5":
-    raise ValueError(f"umT5 config: model_type must be 'umt5', got {cfg.get('model_type')!r} "
-                     "(T5 v1.1 shares one relative bias across layers; only umT5 is ported)")
+    raise ValueError(
+        f"umT5 config: model_type must be 'umt5', got {cfg.get('model_type')!r} "
+        "(T5 v1.1 shares one relative bias across layers; only umT5 is ported)"
+    )
   out: dict[str, Any] = {"name": "umt5", **weights.positive_int_fields(cfg, _UMT5_FIELDS, "umT5 config")}
   out["eps"] = float(cfg.get("layer_norm_epsilon", 1e-6))
   ffn = cfg.get("feed_forward_proj", "gated-gelu")
   act = cfg.get("dense_act_fn", "gelu_new")
   if not str(ffn).startswith("gated-") or act not in _TANH_GELUS:
-    raise ValueError(f"umT5 config: feed_forward_proj = {ffn!r}, dense_act_fn = {act!r}; this port "
-                     f"computes the gated tanh-GELU FFN ('gated-gelu' with one of {_TANH_GELUS})")
+    raise ValueError(
+        f"umT5 config: feed_forward_proj = {ffn!r}, dense_act_fn = {act!r}; this port "
+        f"computes the gated tanh-GELU FFN ('gated-gelu' with one of {_TANH_GELUS})"
+    )
   return out
 
 
 def _heads_in(x: np.ndarray, num_heads: int, name: str) -> np.ndarray:
   """Torch q/k/v weight [heads * d_kv, d_model] -> our kernel [d_model, heads, d_kv]."""
   if x.ndim != 2 or x.shape[0] % num_heads:
-    raise ValueError(f"{name}: expected [num_heads * d_kv, d_model] with num_heads = {num_heads}, "
-                     f"got shape {x.shape}")
+    raise ValueError(
+        f"{name}: expected [num_heads * d_kv, d_model] with num_heads = {num_heads}, " f"got shape {x.shape}"
+    )
   return np.ascontiguousarray(x.T.reshape(x.shape[1], num_heads, x.shape[0] // num_heads))
 
 
 def _heads_out(x: np.ndarray, num_heads: int, name: str) -> np.ndarray:
   """Torch o weight [d_model, heads * d_kv] -> our kernel [heads, d_kv, d_model]."""
   if x.ndim != 2 or x.shape[1] % num_heads:
-    raise ValueError(f"{name}: expected [d_model, num_heads * d_kv] with num_heads = {num_heads}, "
-                     f"got shape {x.shape}")
+    raise ValueError(
+        f"{name}: expected [d_model, num_heads * d_kv] with num_heads = {num_heads}, " f"got shape {x.shape}"
+    )
   return np.ascontiguousarray(x.T.reshape(num_heads, x.shape[1] // num_heads, x.shape[0]))
 
 
@@ -467,17 +533,18 @@ def umt5_torch_key_to_target(name: str, *, num_heads: int) -> weights.Target | N
   if m:
     layer, sub, rest = f"layers_{int(m.group(1))}", m.group(2), m.group(3)
     if sub == "0" and rest in ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v"):
-      return weights.Target((layer, "attn", rest[-1], "kernel"),
-                            lambda x: _heads_in(x, num_heads, name))
+      return weights.Target((layer, "attn", rest[-1], "kernel"), lambda x: _heads_in(x, num_heads, name))
     if sub == "0" and rest == "SelfAttention.o":
       return weights.Target((layer, "attn", "o", "kernel"), lambda x: _heads_out(x, num_heads, name))
     leaf = _UMT5_LEAF.get((sub, rest))
     if leaf is not None:
       transform = weights.linear if leaf[-1] == "kernel" else weights.identity
       return weights.Target((layer,) + leaf, transform)
-  raise ValueError(f"umT5 checkpoint: unknown tensor name {name!r} (expected a UMT5EncoderModel "
-                   "parameter: shared / encoder.embed_tokens, encoder.block.{i}.layer.{0,1}.*, "
-                   "encoder.final_layer_norm)")
+  raise ValueError(
+      f"umT5 checkpoint: unknown tensor name {name!r} (expected a UMT5EncoderModel "
+      "parameter: shared / encoder.embed_tokens, encoder.block.{i}.layer.{0,1}.*, "
+      "encoder.final_layer_norm)"
+  )
 
 
 def umt5_key_map_from_transformers(cfg: dict) -> Callable[[str], weights.Target | None]:
@@ -489,17 +556,24 @@ def umt5_key_map_from_transformers(cfg: dict) -> Callable[[str], weights.Target 
   return functools.partial(umt5_torch_key_to_target, num_heads=config_from_transformers(cfg)["num_heads"])
 
 
-def umt5_abstract_params_from_transformers(cfg: dict, *, boxed: bool = False,
-                                           param_dtype: Any = jnp.float32) -> Any:
+def umt5_abstract_params_from_transformers(cfg: dict, *, boxed: bool = False, param_dtype: Any = jnp.float32) -> Any:
   """Abstract parameter tree of the :class:`T5Encoder` that a umT5 config.json describes.
 
   Leaves are ``jax.ShapeDtypeStruct`` (nothing is allocated); with ``boxed``, Flax's
   logical-partitioning boxes are kept (for sharding rules).
   """
   s = config_from_transformers(cfg)
-  module = T5Encoder(vocab_size=s["vocab_size"], d_model=s["d_model"], num_layers=s["num_layers"],
-                     num_heads=s["num_heads"], d_ff=s["d_ff"], rel_buckets=s["rel_buckets"],
-                     rel_max_distance=s["rel_max_distance"], head_dim=s["d_kv"], eps=s["eps"],
-                     param_dtype=param_dtype)
+  module = T5Encoder(
+      vocab_size=s["vocab_size"],
+      d_model=s["d_model"],
+      num_layers=s["num_layers"],
+      num_heads=s["num_heads"],
+      d_ff=s["d_ff"],
+      rel_buckets=s["rel_buckets"],
+      rel_max_distance=s["rel_max_distance"],
+      head_dim=s["d_kv"],
+      eps=s["eps"],
+      param_dtype=param_dtype,
+  )
   params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
   return params if boxed else sharding.strip_boxes(params)

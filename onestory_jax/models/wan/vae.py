@@ -48,6 +48,7 @@ Weights: :func:`torch_key_to_target` maps every tensor name of a diffusers ``Aut
 Flax path; module names mirror diffusers' (an index joins its list's name: ``down_blocks.0`` -> ``down_blocks_0``;
 leaves ``kernel`` / ``bias`` / ``scale``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,19 +72,142 @@ CHUNK_FRAMES = 4  # pixel frames per encoder chunk after the first (the referenc
 CONTEXT = 2  # frames of left context of a causal conv with temporal kernel 3
 _EPS = 1e-12  # torch.nn.functional.normalize
 
-WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
-                      -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
-                     1.6382, 1.1253, 2.8251, 1.9160)
-WAN22_LATENTS_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
-                      0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
-                      -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313,
-                      -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
-                      0.3573, -0.0548, -0.1681, -0.0667)
-WAN22_LATENTS_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-                     0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-                     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+WAN21_LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+WAN21_LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
+WAN22_LATENTS_MEAN = (
+    -0.2289,
+    -0.0052,
+    -0.1323,
+    -0.2339,
+    -0.2799,
+    0.0174,
+    0.1838,
+    0.1557,
+    -0.1382,
+    0.0542,
+    0.2813,
+    0.0891,
+    0.1570,
+    -0.0098,
+    0.0375,
+    -0.1825,
+    -0.2246,
+    -0.1207,
+    -0.0698,
+    0.5109,
+    0.2665,
+    -0.2108,
+    -0.2158,
+    0.2502,
+    -0.2055,
+    -0.0322,
+    0.1109,
+    0.1567,
+    -0.0729,
+    0.0899,
+    -0.2799,
+    -0.1230,
+    -0.0313,
+    -0.1649,
+    0.0117,
+    0.0723,
+    -0.2839,
+    -0.2083,
+    -0.0520,
+    0.3748,
+    0.0152,
+    0.1957,
+    0.1433,
+    -0.2944,
+    0.3573,
+    -0.0548,
+    -0.1681,
+    -0.0667,
+)
+WAN22_LATENTS_STD = (
+    0.4765,
+    1.0364,
+    0.4514,
+    1.1677,
+    0.5313,
+    0.4990,
+    0.4818,
+    0.5013,
+    0.8158,
+    1.0344,
+    0.5894,
+    1.0901,
+    0.6885,
+    0.6165,
+    0.8454,
+    0.4978,
+    0.5759,
+    0.3523,
+    0.7135,
+    0.6804,
+    0.5833,
+    1.4146,
+    0.8986,
+    0.5659,
+    0.7069,
+    0.5338,
+    0.4889,
+    0.4917,
+    0.4069,
+    0.4999,
+    0.6866,
+    0.4093,
+    0.5709,
+    0.6065,
+    0.6415,
+    0.4944,
+    0.5726,
+    1.2042,
+    0.5458,
+    1.6887,
+    0.3971,
+    1.0600,
+    0.3943,
+    0.5537,
+    0.5444,
+    0.4089,
+    0.7468,
+    0.7744,
+)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -92,6 +216,7 @@ WAN22_LATENTS_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5
 @dataclasses.dataclass(frozen=True)
 class WanVAEConfig:
   """Sizes of a Wan VAE; field names and defaults follow diffusers' ``AutoencoderKLWan`` config (Wan2.1)."""
+
   base_dim: int = 96
   decoder_base_dim: int = 96
   z_dim: int = 16
@@ -110,8 +235,7 @@ class WanVAEConfig:
   def __post_init__(self):
     for f in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
       object.__setattr__(self, f, tuple(getattr(self, f)))  # hashable: configs key jit caches
-    for f in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels",
-              "patch_size"):
+    for f in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels", "patch_size"):
       v = getattr(self, f)
       if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise ValueError(f"WanVAEConfig.{f}: expected a positive int, got {v!r}")
@@ -119,21 +243,31 @@ class WanVAEConfig:
     if not mult or not all(isinstance(m, (int, np.integer)) and m >= 1 for m in mult):
       raise ValueError(f"WanVAEConfig.dim_mult: expected positive ints, got {self.dim_mult!r}")
     if len(self.temperal_downsample) != len(mult) - 1:
-      raise ValueError(f"WanVAEConfig.temperal_downsample: expected {len(mult) - 1} flags (one per downsampling "
-                       f"level of dim_mult {mult}), got {self.temperal_downsample!r}")
+      raise ValueError(
+          f"WanVAEConfig.temperal_downsample: expected {len(mult) - 1} flags (one per downsampling "
+          f"level of dim_mult {mult}), got {self.temperal_downsample!r}"
+      )
     if self.attn_scales:
-      raise ValueError(f"WanVAEConfig.attn_scales: expected [] (every published Wan VAE; diffusers' AutoencoderKLWan "
-                       f"cannot run attention inside its down blocks either), got {self.attn_scales!r}")
+      raise ValueError(
+          f"WanVAEConfig.attn_scales: expected [] (every published Wan VAE; diffusers' AutoencoderKLWan "
+          f"cannot run attention inside its down blocks either), got {self.attn_scales!r}"
+      )
     if sum(bool(t) for t in self.temperal_downsample) != 2:
-      raise ValueError("WanVAEConfig.temperal_downsample: the chunked causal schedule (frame 0, then 4 frames per "
-                       f"chunk) needs exactly 2 temporal downsamplings (stride 4), got {self.temperal_downsample!r}")
-    p2 = self.patch_size ** 2
+      raise ValueError(
+          "WanVAEConfig.temperal_downsample: the chunked causal schedule (frame 0, then 4 frames per "
+          f"chunk) needs exactly 2 temporal downsamplings (stride 4), got {self.temperal_downsample!r}"
+      )
+    p2 = self.patch_size**2
     if self.in_channels % p2 or self.out_channels % p2:
-      raise ValueError(f"WanVAEConfig.in_channels / out_channels ({self.in_channels}, {self.out_channels}) must be "
-                       f"divisible by patch_size**2 = {p2}")
+      raise ValueError(
+          f"WanVAEConfig.in_channels / out_channels ({self.in_channels}, {self.out_channels}) must be "
+          f"divisible by patch_size**2 = {p2}"
+      )
     if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-      raise ValueError(f"WanVAEConfig.latents_mean / latents_std: expected {self.z_dim} values each (z_dim), got "
-                       f"{len(self.latents_mean)} and {len(self.latents_std)}")
+      raise ValueError(
+          f"WanVAEConfig.latents_mean / latents_std: expected {self.z_dim} values each (z_dim), got "
+          f"{len(self.latents_mean)} and {len(self.latents_std)}"
+      )
     if min(self.latents_std) <= 0:
       raise ValueError("WanVAEConfig.latents_std: every value must be positive")
     if self.is_residual:
@@ -141,15 +275,19 @@ class WanVAEConfig:
       for i in range(len(mult) - 1):
         factor = (2 if self.temperal_downsample[i] else 1) * 4
         if dims[i] * factor % dims[i + 1]:
-          raise ValueError(f"WanVAEConfig: residual down block {i}: in_dim {dims[i]} x factor {factor} must be "
-                           f"divisible by out_dim {dims[i + 1]} (AvgDown3D)")
+          raise ValueError(
+              f"WanVAEConfig: residual down block {i}: in_dim {dims[i]} x factor {factor} must be "
+              f"divisible by out_dim {dims[i + 1]} (AvgDown3D)"
+          )
       ddims = [self.decoder_base_dim * m for m in (mult[-1],) + mult[::-1]]
       up_t = self.temperal_downsample[::-1]
       for i in range(len(mult) - 1):
         factor = (2 if up_t[i] else 1) * 4
         if ddims[i + 1] * factor % ddims[i]:
-          raise ValueError(f"WanVAEConfig: residual up block {i}: out_dim {ddims[i + 1]} x factor {factor} must be "
-                           f"divisible by in_dim {ddims[i]} (DupUp3D)")
+          raise ValueError(
+              f"WanVAEConfig: residual up block {i}: out_dim {ddims[i + 1]} x factor {factor} must be "
+              f"divisible by in_dim {ddims[i]} (DupUp3D)"
+          )
 
   @property
   def stride_t(self) -> int:
@@ -166,19 +304,43 @@ class WanVAEConfig:
   @property
   def video_channels(self) -> int:
     """Channels of the pixel video (before patchify): 3 for both published VAEs."""
-    return self.in_channels // self.patch_size ** 2
+    return self.in_channels // self.patch_size**2
 
 
 PRESETS = {
     "wan2.1": WanVAEConfig(),
-    "wan2.2": WanVAEConfig(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
-                           out_channels=12, patch_size=2, latents_mean=WAN22_LATENTS_MEAN,
-                           latents_std=WAN22_LATENTS_STD),
+    "wan2.2": WanVAEConfig(
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        latents_mean=WAN22_LATENTS_MEAN,
+        latents_std=WAN22_LATENTS_STD,
+    ),
 }
 
-_DIFFUSERS_KEYS = ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
-                   "temperal_downsample", "dropout", "latents_mean", "latents_std", "is_residual", "in_channels",
-                   "out_channels", "patch_size", "scale_factor_temporal", "scale_factor_spatial", "clip_output")
+_DIFFUSERS_KEYS = (
+    "base_dim",
+    "decoder_base_dim",
+    "z_dim",
+    "dim_mult",
+    "num_res_blocks",
+    "attn_scales",
+    "temperal_downsample",
+    "dropout",
+    "latents_mean",
+    "latents_std",
+    "is_residual",
+    "in_channels",
+    "out_channels",
+    "patch_size",
+    "scale_factor_temporal",
+    "scale_factor_spatial",
+    "clip_output",
+)
 
 
 def config_from_diffusers(cfg: Mapping[str, Any]) -> WanVAEConfig:
@@ -193,26 +355,35 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> WanVAEConfig:
   """
   unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _DIFFUSERS_KEYS)
   if unknown:
-    raise ValueError(f"config_from_diffusers: unknown AutoencoderKLWan config keys {unknown}; known: "
-                     f"{', '.join(_DIFFUSERS_KEYS)}")
+    raise ValueError(
+        f"config_from_diffusers: unknown AutoencoderKLWan config keys {unknown}; known: "
+        f"{', '.join(_DIFFUSERS_KEYS)}"
+    )
   d = WanVAEConfig()
   get = lambda k, default: default if cfg.get(k) is None else cfg[k]  # noqa: E731
   base = int(get("base_dim", d.base_dim))
   out = WanVAEConfig(
-      base_dim=base, decoder_base_dim=int(get("decoder_base_dim", base)), z_dim=int(get("z_dim", d.z_dim)),
+      base_dim=base,
+      decoder_base_dim=int(get("decoder_base_dim", base)),
+      z_dim=int(get("z_dim", d.z_dim)),
       dim_mult=tuple(int(m) for m in get("dim_mult", d.dim_mult)),
       num_res_blocks=int(get("num_res_blocks", d.num_res_blocks)),
       attn_scales=tuple(float(s) for s in get("attn_scales", d.attn_scales)),
       temperal_downsample=tuple(bool(t) for t in get("temperal_downsample", d.temperal_downsample)),
-      is_residual=bool(get("is_residual", d.is_residual)), in_channels=int(get("in_channels", d.in_channels)),
-      out_channels=int(get("out_channels", d.out_channels)), patch_size=int(get("patch_size", 1)),
+      is_residual=bool(get("is_residual", d.is_residual)),
+      in_channels=int(get("in_channels", d.in_channels)),
+      out_channels=int(get("out_channels", d.out_channels)),
+      patch_size=int(get("patch_size", 1)),
       latents_mean=tuple(float(v) for v in get("latents_mean", d.latents_mean)),
       latents_std=tuple(float(v) for v in get("latents_std", d.latents_std)),
-      clip_output=bool(get("clip_output", True)))
+      clip_output=bool(get("clip_output", True)),
+  )
   for key, want in (("scale_factor_temporal", out.stride_t), ("scale_factor_spatial", out.stride_hw)):
     if cfg.get(key) is not None and int(cfg[key]) != want:
-      raise ValueError(f"config_from_diffusers: {key} = {cfg[key]} contradicts the architecture (dim_mult, "
-                       f"temperal_downsample, patch_size imply {want})")
+      raise ValueError(
+          f"config_from_diffusers: {key} = {cfg[key]} contradicts the architecture (dim_mult, "
+          f"temperal_downsample, patch_size imply {want})"
+      )
   return out
 
 
@@ -226,6 +397,7 @@ class Numerics:
   RMS norms and the attention softmax always run in float32. For float32 parity on accelerators pass
   ``precision=jax.lax.Precision.HIGHEST`` (the codec does); CPU computes float32 exactly either way.
   """
+
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   precision: Any = None
@@ -235,14 +407,22 @@ class Numerics:
 _TORCH_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # keep in sync with init()
 
 
-def _conv(features: int, kernel: Sequence[int], name: str, num: Numerics, *, strides=None,
-          padding: Any = "VALID") -> nn.Conv:
+def _conv(
+    features: int, kernel: Sequence[int], name: str, num: Numerics, *, strides=None, padding: Any = "VALID"
+) -> nn.Conv:
   n = len(kernel)
-  return nn.Conv(features, tuple(kernel), strides=strides, padding=padding, dtype=num.dtype,
-                 param_dtype=num.param_dtype, precision=num.precision,
-                 kernel_init=nn.with_logical_partitioning(_TORCH_INIT,
-                                                          (None,) * n + ("conv_in", "conv_out")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), name=name)
+  return nn.Conv(
+      features,
+      tuple(kernel),
+      strides=strides,
+      padding=padding,
+      dtype=num.dtype,
+      param_dtype=num.param_dtype,
+      precision=num.precision,
+      kernel_init=nn.with_logical_partitioning(_TORCH_INIT, (None,) * n + ("conv_in", "conv_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      name=name,
+  )
 
 
 def _causal(conv: nn.Conv, x: Array, cache: Array | None) -> tuple[Array, Array]:
@@ -269,13 +449,15 @@ class ChannelL2Norm(nn.Module):
   without epsilon (the 1e-12 only clamps ``|x|_2`` away from zero), not T5's, which adds its epsilon to the mean
   square inside the root (:class:`onestory_jax.models.wan.umt5.RMSNorm`). Its scale is partitioned on 'conv_in'.
   """
+
   num: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_in",)), (c,),
-                       self.num.param_dtype)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_in",)), (c,), self.num.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
     y = (x32 / jnp.maximum(norm, _EPS)).astype(self.num.dtype)
@@ -284,6 +466,7 @@ class ChannelL2Norm(nn.Module):
 
 class ResidualBlock(nn.Module):
   """``WanResidualBlock``: ``conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)``, causal convs cached."""
+
   in_dim: int
   out_dim: int
   num: Numerics = Numerics()
@@ -292,8 +475,11 @@ class ResidualBlock(nn.Module):
   def __call__(self, x: Array, cache: Cache = None) -> tuple[Array, Cache]:
     if x.shape[-1] != self.in_dim:
       raise ValueError(f"ResidualBlock: expected {self.in_dim} input channels, got {x.shape[-1]}")
-    h = (_conv(self.out_dim, (1, 1, 1), "conv_shortcut", self.num)(x) if self.in_dim != self.out_dim
-         else x.astype(self.num.dtype))
+    h = (
+        _conv(self.out_dim, (1, 1, 1), "conv_shortcut", self.num)(x)
+        if self.in_dim != self.out_dim
+        else x.astype(self.num.dtype)
+    )
     y = nn.silu(ChannelL2Norm(self.num, name="norm1")(x))
     y, c1 = _causal(_conv3(self.out_dim, "conv1", self.num), y, _sub(cache, "conv1"))
     y = nn.silu(ChannelL2Norm(self.num, name="norm2")(y))
@@ -303,6 +489,7 @@ class ResidualBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
   """``WanAttentionBlock``: single-head self-attention over the pixels of each frame (no cache: per frame)."""
+
   num: Numerics = Numerics()
 
   @nn.compact
@@ -322,6 +509,7 @@ class Resample(nn.Module):
 
   Cache: ``upsample3d`` keeps 2 frames of its temporal conv's input, ``downsample3d`` the last frame of its input.
   """
+
   dim: int
   mode: str  # downsample2d | downsample3d | upsample2d | upsample3d
   out_dim: int | None = None  # upsampling only; the reference defaults to dim // 2
@@ -330,8 +518,9 @@ class Resample(nn.Module):
   @nn.compact
   def __call__(self, x: Array, cache: Cache = None) -> tuple[Array, Cache]:
     if self.mode not in ("downsample2d", "downsample3d", "upsample2d", "upsample3d"):
-      raise ValueError(f"Resample.mode: expected downsample2d | downsample3d | upsample2d | upsample3d, got "
-                       f"{self.mode!r}")
+      raise ValueError(
+          f"Resample.mode: expected downsample2d | downsample3d | upsample2d | upsample3d, got " f"{self.mode!r}"
+      )
     new_cache = None
     if self.mode == "upsample3d":
       if cache is None:  # first chunk: no temporal upsampling; the conv's stream starts at the next chunk from zeros
@@ -371,11 +560,12 @@ def dup_up(x: Array, out_dim: int, factor_t: int, factor_s: int, first_chunk: bo
   repeats = out_dim * factor_t * factor_s * factor_s // x.shape[-1]
   x = jnp.repeat(x, repeats, axis=-1)
   x = einops.rearrange(x, "b t h w (o a p q) -> b (t a) (h p) (w q) o", a=factor_t, p=factor_s, q=factor_s)
-  return x[:, factor_t - 1:] if first_chunk else x
+  return x[:, factor_t - 1 :] if first_chunk else x
 
 
 class MidBlock(nn.Module):
   """``WanMidBlock``: residual, attention, residual."""
+
   dim: int
   num: Numerics = Numerics()
 
@@ -389,6 +579,7 @@ class MidBlock(nn.Module):
 
 class ResidualDownBlock(nn.Module):
   """Wan2.2's ``WanResidualDownBlock``: residual blocks, an optional downsampler, plus the ``AvgDown3D`` shortcut."""
+
   in_dim: int
   out_dim: int
   num_res_blocks: int
@@ -402,7 +593,8 @@ class ResidualDownBlock(nn.Module):
     new, d = {}, self.in_dim
     for j in range(self.num_res_blocks):
       x, new[f"resnets_{j}"] = ResidualBlock(d, self.out_dim, self.num, name=f"resnets_{j}")(
-          x, _sub(cache, f"resnets_{j}"))
+          x, _sub(cache, f"resnets_{j}")
+      )
       d = self.out_dim
     if self.down:
       mode = "downsample3d" if self.temporal else "downsample2d"
@@ -414,6 +606,7 @@ class ResidualDownBlock(nn.Module):
 
 class UpBlock(nn.Module):
   """``WanUpBlock`` (Wan2.1) or ``WanResidualUpBlock`` (Wan2.2, ``residual``): residual blocks and an upsampler."""
+
   in_dim: int
   out_dim: int
   num_res_blocks: int
@@ -427,7 +620,8 @@ class UpBlock(nn.Module):
     new, d = {}, self.in_dim
     for j in range(self.num_res_blocks + 1):
       x, new[f"resnets_{j}"] = ResidualBlock(d, self.out_dim, self.num, name=f"resnets_{j}")(
-          x, _sub(cache, f"resnets_{j}"))
+          x, _sub(cache, f"resnets_{j}")
+      )
       d = self.out_dim
     if self.mode is not None:
       name = "upsampler" if self.residual else "upsamplers_0"
@@ -443,6 +637,7 @@ class UpBlock(nn.Module):
 
 class _Coder(nn.Module):
   """What the encoder and the decoder share: their sizes, numerics and causal input convolution."""
+
   config: WanVAEConfig
   num: Numerics = Numerics()
 
@@ -467,9 +662,15 @@ class Encoder3d(_Coder):
       last = i == len(mult) - 1
       if cfg.is_residual:
         name = f"down_blocks_{i}"
-        x, new[name] = ResidualDownBlock(in_dim, out_dim, cfg.num_res_blocks,
-                                         bool(cfg.temperal_downsample[i]) if not last else False, not last, num,
-                                         name=name)(x, _sub(cache, name))
+        x, new[name] = ResidualDownBlock(
+            in_dim,
+            out_dim,
+            cfg.num_res_blocks,
+            bool(cfg.temperal_downsample[i]) if not last else False,
+            not last,
+            num,
+            name=name,
+        )(x, _sub(cache, name))
         continue
       for _ in range(cfg.num_res_blocks):
         name = f"down_blocks_{j}"
@@ -507,7 +708,8 @@ class Decoder3d(_Coder):
       mode = ("upsample3d" if up_t[i] else "upsample2d") if up else None
       name = f"up_blocks_{i}"
       x, new[name] = UpBlock(in_dim, out_dim, cfg.num_res_blocks, mode, cfg.is_residual, num, name=name)(
-          x, _sub(cache, name))
+          x, _sub(cache, name)
+      )
     x = nn.silu(ChannelL2Norm(num, name="norm_out")(x))
     x, new["conv_out"] = _causal(_conv3(cfg.out_channels, "conv_out", num), x, _sub(cache, "conv_out"))
     return x, new
@@ -532,6 +734,7 @@ class WanVAE(nn.Module):
 
   The methods process one temporal chunk; :func:`encode` / :func:`decode` run the whole causal schedule.
   """
+
   config: WanVAEConfig
   num: Numerics = Numerics()
 
@@ -547,7 +750,7 @@ class WanVAE(nn.Module):
     cache for the next chunk)."""
     x = patchify(video.astype(self.num.dtype), self.config.patch_size)
     h, cache = self.encoder(x, cache)
-    return self.quant_conv(h)[..., :self.config.z_dim], cache  # DiagonalGaussianDistribution.mode()
+    return self.quant_conv(h)[..., : self.config.z_dim], cache  # DiagonalGaussianDistribution.mode()
 
   def decode_chunk(self, z: Array, cache: Cache = None) -> tuple[Array, Cache]:
     """One latent frame [B, 1, h, w, z] -> (pixel frames [B, 1 or 4, H, W, C], cache for the next chunk)."""
@@ -612,8 +815,10 @@ def _check_video(cfg: WanVAEConfig, video: Array, where: str) -> int:
     raise ValueError(f"{where}: video must be [B, T, H, W, {cfg.video_channels}], got shape {tuple(video.shape)}")
   t, h, w = video.shape[1:4]
   if (t - 1) % CHUNK_FRAMES or h % cfg.stride_hw or w % cfg.stride_hw:
-    raise ValueError(f"{where}: video (T, H, W) = {(t, h, w)} needs T = 1 + {CHUNK_FRAMES}k frames and H, W "
-                     f"divisible by the spatial stride {cfg.stride_hw}")
+    raise ValueError(
+        f"{where}: video (T, H, W) = {(t, h, w)} needs T = 1 + {CHUNK_FRAMES}k frames and H, W "
+        f"divisible by the spatial stride {cfg.stride_hw}"
+    )
   return (t - 1) // CHUNK_FRAMES
 
 
@@ -664,8 +869,7 @@ _ATT = r"(?:norm\.gamma|(?:to_qkv|proj)\.(?:weight|bias))"
 _RSM = r"(?:(?:resample\.1|time_conv)\.(?:weight|bias))"
 _MID = rf"mid_block\.(?:resnets\.\d+\.{_RES}|attentions\.\d+\.{_ATT})"
 _ENDS = r"(?:conv_in|conv_out)\.(?:weight|bias)|norm_out\.gamma"
-_ENC = (rf"encoder\.(?:{_ENDS}|{_MID}|down_blocks\.\d+\.(?:{_RES}|{_RSM}|resnets\.\d+\.{_RES}|"
-        rf"downsampler\.{_RSM}))")
+_ENC = rf"encoder\.(?:{_ENDS}|{_MID}|down_blocks\.\d+\.(?:{_RES}|{_RSM}|resnets\.\d+\.{_RES}|" rf"downsampler\.{_RSM}))"
 _DEC = rf"decoder\.(?:{_ENDS}|{_MID}|up_blocks\.\d+\.(?:resnets\.\d+\.{_RES}|upsamplers\.0\.{_RSM}|upsampler\.{_RSM}))"
 _KEY = re.compile(rf"{_ENC}|{_DEC}|(?:quant_conv|post_quant_conv)\.(?:weight|bias)")
 
