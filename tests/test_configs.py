@@ -2,17 +2,14 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from onestory_jax import plan
 from onestory_jax import sharding
 from onestory_jax.models import adaptive_conditioner as ac
-from onestory_jax.models import codec as codec_lib
-from onestory_jax.models import image_encoder as image_encoder_lib
-from onestory_jax.models import onestory as onestory_lib
 from tests.helpers import load_config
 
 
@@ -22,31 +19,9 @@ def _count(tree) -> int:
 
 def _abstract_params(config):
   """OneStory's parameter tree for a config, as ShapeDtypeStructs (nothing is allocated)."""
-  d = config.data
-  codec = codec_lib.make_codec(config)
-  image_encoder = image_encoder_lib.make_image_encoder(config)
-  f, h, w, c = codec.latent_shape(d.frames_per_shot, d.height, d.width)
-  frozen = ml_collections.FrozenConfigDict(config)
-  model = onestory_lib.OneStory(
-      config=frozen,
-      latent_hw=(h, w),
-      latent_channels=c,
-      mask_channels=codec.mask_channels,
-      vocab_size=config.text_encoder.vocab_size,
-      image_dim=image_encoder.token_dim(d.height, d.width),
-  )
-  in_ch = c + (codec.mask_channels + c if config.model.i2v else 0)
-  sds = jax.ShapeDtypeStruct
-  args = (
-      sds((1, d.text_len), jnp.int32),
-      sds((1, f, h, w, c), jnp.float32),
-      sds((1, f), bool),
-      sds((1, f, h, w, in_ch), jnp.float32),
-      sds((1,), jnp.float32),
-      sds((1, image_encoder.num_tokens(d.height, d.width), image_encoder.token_dim(d.height, d.width)), jnp.float32),
-  )
-  params = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a)["params"], *args)
-  return sharding.strip_boxes(params), (f, h, w, c), model
+  system = plan.planning_system(config)  # no tokenizer files needed
+  params = jax.eval_shape(system.init_params, jax.random.key(0))
+  return sharding.strip_boxes(params), system.latent_shape, system.model
 
 
 def _diffusers_dit_count(**kw) -> int:

@@ -64,6 +64,10 @@ GOLDEN_CASES = {
 }
 
 
+# The detached start that the train verbs wrap the trainer in, up to the repo directory.
+DETACH = ["setsid", "-f", "nohup", "bash", "-c", cli.DETACH_SCRIPT, "onestory-train"]
+
+
 @pytest.fixture(autouse=True)
 def no_subprocess(monkeypatch):
   """Any attempt by the CLI to run a command fails the test."""
@@ -194,13 +198,7 @@ def test_hostile_values_are_quoted_and_never_injected(tmp_path, platform):
   # (b) The remote command string parses back (shlex and bash agree) to exactly the intended argv.
   remote = remote_command(commands[-1])
   expected = [
-      "setsid",
-      "-f",
-      "nohup",
-      "bash",
-      "-c",
-      cli.DETACH_SCRIPT,
-      "onestory-train",
+      *DETACH,
       hostile,
       cli.LOG_FILE,
       "env",
@@ -302,13 +300,7 @@ def test_detached_start_runs_in_the_repo_dir_and_appends_to_the_log(tmp_path):
   repo.mkdir()
   child = "import os, sys; print(os.getcwd(), os.environ['FOO'], sys.argv[1:])"
   argv = [
-      "setsid",
-      "-f",
-      "nohup",
-      "bash",
-      "-c",
-      cli.DETACH_SCRIPT,
-      "onestory-train",
+      *DETACH,
       str(repo),
       cli.LOG_FILE,
       "env",

@@ -315,7 +315,7 @@ def test_config_from_diffusers_and_mismatches(i2v):
   ref = i2v[0]
   cfg = dict(ref.config)
   got = wan_dit.config_from_diffusers(cfg)
-  assert got == dict(
+  sizes = dict(
       dim=DIM,
       ffn_dim=FFN,
       num_heads=HEADS,
@@ -326,24 +326,9 @@ def test_config_from_diffusers_and_mismatches(i2v):
       qk_norm=True,
       cross_attn_norm=True,
       rope_theta=10000.0,
-      in_channels=2 * Z + 4,
-      out_channels=Z,
-      text_dim=TEXT_DIM,
-      image_dim=IMAGE_DIM,
   )
-  model_cfg = dict(
-      dim=DIM,
-      ffn_dim=FFN,
-      num_heads=HEADS,
-      num_layers=3,
-      patch_size=(1, 2, 2),
-      freq_dim=FREQ,
-      eps=1e-6,
-      qk_norm=True,
-      cross_attn_norm=True,
-      rope_theta=10000.0,
-      dtype="float32",
-  )
+  assert got == dict(sizes, in_channels=2 * Z + 4, out_channels=Z, text_dim=TEXT_DIM, image_dim=IMAGE_DIM)
+  model_cfg = dict(sizes, num_layers=3, dtype="float32")
   assert wan_dit.config_mismatches(model_cfg, cfg, text_dim=TEXT_DIM) == [
       "model.num_layers: run config has 3, the release has 2"
   ]

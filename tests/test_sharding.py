@@ -106,38 +106,14 @@ def _split(spec, mesh):
 def abstract_14b():
   """The paper setting's OneStory parameters (Wan2.1-I2V-14B DiT, umT5-XXL, Frame Selection, Adaptive
   Conditioner), their shardings on a (1, 2, 2, 2) mesh and the AdamW state's, all from jax.eval_shape."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from onestory_jax import plan  # pylint: disable=g-import-not-at-top
   from onestory_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  from onestory_jax.models import codec as codec_lib  # pylint: disable=g-import-not-at-top
-  from onestory_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
-  from onestory_jax.models import onestory as onestory_lib  # pylint: disable=g-import-not-at-top
 
   config = load_config("wan21_i2v_14b_480p", **{"mesh.shape": MESH_14B})
-  d = config.data
-  codec = codec_lib.make_codec(config)
-  image_encoder = image_encoder_lib.make_image_encoder(config)
-  f, h, w, c = codec.latent_shape(d.frames_per_shot, d.height, d.width)
-  model = onestory_lib.OneStory(
-      config=ml_collections.FrozenConfigDict(config),
-      latent_hw=(h, w),
-      latent_channels=c,
-      mask_channels=codec.mask_channels,
-      vocab_size=config.text_encoder.vocab_size,
-      image_dim=image_encoder.token_dim(d.height, d.width),
-  )
-  in_ch = c + codec.mask_channels + c
-  sds = jax.ShapeDtypeStruct
-  args = (
-      sds((1, d.text_len), jnp.int32),
-      sds((1, f, h, w, c), jnp.float32),
-      sds((1, f), bool),
-      sds((1, f, h, w, in_ch), jnp.float32),
-      sds((1,), jnp.float32),
-      sds((1, image_encoder.num_tokens(d.height, d.width), image_encoder.token_dim(d.height, d.width)), jnp.float32),
-  )
+  system = plan.planning_system(config)  # no tokenizer files needed
   mesh = sharding.make_mesh(config)
   with sharding.use_mesh(mesh, config):  # the forward pass of init runs the sharded (context-parallel) attention
-    boxed = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a)["params"], *args)
+    boxed = jax.eval_shape(system.init_params, jax.random.key(0))
   params = sharding.strip_boxes(boxed)
   shardings = sharding.logical_to_shardings(boxed, mesh, config)
   tx = trainer_lib.make_optimizer(config, params)

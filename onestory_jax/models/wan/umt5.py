@@ -400,20 +400,24 @@ def make_text_encoder(config, vocab_size: int) -> nn.Module:
           f"config.text_encoder.vocab_size = {sizes['vocab_size']} is smaller than the "
           f"tokenizer's vocabulary ({int(vocab_size)} ids)"
       )
-    return T5Encoder(
-        vocab_size=sizes["vocab_size"],
-        d_model=sizes["d_model"],
-        num_layers=sizes["num_layers"],
-        num_heads=sizes["num_heads"],
-        d_ff=sizes["d_ff"],
-        rel_buckets=sizes["rel_buckets"],
-        rel_max_distance=sizes["rel_max_distance"],
-        head_dim=sizes["d_kv"],
-        eps=float(te.get("eps", 1e-6)),
-        dtype=dtype,
-        param_dtype=param_dtype,
-    )
+    return umt5_encoder(dict(sizes, eps=float(te.get("eps", 1e-6))), dtype=dtype, param_dtype=param_dtype)
   raise _unknown(te.name)
+
+
+def umt5_encoder(sizes: dict, **kw: Any) -> T5Encoder:
+  """The :class:`T5Encoder` of umT5 sizes (the ``_UMT5_FIELDS`` keys and ``eps``); ``kw``: dtypes."""
+  return T5Encoder(
+      vocab_size=sizes["vocab_size"],
+      d_model=sizes["d_model"],
+      num_layers=sizes["num_layers"],
+      num_heads=sizes["num_heads"],
+      d_ff=sizes["d_ff"],
+      rel_buckets=sizes["rel_buckets"],
+      rel_max_distance=sizes["rel_max_distance"],
+      head_dim=sizes["d_kv"],
+      eps=sizes["eps"],
+      **kw,
+  )
 
 
 def text_dim(config) -> int:
@@ -562,18 +566,6 @@ def umt5_abstract_params_from_transformers(cfg: dict, *, boxed: bool = False, pa
   Leaves are ``jax.ShapeDtypeStruct`` (nothing is allocated); with ``boxed``, Flax's
   logical-partitioning boxes are kept (for sharding rules).
   """
-  s = config_from_transformers(cfg)
-  module = T5Encoder(
-      vocab_size=s["vocab_size"],
-      d_model=s["d_model"],
-      num_layers=s["num_layers"],
-      num_heads=s["num_heads"],
-      d_ff=s["d_ff"],
-      rel_buckets=s["rel_buckets"],
-      rel_max_distance=s["rel_max_distance"],
-      head_dim=s["d_kv"],
-      eps=s["eps"],
-      param_dtype=param_dtype,
-  )
+  module = umt5_encoder(config_from_transformers(cfg), param_dtype=param_dtype)
   params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
   return params if boxed else sharding.strip_boxes(params)
