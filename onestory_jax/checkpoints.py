@@ -148,11 +148,11 @@ def _sampling_layout(config) -> tuple[next_shot.System, jax.sharding.Mesh, Any]:
   system = next_shot.make_system(config)
   mesh = sharding.inference_mesh(config)
   boxed = jax.eval_shape(system.init_params, jax.random.key(0))
-  shardings = sharding.fitted_shardings(boxed, mesh, config)
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sharding.strip_boxes(boxed), shardings
+  return (
+      system,
+      mesh,
+      sharding.with_shardings(sharding.strip_boxes(boxed), sharding.fitted_shardings(boxed, mesh, config)),
   )
-  return system, mesh, abstract
 
 
 def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> None:

@@ -210,6 +210,11 @@ def host_local_to_global(batch: dict, mesh: Mesh, config) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """``tree`` (arrays or ``jax.ShapeDtypeStruct``) as abstract values that carry ``shardings`` (a matching tree)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def strip_boxes(tree: Any) -> Any:
   """Removes Flax partitioning metadata without applying sharding constraints (safe on abstract values)."""
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731

@@ -148,10 +148,6 @@ class TrainProgram:
       return self.step.lower(self.abstract_state, self.abstract_batch, self.abstract_encoders)
 
 
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def build_train_program(
     config: ml_collections.ConfigDict, system: next_shot.System, mesh: jax.sharding.Mesh
 ) -> TrainProgram:
@@ -196,11 +192,11 @@ def build_train_program(
       mesh=mesh,
       tx=tx,
       state_shardings=state_sh,
-      abstract_state=_with_shardings(sharding.strip_boxes(boxed), state_sh),
+      abstract_state=sharding.with_shardings(sharding.strip_boxes(boxed), state_sh),
       batch_sharding=batch_sh,
       abstract_batch=batch,
       encoder_shardings=enc_sh,
-      abstract_encoders=_with_shardings(sharding.strip_boxes(boxed_enc), enc_sh),
+      abstract_encoders=sharding.with_shardings(sharding.strip_boxes(boxed_enc), enc_sh),
       step=step,
   )
 
