@@ -83,6 +83,8 @@ def _base() -> ml_collections.ConfigDict:
   te.d_ff = 256
   te.rel_buckets = 32
   te.rel_max_distance = 64
+  te.dtype = "float32"  # compute dtype (a section without it, as in configs saved before it existed: config.model's)
+  te.param_dtype = "float32"
 
   # ---------------------------------------------------------------- image encoder (I2V)
   c.image_encoder = ie = ml_collections.ConfigDict()

@@ -276,7 +276,7 @@ def plan(
   sf = flops_lib.step_flops(full)
   peak_flops = chips.get(topo.chip).peak_bf16_flops
   report = {
-      "config": config.get("variant", ""),
+      "config": config.variant,
       "topology": topo.name,
       "num_slices": topo.num_slices,
       "chip": topo.chip,
