@@ -18,3 +18,18 @@ def load_config(variant: str = "tiny", **overrides):
       node = node[p]
     node[parts[-1]] = value
   return config
+
+
+# A tiny diffusers WanTransformer3DModel (2 layers, 2 heads of 16, FFN 64, timestep features 16): the sizes that the
+# DiT parity tests and the published-weights smoke test build their references with; callers add the channels.
+TINY_WAN_DIT = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    freq_dim=16,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)

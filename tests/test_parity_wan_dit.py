@@ -33,11 +33,14 @@ import torch
 from onestory_jax import convert
 from onestory_jax import weights
 from onestory_jax.models.wan import dit as wan_dit
+from tests.helpers import TINY_WAN_DIT
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
 
-HEADS, HEAD_DIM, FFN, LAYERS, FREQ = 2, 16, 64, 2, 16
+HEADS, HEAD_DIM, FFN, LAYERS, FREQ = (
+    TINY_WAN_DIT[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "freq_dim")
+)
 DIM = HEADS * HEAD_DIM
 TEXT_DIM, IMAGE_DIM, Z = 24, 20, 4
 LATENT = (3, 4, 6)  # latent frames, height, width
@@ -56,20 +59,7 @@ def rel_err(ours, ref) -> float:
 def reference(seed: int, **cfg) -> diffusers.WanTransformer3DModel:
   """A tiny random reference; every parameter gets noise so no norm is identity and no bias zero."""
   torch.manual_seed(seed)
-  kw = dict(
-      patch_size=(1, 2, 2),
-      num_attention_heads=HEADS,
-      attention_head_dim=HEAD_DIM,
-      in_channels=Z,
-      out_channels=Z,
-      text_dim=TEXT_DIM,
-      freq_dim=FREQ,
-      ffn_dim=FFN,
-      num_layers=LAYERS,
-      cross_attn_norm=True,
-      qk_norm="rms_norm_across_heads",
-      eps=1e-6,
-  )
+  kw = dict(TINY_WAN_DIT, in_channels=Z, out_channels=Z, text_dim=TEXT_DIM)
   kw.update(cfg)
   model = diffusers.WanTransformer3DModel(**kw).eval()
   with torch.no_grad():

@@ -45,10 +45,13 @@ from onestory_jax.models.wan import clip as clip_vision
 from onestory_jax.models.wan import dit as wan_dit
 from onestory_jax.models.wan import umt5 as te
 from onestory_jax.models.wan import vae as wan_vae
+from tests.helpers import TINY_WAN_DIT
 from tests.helpers import load_config
 
 # Tiny sizes; the structure (channels 16 + 4 + 16, stride 4x8x8, image tokens through added k/v) is Wan2.1-I2V's.
-HEADS, HEAD_DIM, FFN, LAYERS, FREQ = 2, 16, 64, 2, 16
+HEADS, HEAD_DIM, FFN, LAYERS, FREQ = (
+    TINY_WAN_DIT[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "freq_dim")
+)
 DIM = HEADS * HEAD_DIM
 UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, rel_buckets=32, rel_max_distance=128)
 CLIP = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, patch_size=14, image_size=28)
@@ -134,19 +137,7 @@ def build_release(root: str, *, i2v: bool = True) -> dict:
     image = dict(image_dim=CLIP["hidden_size"], added_kv_proj_dim=DIM)
   dit = _perturbed(
       diffusers.WanTransformer3DModel(
-          patch_size=(1, 2, 2),
-          num_attention_heads=HEADS,
-          attention_head_dim=HEAD_DIM,
-          in_channels=Z + MASK + Z if i2v else Z,
-          out_channels=Z,
-          text_dim=UMT5["d_model"],
-          freq_dim=FREQ,
-          ffn_dim=FFN,
-          num_layers=LAYERS,
-          cross_attn_norm=True,
-          qk_norm="rms_norm_across_heads",
-          eps=1e-6,
-          **image,
+          **TINY_WAN_DIT, in_channels=Z + MASK + Z if i2v else Z, out_channels=Z, text_dim=UMT5["d_model"], **image
       )
   )
   dit.save_pretrained(os.path.join(root, "transformer"), safe_serialization=True, max_shard_size="40KB")
