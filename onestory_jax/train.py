@@ -6,11 +6,16 @@ r"""Trains OneStory.
 Re-running the same command resumes from the latest checkpoint in ``--workdir``, also on another mesh shape
 (``--config.mesh.shape``) or device count: the state is restored straight into the new shardings.
 
+Preemption (SIGTERM, or the TPU maintenance notice): the run saves the step it is on, prints one ``Preempted at step
+N ...`` line and exits with status 143; the same command resumes from that step exactly (docs/faults.md).
+
 Multi-host: run the same command on every host (TPU VM workers, SLURM ``srun``, ``mpirun``, or a plain launch with
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set); ``jax.distributed`` is initialised
 from the environment first (:mod:`onestory_jax.distributed`), each process loads its share of the global batch, and
 ``--workdir`` must be a path that every host sees (e.g. ``gs://BUCKET/run``).
 """
+
+import sys
 
 from absl import app
 from absl import flags
@@ -20,6 +25,7 @@ from ml_collections import config_flags
 
 from onestory_jax import distributed
 from onestory_jax import logs
+from onestory_jax import preemption
 from onestory_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,7 +41,11 @@ def main(argv):
   logs.quiet_libraries()
   distributed.initialize_from_env()
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    print(e, flush=True)
+    sys.exit(preemption.EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from onestory_jax import chips
 from onestory_jax import flops
 from onestory_jax import next_shot
 from onestory_jax import objective
+from onestory_jax import preemption
 from onestory_jax import pretrained
 from onestory_jax import sharding
 from onestory_jax import weights
@@ -346,7 +347,12 @@ class Trainer:
 
 # ---------------------------------------------------------------------------- loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains ``config.num_train_steps`` steps, resuming from ``workdir`` if it holds a checkpoint."""
+  """Trains ``config.num_train_steps`` steps, resuming from ``workdir`` if it holds a checkpoint.
+
+  Raises:
+    preemption.Preempted: the run was told to stop (SIGTERM, or the coordination service's preemption notice); the
+      checkpoint of the step it stopped after has committed.
+  """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -382,32 +388,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   model_flops = flops.step_flops(config).model_flops
   chip = chips.of_device_kind(jax.devices()[0].device_kind)
   last_log = (start, time.perf_counter())
-  for step in range(start + 1, total + 1):
-    batch = next(data_iter)
-    state, metrics = trainer.step(state, batch)
-    state_ref[0] = state
-    if metrics_acc:
-      # Dispatch stays at most one step ahead of the device, so steps/s and the ETA report compute, not dispatch
-      # (unbounded, the host runs dozens of steps ahead and the progress swings between 2x and 0 steps/s).
-      jax.block_until_ready(metrics_acc[-1])
-    metrics_acc.append(metrics)
-    for h in hooks:
-      h(step)
-    if step % config.log_every_steps == 0 or step == total:
-      m = jax.device_get(metrics_acc)
-      scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-      scalars["lr"] = float(learning_rate(config, config.optim.lr)(step))
-      scalars["dc_warmup"] = float(step <= objective.dc_warmup_steps(config))
-      now = time.perf_counter()
-      step_time = (now - last_log[1]) / max(step - last_log[0], 1)
-      last_log = (step, now)
-      scalars["model_tflops_per_s"] = model_flops / step_time / 1e12
-      if chip is not None:
-        scalars["mfu"] = flops.mfu(model_flops, step_time, jax.device_count(), chip.name)
-      writer.write_scalars(step, scalars)
-      metrics_acc = []
-    if step % config.checkpoint_every_steps == 0 or step == total:
-      checkpoints.save_checkpoint(mngr, step, state, data_iter, config)
+  with preemption.Watch(mngr, jax.process_count()) as watch:
+    for step in range(start + 1, total + 1):
+      batch = next(data_iter)
+      state, metrics = trainer.step(state, batch)
+      state_ref[0] = state
+      if metrics_acc:
+        # Dispatch stays at most one step ahead of the device, so steps/s and the ETA report compute, not dispatch
+        # (unbounded, the host runs dozens of steps ahead and the progress swings between 2x and 0 steps/s).
+        jax.block_until_ready(metrics_acc[-1])
+      metrics_acc.append(metrics)
+      for h in hooks:
+        h(step)
+      if step % config.log_every_steps == 0 or step == total:
+        m = jax.device_get(metrics_acc)
+        scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+        scalars["lr"] = float(learning_rate(config, config.optim.lr)(step))
+        scalars["dc_warmup"] = float(step <= objective.dc_warmup_steps(config))
+        now = time.perf_counter()
+        step_time = (now - last_log[1]) / max(step - last_log[0], 1)
+        last_log = (step, now)
+        scalars["model_tflops_per_s"] = model_flops / step_time / 1e12
+        if chip is not None:
+          scalars["mfu"] = flops.mfu(model_flops, step_time, jax.device_count(), chip.name)
+        writer.write_scalars(step, scalars)
+        metrics_acc = []
+      preempted = watch.reached(step)
+      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+        checkpoints.save_checkpoint(mngr, step, state, data_iter, config)
+      if preempted and step < total:
+        mngr.wait_until_finished()  # committed before the machine goes
+        mngr.close()
+        writer.flush()
+        raise preemption.Preempted(step, os.path.join(os.path.abspath(workdir), "checkpoints", str(step)))
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()
