@@ -8,11 +8,14 @@ Without ``--workdir`` the shipped demo checkpoint is used. Writes ``shot_XX.mp4`
 shot selected with their scores and patchifiers) to ``--out``. See docs/story_format.md for the story file.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 
 from onestory_jax import checkpoints
+from onestory_jax import locks
 from onestory_jax import logs
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
@@ -33,6 +36,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
+  try:
+    with locks.exclusive(_OUT.value, "--out"):  # before anything loads: a second writer stops at once
+      manifest = _sample()
+  except locks.InUse as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(2)
+  logging.info("Wrote %d shots to %s", len(manifest["shots"]), _OUT.value)
+  print(f"Wrote {len(manifest['shots'])} shots to {_OUT.value}")
+
+
+def _sample() -> dict:
   system, params, enc = checkpoints.load_for_sampling(_WORKDIR.value)
   sm = system.config.sample
   story = story_lib.load_story(_STORY.value)
@@ -47,9 +61,7 @@ def main(argv):
       shift=pick(_SHIFT, sm.shift),
       guidance=pick(_GUIDANCE, sm.guidance),
   )
-  manifest = sampler.generate_story(gen, story, _OUT.value, seed=seed, memory=_MEMORY.value, resume=_RESUME.value)
-  logging.info("Wrote %d shots to %s", len(manifest["shots"]), _OUT.value)
-  print(f"Wrote {len(manifest['shots'])} shots to {_OUT.value}")
+  return sampler.generate_story(gen, story, _OUT.value, seed=seed, memory=_MEMORY.value, resume=_RESUME.value)
 
 
 if __name__ == "__main__":

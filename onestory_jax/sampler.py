@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onestory_jax import locks
 from onestory_jax import next_shot
 from onestory_jax import rectified_flow as rf
 from onestory_jax import story as story_lib
@@ -147,9 +148,19 @@ def generate_story(
     resume: bool = False,
     fps: int = 8,
 ) -> dict:
-  """Generates every shot of ``story`` into ``out_dir``; returns the manifest."""
+  """Generates every shot of ``story`` into ``out_dir``; returns the manifest.
+
+  ``out_dir`` is locked for the run (:mod:`onestory_jax.locks`): a second writer gets :class:`locks.InUse`.
+  """
   if memory not in MEMORY_MODES:
     raise ValueError(f"--memory must be one of {MEMORY_MODES}, got {memory!r}")
+  with locks.exclusive(out_dir, "--out"):
+    return _generate_story(generator, story, out_dir, seed=seed, memory=memory, resume=resume, fps=fps)
+
+
+def _generate_story(
+    generator: ShotGenerator, story: story_lib.Story, out_dir: str, *, seed: int, memory: str, resume: bool, fps: int
+) -> dict:
   s = generator.system
   os.makedirs(out_dir, exist_ok=True)
   manifest_path = os.path.join(out_dir, "manifest.json")

@@ -24,6 +24,7 @@ import jax
 from ml_collections import config_flags
 
 from onestory_jax import distributed
+from onestory_jax import locks
 from onestory_jax import logs
 from onestory_jax import preemption
 from onestory_jax import trainer
@@ -46,6 +47,9 @@ def main(argv):
   except preemption.Preempted as e:
     print(e, flush=True)
     sys.exit(preemption.EXIT_STATUS)
+  except locks.InUse as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

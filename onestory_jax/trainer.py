@@ -39,6 +39,7 @@ import optax
 from onestory_jax import checkpoints
 from onestory_jax import chips
 from onestory_jax import flops
+from onestory_jax import locks
 from onestory_jax import next_shot
 from onestory_jax import objective
 from onestory_jax import preemption
@@ -349,11 +350,18 @@ class Trainer:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains ``config.num_train_steps`` steps, resuming from ``workdir`` if it holds a checkpoint.
 
+  The run holds the workdir's lock (:mod:`onestory_jax.locks`, one per process index) from start to end.
+
   Raises:
+    locks.InUse: another run holds the workdir.
     preemption.Preempted: the run was told to stop (SIGTERM, or the coordination service's preemption notice); the
       checkpoint of the step it stopped after has committed.
   """
-  os.makedirs(workdir, exist_ok=True)
+  with locks.exclusive(workdir, "--workdir", name=f".lock.process_{jax.process_index()}"):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   trainer = Trainer(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   data_iter = iter(trainer.dataset())

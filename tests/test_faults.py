@@ -1,5 +1,5 @@
 """Faults the trainer survives, injected for real (docs/faults.md): a preemption notice (SIGTERM) to a running trainer,
-with one process and with two (``jax.distributed`` on 127.0.0.1)."""
+with one process and with two (``jax.distributed`` on 127.0.0.1); a second writer on a workdir or a story folder."""
 
 import os
 import re
@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from onestory_jax import checkpoints
+from onestory_jax import locks
 from onestory_jax import preemption
 from onestory_jax import trainer as trainer_lib
 from tests.helpers import ROOT
@@ -152,3 +153,44 @@ def test_sigterm_to_one_of_two_processes_saves_the_agreed_step_on_both(tmp_path)
   assert _two_process_train(workdir, logs, signal_after_step=None) == [0, 0], read(0)[-3000:]
   assert f"Resumed from step {step}" in read(0)
   assert checkpoints.load_config_from_workdir(workdir).num_train_steps == 12
+
+
+def _run(module: str, *flags: str) -> subprocess.CompletedProcess:
+  argv = [sys.executable, "-m", module, *flags]
+  return subprocess.run(
+      argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600
+  )
+
+
+def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_holder(tmp_path):
+  workdir = str(tmp_path / "run")
+  with locks.exclusive(workdir, "--workdir", name=".lock.process_0"):  # the first run, as far as the lock goes
+    done = _run("onestory_jax.train", "--config=configs/onestory.py:tiny", f"--workdir={workdir}")
+  assert done.returncode == 2, done.stderr[-3000:]
+  line = done.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"--workdir {workdir} is in use by pid {os.getpid()} on ")
+  assert os.path.join(workdir, ".lock.process_0") in line
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # it wrote nothing
+
+
+def test_a_second_sampler_on_a_story_folder_stops_before_loading(tmp_path):
+  out = str(tmp_path / "story")
+  story = os.path.join(ROOT, "onestory_jax", "assets", "stories", "recall.json")
+  with locks.exclusive(out, "--out"):
+    done = _run("onestory_jax.sample", f"--story={story}", f"--out={out}")
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1].startswith(f"--out {out} is in use by pid {os.getpid()} on ")
+  assert sorted(os.listdir(out)) == [".lock"]  # no manifest, no frames
+
+
+def test_the_lock_is_held_once_per_process_and_released(tmp_path):
+  directory = str(tmp_path / "d")
+  with locks.exclusive(directory, "--out"):
+    holder = os.path.join(directory, ".lock.holder.json")
+    assert os.path.exists(holder)
+    with locks.exclusive(directory, "--out"):  # the process that holds it: nested use is a no-op
+      pass
+    assert os.path.exists(holder)
+  assert not os.path.exists(holder)
+  with locks.exclusive(directory, "--out"):  # released: the next writer gets it
+    pass
