@@ -248,11 +248,7 @@ def load_for_sampling(path: str | None) -> tuple[next_shot.System, Any, dict]:
     mngr, step = _manager(path)
     params = restore_params(mngr, step, abstract)
     mngr.close()
-  enc = system.encoder_params(jax.random.key(0), mesh=mesh)
-  enc = jax.device_put(
-      sharding.strip_boxes(enc), sharding.fitted_shardings(system.abstract_encoder_params(), mesh, config)
-  )
-  return system, params, enc
+  return system, params, system.encoder_params(jax.random.key(0), mesh=mesh)
 
 
 def main(argv):

@@ -31,6 +31,7 @@ import ml_collections
 
 from onestory_jax import pretrained
 from onestory_jax import rectified_flow as rf
+from onestory_jax import sharding
 from onestory_jax.data import tokenizer as tokenizer_lib
 from onestory_jax.models import adaptive_conditioner as ac
 from onestory_jax.models import codec as codec_lib
@@ -121,14 +122,19 @@ class System:
 
     Args:
       rng: key for the random initialisations.
-      mesh: where restored parameters go: sharded by ``config.logical_axis_rules`` over ``mesh`` (what the trainer
-        passes), or, when None, the default device.
+      mesh: where the parameters go: unboxed and sharded over ``mesh`` by ``config.logical_axis_rules``, with the
+        dimensions the mesh does not divide replicated (:func:`sharding.fitted_shardings`; the trainer's and the
+        sampler's layout), or, when None, as the backends make them, on the default device.
     """
     r1, r2 = jax.random.split(rng)
     loaded = pretrained.load_pretrained_encoders(self, mesh) if self.config.pretrained else {}
     codec = loaded["codec"] if "codec" in loaded else self.codec.init(r1)
     image = loaded["image_encoder"] if "image_encoder" in loaded else self.image_encoder.init(r2)
-    return {"codec": codec, "image_encoder": image}
+    enc = {"codec": codec, "image_encoder": image}
+    if mesh is None:
+      return enc
+    layout = sharding.fitted_shardings(self.abstract_encoder_params(), mesh, self.config)
+    return jax.device_put(sharding.strip_boxes(enc), layout)
 
   def abstract_encoder_params(self) -> dict:
     """:meth:`encoder_params` as boxed (logically partitioned) ``jax.ShapeDtypeStruct`` leaves; nothing is

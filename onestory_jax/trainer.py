@@ -218,8 +218,7 @@ class Trainer:
       )
     self.program = build_train_program(config, next_shot.make_system(config), self.mesh)
     self.system = self.program.system
-    enc = self.system.encoder_params(jax.random.key(0), mesh=self.mesh)
-    self.enc = jax.device_put(sharding.strip_boxes(enc), self.program.encoder_shardings)
+    self.enc = self.system.encoder_params(jax.random.key(0), mesh=self.mesh)  # as program.encoder_shardings
 
   def init_state(self) -> TrainState:
     """Parameters and optimiser state initialised directly in their sharded layout.
