@@ -194,6 +194,10 @@ def _base() -> ml_collections.ConfigDict:
   c.sample_every_steps = 1000
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
+  # A step whose loss, gradient norm or update is not finite stops the run (naming the step, nothing of it saved;
+  # docs/faults.md). N > 0 instead skips up to N such updates in a row (optax.apply_if_finite), counted in the
+  # metrics as nonfinite_skipped; a NaN update itself (a NaN learning rate) always stops the run.
+  c.skip_nonfinite_steps = 0
   return c
 
 

@@ -1,6 +1,16 @@
-"""Console logging for the entry points: our messages, clu's progress/metrics, and warnings from libraries."""
+"""Console logging for the entry points: our messages, clu's progress/metrics, and warnings from libraries.
 
+:func:`muted_abandoned_io` also keeps out the noise of orbax's failed reads and writes (see there): the checkpoint
+code reports each such failure itself, in one line.
+"""
+
+import contextlib
+import io
 import logging as py_logging
+import sys
+import threading
+import traceback
+from typing import Callable, Iterator
 
 from absl import logging
 
@@ -16,3 +26,120 @@ class _LibraryFilter(py_logging.Filter):
 def quiet_libraries() -> None:
   """Drops INFO chatter from orbax, grain and jax; keeps ours, clu's and every warning."""
   logging.get_absl_handler().addFilter(_LibraryFilter())
+
+
+_ORBAX = "/orbax/checkpoint/"
+_CLOSED_LOOP = "RuntimeError: Event loop is closed"
+_CHAINED = ("Traceback (most recent call last):", "During handling of the above", "The above exception was")
+
+
+class _OrbaxFailureFilter(py_logging.Filter):
+  """Drops orbax's error logs (a background thread's failed read or write, with its traceback) and asyncio's "task
+  exception was never retrieved" for orbax's tasks: the same failure reaches the checkpoint code as the exception of
+  the save or restore, which it reports in one line."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno < py_logging.ERROR:
+      return True
+    from_orbax = _ORBAX in record.pathname  # its threads' errors come back as the exception of the save or restore
+    return not (from_orbax or (record.name == "asyncio" and _ORBAX in record.getMessage() + str(record.exc_info)))
+
+
+class _ClosedLoopFilter(io.TextIOBase):
+  """``sys.stderr`` minus the tracebacks that end in "Event loop is closed".
+
+  When an orbax read or write fails, orbax closes its event loop while tensorstore's other operations are in flight;
+  each of them, as it lands, prints that traceback from its own thread. Lines are held per thread while a traceback
+  is being written, and the traceback is dropped if its last line is that error.
+  """
+
+  def __init__(self, stream):
+    super().__init__()
+    self._stream = stream
+    self._held: dict[int, list[str]] = {}
+    self._partial: dict[int, str] = {}
+    self._lock = threading.Lock()
+
+  def write(self, text: str) -> int:
+    me = threading.get_ident()
+    with self._lock:
+      text = self._partial.pop(me, "") + text
+      *lines, rest = text.split("\n")
+      if rest:
+        self._partial[me] = rest
+      for line in lines:
+        held = self._held.get(me)
+        if held is None:
+          if line.startswith("Traceback (most recent call last):"):
+            self._held[me] = [line]
+          else:
+            self._stream.write(line + "\n")
+        elif not line or line[0].isspace() or line.startswith(_CHAINED):
+          held.append(line)
+        else:  # the exception's own line ends the traceback
+          del self._held[me]
+          if line.strip() != _CLOSED_LOOP:
+            self._stream.write("\n".join(held + [line]) + "\n")
+    return len(text)
+
+  def flush(self) -> None:
+    self._stream.flush()
+
+  def fileno(self) -> int:
+    return self._stream.fileno()
+
+
+def _drop_orbax_unraisable(default):
+  def hook(unraisable) -> None:
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or _ORBAX not in code.co_filename:
+      default(unraisable)
+
+  return hook
+
+
+def _mute() -> Callable[[], None]:
+  """Installs the filters of :func:`muted_abandoned_io`; returns what takes them away again (a no-op if they were
+  already installed)."""
+  if isinstance(sys.stderr, _ClosedLoopFilter):
+    return lambda: None
+  stderr, hook, log_filter = sys.stderr, sys.unraisablehook, _OrbaxFailureFilter()
+  handlers = [logging.get_absl_handler(), py_logging.getLogger("asyncio")]
+  sys.stderr, sys.unraisablehook = _ClosedLoopFilter(stderr), _drop_orbax_unraisable(hook)
+  for h in handlers:
+    h.addFilter(log_filter)
+
+  def restore() -> None:
+    sys.stderr.flush()
+    sys.stderr, sys.unraisablehook = stderr, hook
+    for h in handlers:
+      h.removeFilter(log_filter)
+
+  return restore
+
+
+@contextlib.contextmanager
+def muted_abandoned_io() -> Iterator[None]:
+  """Keeps out, while active, the noise of orbax reads and writes that failed: its error logs, asyncio's
+  unretrieved task exceptions, "Event loop is closed" tracebacks and unraisable orbax coroutines. Everything else
+  passes. Nested use is fine."""
+  restore = _mute()
+  try:
+    yield
+  finally:
+    restore()
+
+
+def mute_abandoned_io() -> None:
+  """:func:`muted_abandoned_io` for the rest of the process (entry points: the operations that a failed save leaves
+  in flight may land as late as the interpreter's exit)."""
+  _mute()
+
+
+def exit_with(error: BaseException, status: int, verbose: bool = False) -> None:
+  """Ends an entry point: ``error`` as one line on stderr (after its traceback with ``--verbose``), then ``status``."""
+  if verbose:
+    traceback.print_exception(error)
+  first = str(error).strip().splitlines()
+  print(first[0] if first else type(error).__name__, file=sys.stderr, flush=True)
+  sys.exit(status)

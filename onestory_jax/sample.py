@@ -8,8 +8,6 @@ Without ``--workdir`` the shipped demo checkpoint is used. Writes ``shot_XX.mp4`
 shot selected with their scores and patchifiers) to ``--out``. See docs/story_format.md for the story file.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -29,6 +27,7 @@ _MEMORY = flags.DEFINE_enum("memory", "full", sampler.MEMORY_MODES, "'none' = th
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
 _SHIFT = flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not just its one line.")
 flags.mark_flags_as_required(["story", "out"])
 
 
@@ -37,19 +36,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
   try:
+    sampler.check_settings(steps=_STEPS.value, shift=_SHIFT.value, guidance=_GUIDANCE.value)
     with locks.exclusive(_OUT.value, "--out"):  # before anything loads: a second writer stops at once
       manifest = _sample()
-  except locks.InUse as e:
-    print(e, file=sys.stderr, flush=True)
-    sys.exit(2)
+  except (locks.InUse, ValueError, OSError) as e:  # bad input: flags, the story file, the checkpoint
+    logs.exit_with(e, 2, _VERBOSE.value)
   logging.info("Wrote %d shots to %s", len(manifest["shots"]), _OUT.value)
   print(f"Wrote {len(manifest['shots'])} shots to {_OUT.value}")
 
 
 def _sample() -> dict:
+  story = story_lib.load_story(_STORY.value)  # a bad story file stops the run before the model loads
   system, params, enc = checkpoints.load_for_sampling(_WORKDIR.value)
   sm = system.config.sample
-  story = story_lib.load_story(_STORY.value)
   seed = _SEED.value if _SEED.value is not None else (story.seed if story.seed is not None else 0)
   pick = lambda flag, default: default if flag.value is None else flag.value
   gen = sampler.ShotGenerator(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -36,6 +37,16 @@ from onestory_jax.models import codec as codec_lib
 MEMORY_MODES = ("full", "none")
 
 
+def check_settings(*, steps: int | None = None, shift: float | None = None, guidance: float | None = None) -> None:
+  """Raises ValueError naming the first sampler setting out of range (None: not given, nothing to check)."""
+  if steps is not None and (isinstance(steps, bool) or not float(steps).is_integer() or steps < 1):
+    raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
+  if shift is not None and not (math.isfinite(shift) and shift > 0):
+    raise ValueError(f"--shift must be a finite number > 0 (the sampling time shift), got {shift!r}")
+  if guidance is not None and not math.isfinite(guidance):
+    raise ValueError(f"--guidance must be a finite number (the classifier-free guidance scale), got {guidance!r}")
+
+
 class ShotGenerator:
   """Compiles one program that generates a shot from (caption, padded memory bank, optional start image)."""
 
@@ -50,6 +61,7 @@ class ShotGenerator:
       shift: float,
       guidance: float,
   ):
+    check_settings(steps=steps, shift=shift, guidance=guidance)
     self.system = system
     self.params = params
     self.enc = enc
@@ -192,11 +204,26 @@ def _generate_story(
         latents = [z[f"shot_{i}"] for i in range(len(records))]
     logging.info("Resuming %s at shot %d of %d", out_dir, len(records) + 1, len(story.shots))
   kernels = [tuple(k) for k in s.config.conditioner.kernels]
+  for i, n in enumerate(s.tokenizer.dropped(story.captions)):
+    if n:
+      logging.warning(
+          "shot %d: the caption is %d tokens longer than the text encoder takes (%d); its last %d tokens are "
+          "dropped",
+          i + 1,
+          n,
+          s.tokenizer.capacity(),
+          n,
+      )
   for i in range(len(records), len(story.shots)):
     caption = story.shots[i].caption
     shot_seed = seed + i
     mem = list(latents) if memory == "full" else []  # a copy: the new shot joins the bank only afterwards
     lat, info = generator(caption, mem, shot_seed, start_image=start if i == 0 else None)
+    if not (np.isfinite(lat).all() and np.isfinite(info["scores"][info["indices"][info["valid"]]]).all()):
+      raise ValueError(
+          f"shot {i + 1}: the sampler produced non-finite values (the checkpoint's parameters or the sampler "
+          f"settings {header['sampler']} are bad); nothing of this shot was written to {out_dir}"
+      )
     frames = generator.decode(lat)
     shots.append(frames)
     latents.append(lat)

@@ -152,8 +152,12 @@ def load_story(path: PathLike, max_shots: int | None = None) -> Story:
     text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise ValueError(f"{where}: story file is not UTF-8 text ({e})") from e
+
+  def reject(constant: str):
+    raise ValueError(f"{where}: {constant} is not JSON (story files are strict JSON: numbers must be finite)")
+
   try:
-    obj = json.loads(text)
+    obj = json.loads(text, parse_constant=reject)
   except json.JSONDecodeError as e:
     raise ValueError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: " f"{e.msg}") from e
   base_dir = os.path.dirname(os.path.abspath(where))

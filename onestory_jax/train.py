@@ -6,8 +6,11 @@ r"""Trains OneStory.
 Re-running the same command resumes from the latest checkpoint in ``--workdir``, also on another mesh shape
 (``--config.mesh.shape``) or device count: the state is restored straight into the new shardings.
 
-Preemption (SIGTERM, or the TPU maintenance notice): the run saves the step it is on, prints one ``Preempted at step
-N ...`` line and exits with status 143; the same command resumes from that step exactly (docs/faults.md).
+Faults (docs/faults.md) end the run with one line on stderr and an exit status: a preemption notice (SIGTERM, or the
+TPU maintenance notice) saves the step the run is on, prints ``Preempted at step N ...`` and exits 143, and the same
+command resumes from that step exactly; a failed checkpoint save or a non-finite step exits 1, naming the step and
+the checkpoint to resume from; bad input (a config that does not fit the workdir's checkpoints, a workdir that
+another run holds) exits 2. ``--verbose`` adds the traceback.
 
 Multi-host: run the same command on every host (TPU VM workers, SLURM ``srun``, ``mpirun``, or a plain launch with
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set); ``jax.distributed`` is initialised
@@ -23,6 +26,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from onestory_jax import checkpoints
 from onestory_jax import distributed
 from onestory_jax import locks
 from onestory_jax import logs
@@ -33,6 +37,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration (configs/onestory.py:variant).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and samples.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not just its one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,14 +47,17 @@ def main(argv):
   logs.quiet_libraries()
   distributed.initialize_from_env()
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+  if not _VERBOSE.value:  # a failed save or read is reported in one line, not in orbax's hundreds of tracebacks
+    logs.mute_abandoned_io()
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:
     print(e, flush=True)
     sys.exit(preemption.EXIT_STATUS)
-  except locks.InUse as e:
-    print(e, file=sys.stderr, flush=True)
-    sys.exit(2)
+  except (checkpoints.SaveFailed, trainer.NonFinite) as e:
+    logs.exit_with(e, 1, _VERBOSE.value)
+  except (locks.InUse, ValueError) as e:  # bad input: the config, the workdir
+    logs.exit_with(e, 2, _VERBOSE.value)
 
 
 if __name__ == "__main__":

@@ -86,13 +86,14 @@ def make_optimizer(config, params: Any) -> optax.GradientTransformation:
   def adamw(lr):
     return optax.adamw(learning_rate(config, lr), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(o.grad_clip),
       optax.multi_transform(
           {"new": adamw(o.lr), "pretrained": adamw(o.pretrained_lr), "frozen": optax.set_to_zero()},
           param_groups(params, config),
       ),
   )
+  return optax.apply_if_finite(tx, config.skip_nonfinite_steps) if config.skip_nonfinite_steps else tx
 
 
 def init_train_state(system: next_shot.System, config, rng: jax.Array) -> TrainState:
@@ -122,6 +123,14 @@ def train_step(
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["update_norm"] = optax.global_norm(updates)
+  # optax.apply_if_finite (config.skip_nonfinite_steps) leaves the parameters as they were after a non-finite
+  # gradient; any other non-finite step stops the run (the loop reads ``nonfinite``).
+  skipped = ~opt_state.last_finite if isinstance(opt_state, optax.ApplyIfFiniteState) else jnp.zeros((), bool)
+  finite = lambda *xs: functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in xs])
+  metrics["nonfinite_skipped"] = skipped.astype(jnp.float32)
+  metrics["nonfinite"] = ~finite(metrics["update_norm"]) | ~(skipped | finite(metrics["loss"], metrics["grad_norm"]))
+  metrics["nonfinite"] = metrics["nonfinite"].astype(jnp.float32)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
@@ -346,15 +355,37 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------- loop
+class NonFinite(RuntimeError):
+  """A training step gave a non-finite loss, gradient norm or update; nothing of it was saved."""
+
+  def __init__(self, step: int, metrics: dict, last_checkpoint: int | None, workdir: str):
+    values = ", ".join(f"{k}={metrics[k]:.6g}" for k in ("loss", "grad_norm", "update_norm"))
+    resume = (
+        f"checkpoint {last_checkpoint} is the last good state and the same command resumes from it"
+        if last_checkpoint is not None
+        else "no checkpoint was saved before it"
+    )
+    super().__init__(
+        f"Non-finite step {step} ({values}); training stopped without saving it, {resume} once the cause (learning "
+        f"rate, data) is fixed; --config.skip_nonfinite_steps=N skips up to N such updates in a row instead"
+    )
+    self.step = step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains ``config.num_train_steps`` steps, resuming from ``workdir`` if it holds a checkpoint.
 
-  The run holds the workdir's lock (:mod:`onestory_jax.locks`, one per process index) from start to end.
+  The run holds the workdir's lock (:mod:`onestory_jax.locks`, one per process index) from start to end. Resume
+  takes the latest readable checkpoint and moves unreadable later ones aside (:class:`checkpoints.TrainCheckpoints`).
 
   Raises:
     locks.InUse: another run holds the workdir.
     preemption.Preempted: the run was told to stop (SIGTERM, or the coordination service's preemption notice); the
       checkpoint of the step it stopped after has committed.
+    checkpoints.SaveFailed: a checkpoint save failed (disk full, permissions); the last committed one is intact.
+    checkpoints.CheckpointMismatch, checkpoints.NoReadableCheckpoint: nothing in the workdir to resume from.
+    NonFinite: a step gave a non-finite loss, gradient norm or update (and config.skip_nonfinite_steps did not skip
+      it); it was not saved.
   """
   with locks.exclusive(workdir, "--workdir", name=f".lock.process_{jax.process_index()}"):
     return _train(config, workdir)
@@ -364,17 +395,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   trainer = Trainer(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   data_iter = iter(trainer.dataset())
-  mngr = checkpoints.checkpoint_manager(workdir, config)
-  latest = mngr.latest_step()
-  if latest is not None:  # the workdir wins: config.pretrained only seeds a fresh start
-    state = checkpoints.restore_checkpoint(mngr, latest, trainer.program.abstract_state, data_iter)
-    logging.info("Resumed from step %d in %s", latest, workdir)
+  ckpts = checkpoints.TrainCheckpoints(workdir, config)
+  ckpts.log_disk_need(trainer.program.abstract_state)
+  found = ckpts.restore(trainer.program.abstract_state, data_iter)
+  if found is not None:  # the workdir wins: config.pretrained only seeds a fresh start
+    state = found[1]
+    logging.info("Resumed from step %d in %s", found[0], workdir)
   else:
     state = trainer.init_state()
     if config.pretrained:
       logging.info("Fresh start from the converted weights in %s", config.pretrained)
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
   start = int(jax.device_get(state.step))
+  last_saved = found[0] if found is not None else None
   total = config.num_train_steps
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_steps=config.log_every_steps)
   hooks = [report]
@@ -395,21 +428,34 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   model_flops = flops.step_flops(config).model_flops
   chip = chips.of_device_kind(jax.devices()[0].device_kind)
   last_log = (start, time.perf_counter())
-  with preemption.Watch(mngr, jax.process_count()) as watch:
+
+  def check_finite(at: int, m: dict) -> None:
+    if jax.device_get(m["nonfinite"]):
+      ckpts.close()  # the good saves before it commit
+      raise NonFinite(at, jax.device_get(m), last_saved, workdir)
+
+  previous = None  # the metrics of the step before
+  with preemption.Watch(ckpts.mngr, jax.process_count()) as watch:
     for step in range(start + 1, total + 1):
       batch = next(data_iter)
       state, metrics = trainer.step(state, batch)
       state_ref[0] = state
-      if metrics_acc:
+      if previous is not None:
         # Dispatch stays at most one step ahead of the device, so steps/s and the ETA report compute, not dispatch
         # (unbounded, the host runs dozens of steps ahead and the progress swings between 2x and 0 steps/s).
-        jax.block_until_ready(metrics_acc[-1])
+        check_finite(step - 1, previous)
+      previous = metrics
+      ckpts.check()  # a failed asynchronous save stops the run here
       metrics_acc.append(metrics)
       for h in hooks:
         h(step)
       if step % config.log_every_steps == 0 or step == total:
         m = jax.device_get(metrics_acc)
-        scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+        skipped = np.array([x.pop("nonfinite_skipped") for x in m]) > 0
+        applied = [x for x, s in zip(m, skipped) if not s] or m  # a skipped step's loss is NaN: leave it out
+        scalars = {k: float(np.mean([x[k] for x in applied])) for k in m[0] if k != "nonfinite"}
+        if config.skip_nonfinite_steps:
+          scalars["nonfinite_skipped"] = float(np.sum(skipped))
         scalars["lr"] = float(learning_rate(config, config.optim.lr)(step))
         scalars["dc_warmup"] = float(step <= objective.dc_warmup_steps(config))
         now = time.perf_counter()
@@ -422,14 +468,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         metrics_acc = []
       preempted = watch.reached(step)
       if step % config.checkpoint_every_steps == 0 or step == total or preempted:
-        checkpoints.save_checkpoint(mngr, step, state, data_iter, config)
+        check_finite(step, metrics)  # never save a non-finite state
+        ckpts.save(step, state, data_iter, config)
+        last_saved = step
       if preempted and step < total:
-        mngr.wait_until_finished()  # committed before the machine goes
-        mngr.close()
+        ckpts.close()  # committed before the machine goes
         writer.flush()
         raise preemption.Preempted(step, os.path.join(os.path.abspath(workdir), "checkpoints", str(step)))
-  mngr.wait_until_finished()
-  mngr.close()
+  ckpts.close()
   writer.flush()
   return state
 

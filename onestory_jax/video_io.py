@@ -82,9 +82,9 @@ def read_json_object(path: PathLike) -> dict:
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON (UTF-8, trailing newline) to ``path`` atomically."""
+  """Writes ``obj`` as indented, strict JSON (no NaN or Infinity; UTF-8, trailing newline) to ``path`` atomically."""
   try:
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
   except (TypeError, ValueError) as e:
     raise ValueError(f"atomic_write_json({os.fspath(path)}): object is not JSON-serialisable: " f"{e}") from e
   atomic_write_bytes(path, text.encode("utf-8"))

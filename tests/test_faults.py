@@ -1,8 +1,15 @@
-"""Faults the trainer survives, injected for real (docs/faults.md): a preemption notice (SIGTERM) to a running trainer,
-with one process and with two (``jax.distributed`` on 127.0.0.1); a second writer on a workdir or a story folder."""
+"""Faults the trainer and the sampler survive, injected for real (docs/faults.md): a preemption notice (SIGTERM) to a
+running trainer, with one process and with two (``jax.distributed`` on 127.0.0.1); a second writer on a workdir or a
+story folder; cut and incomplete checkpoints; a full disk (a small tmpfs); a NaN learning rate and NaN data; sampler
+settings that are not finite; a caption longer than the text encoder takes."""
 
+import io
+import json
 import os
 import re
+import resource
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,11 +19,16 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from onestory_jax import checkpoints
 from onestory_jax import locks
+from onestory_jax import logs
 from onestory_jax import preemption
+from onestory_jax import sampler
+from onestory_jax import story as story_lib
 from onestory_jax import trainer as trainer_lib
+from onestory_jax import video_io
 from tests.helpers import ROOT
 from tests.helpers import load_config
 
@@ -194,3 +206,254 @@ def test_the_lock_is_held_once_per_process_and_released(tmp_path):
   assert not os.path.exists(holder)
   with locks.exclusive(directory, "--out"):  # released: the next writer gets it
     pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A straight run to compare against: 6 steps, checkpoints at 2, 4 and 6 (2 kept), one DiT block.
+RUN = dict(OVERRIDES, num_train_steps=6, checkpoint_every_steps=2, log_every_steps=2)
+
+
+def _run_config(**overrides):
+  return load_config("tiny", **dict(RUN, **overrides))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """(workdir, final params) of an uninterrupted 6-step run; tests copy the workdir before changing it."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  state = trainer_lib.train_and_evaluate(_run_config(), workdir)
+  return workdir, jax.device_get(state.params)
+
+
+def _copy(straight_run, tmp_path, name="run") -> str:
+  workdir = str(tmp_path / name)
+  shutil.copytree(straight_run[0], workdir, ignore=shutil.ignore_patterns(".lock*"))
+  return workdir
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(jax.device_get(b))):
+    np.testing.assert_array_equal(x, y)
+
+
+def _cut(step_dir: str) -> str:
+  """Cuts the largest data file of a saved train state in half; returns its path."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+  big = max(files, key=os.path.getsize)
+  os.truncate(big, os.path.getsize(big) // 2)
+  return big
+
+
+def test_a_cut_latest_checkpoint_is_moved_aside_and_the_one_before_resumes_exactly(straight, tmp_path):
+  workdir = _copy(straight, tmp_path)
+  ckpt = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpt)) == ["4", "6"]
+  _cut(os.path.join(ckpt, "6"))
+
+  # Readers (sampling, export) skip it without moving anything: they do not own the workdir.
+  assert checkpoints.load_config_from_workdir(workdir).num_train_steps == 6
+  system, params, _ = checkpoints.load_for_sampling(workdir)
+  assert sorted(os.listdir(ckpt)) == ["4", "6"]
+
+  # Training moves it aside with its reason, resumes from step 4 and ends where the straight run ended.
+  _assert_same_params(straight[1], trainer_lib.train_and_evaluate(_run_config(), workdir).params)
+  aside = os.path.join(workdir, checkpoints.UNREADABLE)
+  assert os.listdir(aside) == ["6"]
+  reason = open(os.path.join(aside, "6", "UNREADABLE.txt")).read()
+  assert "OUT_OF_RANGE" in reason and "\n" not in reason.strip()
+  assert sorted(os.listdir(ckpt)) == ["4", "6"]  # a new step 6
+
+  # Its tree metadata gone: the same again, and the one moved aside before stays.
+  os.remove(os.path.join(ckpt, "6", "state", "_METADATA"))
+  _assert_same_params(straight[1], trainer_lib.train_and_evaluate(_run_config(), workdir).params)
+  assert sorted(os.listdir(aside)) == ["6", "6.1"]
+  assert "_METADATA" in open(os.path.join(aside, "6.1", "UNREADABLE.txt")).read()
+
+
+def test_with_every_checkpoint_unreadable_a_fresh_start_waits_for_the_user(straight, tmp_path):
+  workdir = _copy(straight, tmp_path)
+  for step in ("4", "6"):
+    _cut(os.path.join(workdir, "checkpoints", step))
+  with pytest.raises(checkpoints.NoReadableCheckpoint, match=r"no readable checkpoint is left.*move .* away"):
+    trainer_lib.train_and_evaluate(_run_config(), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, checkpoints.UNREADABLE))) == ["4", "6"]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == []
+  with pytest.raises(checkpoints.NoReadableCheckpoint):  # the next run does not start afresh on its own either
+    trainer_lib.train_and_evaluate(_run_config(), workdir)
+
+
+def test_a_checkpoint_of_another_model_is_named_and_left_in_place(straight, tmp_path):
+  workdir = _copy(straight, tmp_path)
+  with pytest.raises(checkpoints.CheckpointMismatch, match=r"checkpoint 6 .* another model .*params\.dit\.blocks_1"):
+    trainer_lib.train_and_evaluate(_run_config(**{"model.num_layers": 2}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  assert not os.path.exists(os.path.join(workdir, checkpoints.UNREADABLE))
+
+
+def _can_mount_tmpfs() -> bool:
+  probe = subprocess.run(
+      ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+      capture_output=True,
+  )
+  return probe.returncode == 0
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_last_committed_checkpoint_resumes(straight, tmp_path):
+  """A 7 MiB tmpfs holds one or two checkpoints (3-4 MiB each) but not three. Where this machine cannot mount one
+  (no user namespaces), a file-size limit makes the first save's writes fail (EFBIG instead of ENOSPC)."""
+  workdir = str(tmp_path / "run")
+  argv = [sys.executable, "-m", "onestory_jax.train", "--config=configs/onestory.py:tiny", f"--workdir={workdir}"]
+  argv += [f"--config.{k}={v}" for k, v in RUN.items()]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  if _can_mount_tmpfs():
+    disk = str(tmp_path / "disk")
+    os.makedirs(disk)
+    # Train on the tmpfs, then copy what it left to the real disk before the mount namespace goes.
+    script = (
+        f"mount -t tmpfs -o size=7m tmpfs {disk} && {shlex.join(argv[:4])} --workdir={disk}/run "
+        f"{shlex.join(argv[5:])}; rc=$?; cp -r {disk}/run {workdir}; exit $rc"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    where = f"{disk}/run/checkpoints"
+  else:
+
+    def limit():  # every file this process writes stops at 64 KiB; a write past it fails instead of killing it
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))
+
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    where = f"{workdir}/checkpoints"
+  assert done.returncode == 1, done.stderr[-3000:]
+  errors = [l for l in done.stderr.splitlines() if "Traceback" in l or l.startswith("Saving checkpoint")]
+  assert len(errors) == 1, done.stderr[-5000:]  # one line, no tracebacks
+  assert re.match(rf"Saving checkpoint \d+ in {where} failed \(.*(No space left on device|File too large)", errors[0])
+  last = re.search(rf"checkpoint (\d+) \({where}/(\d+)\) is the last committed one", errors[0])
+  assert last or "no checkpoint has committed yet" in errors[0], errors[0]
+  committed = [int(last.group(1))] if last else []
+
+  # Nothing after the failure was saved; what was committed is intact: the same command resumes from it and ends
+  # where the straight run ended.
+  assert checkpoints.checkpoint_manager(workdir, _run_config()).all_steps() == committed
+  _assert_same_params(straight[1], trainer_lib.train_and_evaluate(_run_config(), workdir).params)
+
+
+def test_a_nan_learning_rate_stops_the_run_naming_the_step_without_saving_it(straight, tmp_path):
+  workdir = _copy(straight, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # the run stands at step 4
+  done = _run(
+      "onestory_jax.train",
+      "--config=configs/onestory.py:tiny",
+      f"--workdir={workdir}",
+      "--config.optim.lr=nan",
+      *[f"--config.{k}={v}" for k, v in RUN.items()],
+  )
+  assert done.returncode == 1, done.stderr[-3000:]
+  line = done.stderr.strip().splitlines()[-1]
+  assert re.match(
+      r"Non-finite step 5 \(loss=[-+0-9.e]+, grad_norm=[-+0-9.e]+, update_norm=nan\); training stopped", line
+  )
+  assert "checkpoint 4 is the last good state" in line and "skip_nonfinite_steps" in line
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]  # nothing of step 5 or 6
+  _assert_same_params(straight[1], trainer_lib.train_and_evaluate(_run_config(), workdir).params)
+
+
+def test_skip_nonfinite_steps_leaves_the_state_as_it_was_and_counts_the_step():
+  config = _run_config(skip_nonfinite_steps=2)
+  tr = trainer_lib.Trainer(config)
+  state = tr.init_state()
+  batch = next(iter(tr.dataset()))
+  poisoned = dict(batch, sel_labels=np.full_like(batch["sel_labels"], np.nan))  # NaN data: l_sel is NaN
+  before = jax.device_get(state.params)  # the step donates the state
+  after, m = tr.step(state, poisoned)
+  m = jax.device_get(m)
+  assert not np.isfinite(m["loss"]) and m["nonfinite_skipped"] == 1 and m["nonfinite"] == 0
+  _assert_same_params(before, after.params)
+  for _ in range(2):  # finite batches are applied again (the first at the schedule's step 0, learning rate 0)
+    after, m = tr.step(after, batch)
+    m = jax.device_get(m)
+    assert m["nonfinite_skipped"] == 0 and m["nonfinite"] == 0
+  assert m["update_norm"] > 0
+
+  # Without skipping, the same batch is flagged: the loop stops the run on it.
+  plain = trainer_lib.Trainer(_run_config())
+  _, m = plain.step(plain.init_state(), poisoned)
+  assert jax.device_get(m["nonfinite"]) == 1
+
+
+def test_sampler_settings_and_story_files_are_checked_before_anything_runs(tmp_path):
+  out = str(tmp_path / "story")
+  story = os.path.join(ROOT, "onestory_jax", "assets", "stories", "recall.json")
+  done = _run("onestory_jax.sample", f"--story={story}", f"--out={out}", "--guidance=nan")
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert (
+      done.stderr.strip().splitlines()[-1]
+      == "--guidance must be a finite number (the classifier-free guidance scale), got nan"
+  )
+  assert "Traceback" not in done.stderr and not os.path.exists(out)
+  for flags, message in [
+      (dict(steps=0), "--steps must be an integer >= 1, got 0"),
+      (dict(shift=float("inf")), "--shift must be a finite number > 0"),
+      (dict(shift=-1.0), "--shift must be a finite number > 0"),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      sampler.check_settings(**flags)
+  sampler.check_settings(steps=1, shift=3.0, guidance=-1.0)
+  bad = tmp_path / "nan.json"
+  bad.write_text('{"shots": [{"caption": "a red round character.", "environment": NaN}]}')
+  with pytest.raises(ValueError, match=r"nan\.json: NaN is not JSON"):
+    story_lib.load_story(str(bad))
+
+
+def test_a_long_caption_is_truncated_with_a_warning_and_manifests_are_strict_json(tmp_path, caplog):
+  system, params, enc = checkpoints.load_for_sampling(None)
+  capacity = system.tokenizer.capacity()
+  fits = "a red round character moves left in a blue place, wide view."
+  long = " ".join(["the same first round character moves right in a new green place, close view."] * 10)
+  dropped = system.tokenizer.dropped([fits, long])
+  assert dropped[0] == 0 and dropped[1] > 0
+  assert len(system.tokenizer._pieces([long])[0]) - dropped[1] == capacity  # pylint: disable=protected-access
+  story = story_lib.parse_story({"shots": [{"caption": fits}, {"caption": long}]}, where="story.json")
+  gen = sampler.ShotGenerator(system, params, enc, max_shots=2, steps=1, shift=3.0, guidance=1.0)
+  with caplog.at_level("WARNING"):
+    manifest = sampler.generate_story(gen, story, str(tmp_path / "out"), seed=0)
+  warned = [r.getMessage() for r in caplog.records if "tokens longer" in r.getMessage()]
+  assert warned == [
+      f"shot 2: the caption is {dropped[1]} tokens longer than the text encoder takes ({capacity}); its last "
+      f"{dropped[1]} tokens are dropped"
+  ]
+  assert len(manifest["shots"]) == 2
+
+  def reject(constant):
+    raise AssertionError(f"manifest holds {constant}")
+
+  json.loads(open(tmp_path / "out" / "manifest.json").read(), parse_constant=reject)
+  with pytest.raises(ValueError, match="not JSON-serialisable"):
+    video_io.atomic_write_json(str(tmp_path / "x.json"), {"score": float("nan")})
+
+
+def test_the_stderr_filter_drops_only_closed_loop_tracebacks():
+  out = io.StringIO()
+  f = logs._ClosedLoopFilter(out)  # pylint: disable=protected-access
+  noise = (
+      'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
+  )
+  real = 'Traceback (most recent call last):\n  File "y.py", line 2, in h\nValueError: bad\n'
+
+  def write(text):
+    for i in range(0, len(text), 7):  # in pieces, as C code writes them
+      f.write(text[i : i + 7])
+
+  threads = [threading.Thread(target=write, args=(t,)) for t in (noise, "plain line\n", noise, real)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert "Event loop is closed" not in out.getvalue()
+  assert "plain line\n" in out.getvalue() and real in out.getvalue()

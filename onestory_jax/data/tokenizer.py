@@ -107,12 +107,24 @@ class CaptionTokenizer:
         raise ValueError(f"{who}: every text must be a str, got {t!r}")
     return texts
 
+  def _pieces(self, texts: Sequence[str]) -> list[list[int]]:
+    """The untruncated token ids of each text (what :meth:`encode` cuts to :meth:`capacity`)."""
+    return [enc.ids for enc in self._tokenizer.encode_batch(self._checked(texts))]
+
+  def capacity(self) -> int:
+    """How many of a text's tokens fit; the rest are dropped."""
+    return self._max_len
+
+  def dropped(self, texts: Sequence[str]) -> list[int]:
+    """How many tokens of each text :meth:`encode` drops (0 where the text fits)."""
+    return [max(len(ids) - self.capacity(), 0) for ids in self._pieces(texts)]
+
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """Token ids int32 [len(texts), max_len], truncated and padded with pad_id."""
-    texts = self._checked(texts)
-    out = np.full((len(texts), self._max_len), self._pad_id, dtype=np.int32)
-    for i, enc in enumerate(self._tokenizer.encode_batch(texts)):
-      ids = enc.ids[: self._max_len]
+    pieces = self._pieces(texts)
+    out = np.full((len(pieces), self._max_len), self._pad_id, dtype=np.int32)
+    for i, ids in enumerate(pieces):
+      ids = ids[: self._max_len]
       out[i, : len(ids)] = ids
     return out
 
@@ -181,15 +193,22 @@ class UMT5Tokenizer(CaptionTokenizer):
   def eos_id(self) -> int:
     return self._eos_id
 
-  def encode_with_mask(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids int32 [N, max_len] and the attention mask bool [N, max_len]."""
+  def _pieces(self, texts: Sequence[str]) -> list[list[int]]:
     texts = self._checked(texts)
     if self._clean:
       texts = [clean_prompt(t) for t in texts]
-    ids = np.full((len(texts), self._max_len), self._pad_id, dtype=np.int32)
-    mask = np.zeros((len(texts), self._max_len), dtype=bool)
-    for i, enc in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
-      row = enc.ids[: self._max_len - 1] + [self._eos_id]
+    return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+  def capacity(self) -> int:
+    return self._max_len - 1  # and EOS
+
+  def encode_with_mask(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int32 [N, max_len] and the attention mask bool [N, max_len]."""
+    pieces = self._pieces(texts)
+    ids = np.full((len(pieces), self._max_len), self._pad_id, dtype=np.int32)
+    mask = np.zeros((len(pieces), self._max_len), dtype=bool)
+    for i, piece in enumerate(pieces):
+      row = piece[: self.capacity()] + [self._eos_id]
       ids[i, : len(row)] = row
       mask[i, : len(row)] = True
     return ids, mask
