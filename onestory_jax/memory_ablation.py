@@ -26,6 +26,7 @@ from absl import flags
 import numpy as np
 
 from onestory_jax import checkpoints
+from onestory_jax import compilation_cache
 from onestory_jax import evaluate
 from onestory_jax import logs
 from onestory_jax import metrics
@@ -175,6 +176,7 @@ def run(
 def main(argv):
   del argv
   logs.quiet_libraries()
+  compilation_cache.enable()
   f = flags.FLAGS
   print(
       json.dumps(

@@ -55,6 +55,12 @@ class Condition:
   image: jax.Array  # [B, Li, Di] image tokens (zeros when absent)
   channels: jax.Array  # [B, F_lat, h, w, mask + C] I2V mask + first-frame latent channels
 
+  def guidance_pair(self) -> "Condition":
+    """Both halves of classifier-free guidance as one batch of ``2B``: rows ``[:B]`` carry the caption, rows
+    ``[B:]`` the empty caption, every other field is repeated; one DiT call then gives both velocities."""
+    doubled = jax.tree.map(lambda a: jnp.concatenate([a, a]), self)
+    return doubled.replace(text=jnp.concatenate([self.text, self.null_text]))
+
 
 def make_tokenizer(config) -> tokenizer_lib.CaptionTokenizer:
   name = config.text_encoder.name
@@ -250,14 +256,11 @@ class System:
         channels=channels,
     )
 
-  def velocity(
-      self, params: Any, cond: Condition, x_t: jax.Array, t: jax.Array, *, null_text: bool = False
-  ) -> jax.Array:
+  def velocity(self, params: Any, cond: Condition, x_t: jax.Array, t: jax.Array) -> jax.Array:
     """DiT velocity for noisy latents ``x_t`` [B, F, h, w, C] at flow time ``t`` [B] in [0, 1]."""
     x = jnp.concatenate([x_t, cond.channels.astype(x_t.dtype)], axis=-1) if self.config.model.i2v else x_t
-    text = cond.null_text if null_text else cond.text
     image = cond.image if self.config.model.i2v else None
-    out = self.model.apply({"params": params}, x, t * 1000.0, text, image, cond.context, method="velocity")
+    out = self.model.apply({"params": params}, x, t * 1000.0, cond.text, image, cond.context, method="velocity")
     return rf.output_to_velocity(out, x_t, t, self.config.flow.prediction)
 
 

@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 
 from onestory_jax import checkpoints
+from onestory_jax import compilation_cache
 from onestory_jax import locks
 from onestory_jax import logs
 from onestory_jax import sampler
@@ -35,6 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
+  compilation_cache.enable()
   try:
     sampler.check_settings(steps=_STEPS.value, shift=_SHIFT.value, guidance=_GUIDANCE.value)
     with locks.exclusive(_OUT.value, "--out"):  # before anything loads: a second writer stops at once

@@ -71,6 +71,7 @@ class ShotGenerator:
     self.times = rf.sampling_times(steps, shift)
     self.guidance = float(guidance)
     self._generate = jax.jit(self._generate_impl)
+    self._decode = jax.jit(lambda enc, lat: codec_lib.to_uint8(system.decode_shots(enc, lat[None])[0]))
 
   def _generate_impl(self, params, tokens, memory, memory_mask, start_image, start_present, rng):
     s = self.system
@@ -78,12 +79,15 @@ class ShotGenerator:
         params, self.enc, tokens, memory, memory_mask, start_image=start_image, start_present=start_present
     )
 
+    guided = cond.guidance_pair() if self.guidance != 1.0 else None
+
     def velocity(x, t):
-      tb = jnp.full((x.shape[0],), t)
-      v = s.velocity(params, cond, x, tb)
-      if self.guidance != 1.0:
-        v = rf.cfg_velocity(v, s.velocity(params, cond, x, tb, null_text=True), self.guidance)
-      return v
+      if guided is None:
+        return s.velocity(params, cond, x, jnp.full((x.shape[0],), t))
+      # Classifier-free guidance in one DiT call over the caption and empty-caption rows.
+      both = s.velocity(params, guided, jnp.concatenate([x, x]), jnp.full((2 * x.shape[0],), t))
+      v_cond, v_uncond = jnp.split(both, 2)
+      return rf.cfg_velocity(v_cond, v_uncond, self.guidance)
 
     noise = jax.random.normal(rng, (tokens.shape[0],) + s.latent_shape, jnp.float32)
     x0 = rf.euler_sample(velocity, noise, self.times)
@@ -124,7 +128,7 @@ class ShotGenerator:
     return np.asarray(x0[0]), jax.tree.map(lambda a: np.asarray(a[0]), info)
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
-    return np.asarray(codec_lib.to_uint8(self.system.decode_shots(self.enc, jnp.asarray(latents)[None])[0]))
+    return np.asarray(self._decode(self.enc, jnp.asarray(latents)))
 
 
 def selection_record(info: dict, shot_frames: int, kernels: Sequence[Sequence[int]]) -> list[dict]:

@@ -27,6 +27,7 @@ import jax
 from ml_collections import config_flags
 
 from onestory_jax import checkpoints
+from onestory_jax import compilation_cache
 from onestory_jax import distributed
 from onestory_jax import locks
 from onestory_jax import logs
@@ -45,6 +46,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
+  compilation_cache.enable()
   distributed.initialize_from_env()
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   if not _VERBOSE.value:  # a failed save or read is reported in one line, not in orbax's hundreds of tracebacks
