@@ -96,15 +96,14 @@ def _check_fits(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> 
   leaves = jax.tree_util.tree_leaves_with_path
   wanted = {_leaf_name(p): (None if is_key(x) else tuple(x.shape)) for p, x in leaves(abstract_state)}
   saved = {_leaf_name(p): tuple(x.shape) for p, x in leaves(meta)}
-  params_first = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params."), k))
-  diffs = [f"{k}: not in the checkpoint" for k in params_first(wanted.keys() - saved.keys())]
-  diffs += [f"{k}: in the checkpoint, not in the run" for k in params_first(saved.keys() - wanted.keys())]
+  diffs = [f"{k}: not in the checkpoint" for k in sorted(wanted.keys() - saved.keys())]
+  diffs += [f"{k}: in the checkpoint, not in the run" for k in sorted(saved.keys() - wanted.keys())]
   diffs += [
       f"{k}: checkpoint {saved[k]}, run {wanted[k]}"
-      for k in params_first(wanted.keys() & saved.keys())
+      for k in sorted(wanted.keys() & saved.keys())
       if wanted[k] is not None and saved[k] != wanted[k]
   ]
-  diffs.sort(key=lambda d: not d.startswith("params."))
+  diffs.sort(key=lambda d: not d.startswith("params."))  # stable: the model's parameters first, then the optimiser's
   if diffs:
     raise CheckpointMismatch(
         f"checkpoint {step} in {mngr.directory} was saved by a run with another model or optimiser "
