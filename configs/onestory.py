@@ -110,8 +110,9 @@ def _base() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.scan_layers = False
   m.remat = "none"  # 'none' | 'full' | 'dots'
-  # Attention backend (onestory_jax/models/attention.py, docs/sharding.md): 'xla' | 'cudnn' (GPU, bf16/fp16) |
-  # 'splash' (Pallas, TPU; interpreted elsewhere) | 'auto' = cudnn on GPU for bf16/fp16, splash on TPU, else xla.
+  # Attention backend (onestory_jax/models/attention.py, docs/sharding.md): 'xla' | 'blocked' (flash-style, plain
+  # JAX) | 'cudnn' (GPU, bf16/fp16) | 'splash' (Pallas, TPU; interpreted elsewhere) | 'auto' = cudnn on GPU for
+  # bf16/fp16, splash on TPU, else blocked.
   m.attention = "auto"
 
   # ---------------------------------------------------------------- Frame Selection (Eq. 3-6, 11)

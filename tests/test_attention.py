@@ -1,4 +1,4 @@
-"""Attention backends (xla, splash interpreted, cudnn on GPU) and Ulysses context parallelism on 8 devices.
+"""Attention backends (xla, blocked, splash interpreted, cudnn on GPU) and Ulysses context parallelism on 8 devices.
 
 Every backend is checked against a plain float32 softmax (``attention.reference_attention``), values and
 gradients, with and without key padding (a general key mask and suffix lengths). Tolerances: float32 kernels that
@@ -67,7 +67,7 @@ def _check_against_reference(backend, lq, lk, kind, tol=TOL, dtype=jnp.float32, 
   return out
 
 
-@pytest.mark.parametrize("backend", ["xla", "splash"])
+@pytest.mark.parametrize("backend", ["xla", "blocked", "splash"])
 @pytest.mark.parametrize("kind", ["none", "mask", "lengths"])
 def test_backend_matches_reference_self_attention(backend, kind):
   out = _check_against_reference(backend, L, L, kind)
@@ -75,7 +75,7 @@ def test_backend_matches_reference_self_attention(backend, kind):
     assert _max_err(out, attention.reference_attention(*_qkv())) > 1e-2
 
 
-@pytest.mark.parametrize("backend", ["xla", "splash"])
+@pytest.mark.parametrize("backend", ["xla", "blocked", "splash"])
 def test_backend_matches_reference_cross_attention(backend):
   """Queries and keys of different lengths (the text / image cross-attention); splash pads both to its tiles."""
   _check_against_reference(backend, L, LT, "mask")
@@ -95,7 +95,7 @@ def test_pack_valid_first_is_exact_and_identity_on_suffix_padding():
 
 def test_unknown_backend_lists_the_registry():
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match=r"config.model.attention='flash'.*'xla', 'cudnn', 'splash', 'auto'"):
+  with pytest.raises(ValueError, match=r"config.model.attention='flash'.*'xla', 'blocked', 'cudnn', 'splash', 'auto'"):
     attention.dot_product_attention(q, k, v, backend="flash")
   with pytest.raises(ValueError, match="config.model.attention='flash'"):
     wan_dit.WanTransformer3D.from_config(load_config("tiny", **{"model.attention": "flash"}).model, 4, 4, 8)
@@ -104,9 +104,12 @@ def test_unknown_backend_lists_the_registry():
 def test_auto_picks_per_platform_and_dtype():
   assert attention.resolve_backend("auto", jnp.bfloat16, "gpu") == "cudnn"
   assert attention.resolve_backend("auto", jnp.float16, "gpu") == "cudnn"
-  assert attention.resolve_backend("auto", jnp.float32, "gpu") == "xla"  # cuDNN flash has no float32
+  assert attention.resolve_backend("auto", jnp.float32, "gpu") == "blocked"  # cuDNN flash has no float32
   assert attention.resolve_backend("auto", jnp.bfloat16, "tpu") == "splash"
-  assert attention.resolve_backend("auto", jnp.float32, "cpu") == "xla"
+  assert attention.resolve_backend("auto", jnp.float32, "tpu") == "splash"
+  assert attention.resolve_backend("auto", jnp.float32, "cpu") == "blocked"
+  assert attention.resolve_backend("auto", jnp.bfloat16, "cpu") == "blocked"
+  assert attention.resolve_backend("xla", jnp.float32, "cpu") == "xla"
   assert attention.resolve_backend("splash", jnp.float32, "cpu") == "splash"  # explicit names are kept
   assert attention.current_platform() == jax.default_backend()
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
@@ -140,7 +143,7 @@ def _mesh(shape):
   return jax.make_mesh(shape, ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
 
 
-@pytest.mark.parametrize("backend", ["xla", "splash"])
+@pytest.mark.parametrize("backend", ["xla", "blocked", "splash"])
 @pytest.mark.parametrize("shape,lq", [((2, 1, 4, 1), 80), ((1, 2, 2, 2), 78)])
 def test_ulysses_context_parallel_matches_reference(backend, shape, lq):
   """Tokens split over the context axis; 78 tokens do not divide 4 devices (padded, masked, dropped)."""

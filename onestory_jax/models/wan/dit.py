@@ -163,7 +163,7 @@ def attention(
 
   Args:
     key_mask: optional ``[B, Lk]`` bool, False = padding key (ignored by every query).
-    backend: 'xla' | 'cudnn' | 'splash' | 'auto' (:func:`attention_lib.backend_names`).
+    backend: 'xla' | 'blocked' | 'cudnn' | 'splash' | 'auto' (:func:`attention_lib.backend_names`).
     kv_lengths: optional ``[B]``; keys at positions ``>= kv_lengths[b]`` are padding.
     kv_follows_q: True for self-attention (k/v share the query's token sequence and its sharding).
   """
@@ -452,7 +452,7 @@ class WanTransformer3D(nn.Module):
 
   Attributes mirror ``config.model`` (see ``configs/onestory.py``); ``image_dim`` set means
   an I2V model with image cross-attention. ``attention_impl`` is the attention backend
-  (``config.model.attention``: 'xla' | 'cudnn' | 'splash' | 'auto'), forwarded to :func:`attention`.
+  (``config.model.attention``: 'xla' | 'blocked' | 'cudnn' | 'splash' | 'auto'), forwarded to :func:`attention`.
   """
 
   in_channels: int
