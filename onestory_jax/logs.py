@@ -61,16 +61,13 @@ class _ClosedLoopFilter(io.TextIOBase):
     self._lock = threading.Lock()
 
   def write(self, text: str) -> int:
-    me = threading.get_ident()
+    me, n = threading.get_ident(), len(text)
     with self._lock:
-      text = self._partial.pop(me, "") + text
-      *lines, rest = text.split("\n")
-      if rest:
-        self._partial[me] = rest
+      *lines, rest = (self._partial.pop(me, "") + text).split("\n")
       for line in lines:
         held = self._held.get(me)
         if held is None:
-          if line.startswith("Traceback (most recent call last):"):
+          if line.startswith(_CHAINED[0]):
             self._held[me] = [line]
           else:
             self._stream.write(line + "\n")
@@ -80,10 +77,21 @@ class _ClosedLoopFilter(io.TextIOBase):
           del self._held[me]
           if line.strip() != _CLOSED_LOOP:
             self._stream.write("\n".join(held + [line]) + "\n")
-    return len(text)
+      if me in self._held or (rest and _CHAINED[0].startswith(rest)):
+        self._partial[me] = rest  # inside a traceback, or perhaps its first line: wait for the rest of the line
+      elif rest:
+        self._stream.write(rest)  # an unfinished line (a progress bar's "\r..."): through at once
+    return n
 
   def flush(self) -> None:
     self._stream.flush()
+
+  def isatty(self) -> bool:
+    return self._stream.isatty()
+
+  @property
+  def encoding(self) -> str:
+    return getattr(self._stream, "encoding", "utf-8")
 
   def fileno(self) -> int:
     return self._stream.fileno()

@@ -457,3 +457,4 @@ def test_the_stderr_filter_drops_only_closed_loop_tracebacks():
     t.join()
   assert "Event loop is closed" not in out.getvalue()
   assert "plain line\n" in out.getvalue() and real in out.getvalue()
+  assert f.write("\rstep 3/10") == len("\rstep 3/10") and out.getvalue().endswith("\rstep 3/10")  # not held back
