@@ -56,6 +56,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from onestory_jax.models import blocked_attention as blocked_lib
+from onestory_jax.models.blocked_attention import key_valid
 
 Array = jax.Array
 
@@ -65,15 +66,6 @@ _LANE = 128
 
 
 # ---------------------------------------------------------------------------------------------- key padding
-
-
-def key_valid(key_mask: Array | None, kv_lengths: Array | None, lk: int) -> Array | None:
-  """``[B, Lk]`` bool of the keys that take part, or None when every key does."""
-  valid = None if key_mask is None else key_mask.astype(bool)
-  if kv_lengths is not None:
-    by_length = jnp.arange(lk)[None, :] < kv_lengths[:, None]
-    valid = by_length if valid is None else valid & by_length
-  return valid
 
 
 def pack_valid_first(mask: Array, *arrays: Array) -> tuple[Array, tuple[Array, ...]]:

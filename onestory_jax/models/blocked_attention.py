@@ -42,7 +42,7 @@ Algorithm:
 Padding: the key sequence is padded to a whole number of blocks (padded keys are masked) and the query sequence to a
 whole number of chunks (padded queries dropped). Key padding given by the caller (``key_mask`` [B, Lk] bool,
 ``kv_lengths`` [B] int: key ``j`` takes part iff ``key_mask[b, j]`` and ``j < kv_lengths[b]``, the semantics of
-``attention.key_valid``) becomes an additive ``0 / -inf`` bias on the scores. A query whose keys are all padding gets
+:func:`key_valid`) becomes an additive ``0 / -inf`` bias on the scores. A query whose keys are all padding gets
 a zero output and zero gradients (never NaN).
 
 Precision: float32 inputs are computed in float32 throughout and agree with the float32 reference up to summation
@@ -183,8 +183,9 @@ def _unchunks(x: Array) -> Array:
   return jnp.moveaxis(x, 0, 1).reshape((n, nq * cq) + x.shape[3:])
 
 
-def _valid_keys(key_mask: Array | None, kv_lengths: Array | None, lk: int) -> Array | None:
-  """[B, Lk] bool of the keys that take part (``attention.key_valid`` semantics), or None when all do."""
+def key_valid(key_mask: Array | None, kv_lengths: Array | None, lk: int) -> Array | None:
+  """``[B, Lk]`` bool of the keys that take part, or None when every key does (every backend's key padding:
+  key ``j`` of example ``b`` takes part iff ``key_mask[b, j]`` and ``j < kv_lengths[b]``)."""
   valid = None if key_mask is None else key_mask.astype(bool)
   if kv_lengths is not None:
     by_length = jnp.arange(lk)[None, :] < kv_lengths[:, None]
@@ -429,7 +430,7 @@ def blocked_attention(
   b, lq, h, _ = q.shape
   lk = k.shape[1]
   p = plan(b * h, lq, lk, block_k=block_k, score_block_bytes=score_block_bytes, groups=groups)
-  valid = _valid_keys(key_mask, kv_lengths, lk)
+  valid = key_valid(key_mask, kv_lengths, lk)
   lkp = p.block_k * p.num_k
   if valid is None and lkp > lk:
     valid = jnp.ones((b, lk), bool)
