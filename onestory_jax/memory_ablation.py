@@ -112,8 +112,7 @@ def run(
   default = storyworld.StoryWorldConfig()  # the frame size of the run; StoryWorld's default story lengths
   cfg = storyworld.StoryWorldConfig.from_config(c.data, min_shots=default.min_shots, max_shots=default.max_shots)
   stories = [storyworld.generate_story(first_seed + i, pattern, cfg) for i in range(num_stories)]
-  max_shots = max(len(s["shots"]) for s in stories)
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=max_shots, steps=steps, shift=shift, guidance=guidance)
+  gen = sampler.ShotGenerator(system, params, enc, steps=steps, shift=shift, guidance=guidance)
   scores = {m: {k: [] for k in METRICS} for m in sampler.MEMORY_MODES}
   by_later_shot = {m: {} for m in sampler.MEMORY_MODES}  # C-Cons of pairs, keyed by the later shot's index
   per_story = {m: [] for m in sampler.MEMORY_MODES}  # C-Cons of each story, for the paired comparison

@@ -34,27 +34,23 @@ def time_one_process(workdir: str | None, shots: int) -> dict:
   start = time.perf_counter()
   from onestory_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from onestory_jax import compilation_cache  # pylint: disable=g-import-not-at-top
-  from onestory_jax import sampler  # pylint: disable=g-import-not-at-top
+  from onestory_jax import pipeline  # pylint: disable=g-import-not-at-top
   from onestory_jax.data import storyworld  # pylint: disable=g-import-not-at-top
 
   compilation_cache.enable()
   system, params, enc = checkpoints.load_for_sampling(workdir)
   loaded = time.perf_counter()
-  sm = system.config.sample
   n = min(shots, 9)  # StoryWorld's longest story; longer runs repeat its captions
   cfg = storyworld.StoryWorldConfig.from_config(system.config.data, min_shots=n, max_shots=n)
   captions = [s["caption"] for s in storyworld.generate_story(4321, "recall", cfg, num_shots=n)["shots"]]
-  gen = sampler.ShotGenerator(
-      system, params, enc, max_shots=shots, steps=sm.steps, shift=sm.shift, guidance=sm.guidance
-  )
-  memory, shot_s = [], []
+  pipe = pipeline.OneStoryPipeline(system, params, enc)
+  story = pipe.story(seed=0)
+  shot_s = []
   for i in range(shots):
     t = time.perf_counter()
-    lat, _ = gen(captions[i % n], memory, seed=i)
-    gen.decode(lat)
+    story.next_shot(captions[i % n])
     shot_s.append(time.perf_counter() - t)
-    memory.append(lat)
-  return {"import_and_load_s": loaded - start, "shot_s": shot_s, "sample_steps": sm.steps, "guidance": sm.guidance}
+  return {"import_and_load_s": loaded - start, "shot_s": shot_s, **pipe.settings}
 
 
 def main(argv):

@@ -18,7 +18,7 @@ def test_shipped_checkpoint_samples_a_shot():
   system, params, enc = checkpoints.load_for_sampling(None)
   assert system.config.variant == "demo" and system.latent_shape == (4, 8, 8, 96)
   assert tuple(system.config.model.patch_size) == (1, 1, 1) and system.config.sample.shift == 3.0
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=2, steps=2, shift=1.0, guidance=3.0)
+  gen = sampler.ShotGenerator(system, params, enc, steps=2, shift=1.0, guidance=3.0)
   lat, info = gen("a red round character moves left in a green place, wide view.", [], seed=0)
   frames = gen.decode(lat)
   assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8

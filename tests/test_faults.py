@@ -25,6 +25,7 @@ from onestory_jax import checkpoints
 from onestory_jax import locks
 from onestory_jax import logs
 from onestory_jax import preemption
+from onestory_jax import pipeline
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
 from onestory_jax import trainer as trainer_lib
@@ -420,12 +421,13 @@ def test_a_long_caption_is_truncated_with_a_warning_and_manifests_are_strict_jso
   assert dropped[0] == 0 and dropped[1] > 0
   assert len(system.tokenizer._pieces([long])[0]) - dropped[1] == capacity  # pylint: disable=protected-access
   story = story_lib.parse_story({"shots": [{"caption": fits}, {"caption": long}]}, where="story.json")
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=2, steps=1, shift=3.0, guidance=1.0)
+  pipe = pipeline.OneStoryPipeline(system, params, enc, steps=1, shift=3.0, guidance=1.0)
   with caplog.at_level("WARNING"):
-    manifest = sampler.generate_story(gen, story, str(tmp_path / "out"), seed=0)
+    run = pipe.generate(story.captions, seed=0, out=str(tmp_path / "out"))
+  manifest = run.manifest
   warned = [r.getMessage() for r in caplog.records if "tokens longer" in r.getMessage()]
   assert warned == [
-      f"shot 2: the caption is {dropped[1]} tokens longer than the text encoder takes ({capacity}); its last "
+      f"shot 1: the caption is {dropped[1]} tokens longer than the text encoder takes ({capacity}); its last "
       f"{dropped[1]} tokens are dropped"
   ]
   assert len(manifest["shots"]) == 2

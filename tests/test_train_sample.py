@@ -10,6 +10,7 @@ import pytest
 
 from onestory_jax import checkpoints
 from onestory_jax import objective
+from onestory_jax import pipeline
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
 from onestory_jax import trainer as trainer_lib
@@ -120,23 +121,37 @@ def _story(tmp_path, n=3, pattern="recall"):
   return story_lib.load_story(str(path))
 
 
-def _generator(workdir):
+def _generator(workdir, guidance=2.0):
   system, params, enc = checkpoints.load_for_sampling(workdir)
-  return sampler.ShotGenerator(system, params, enc, max_shots=3, steps=3, shift=1.0, guidance=2.0)
+  return pipeline.OneStoryPipeline(system, params, enc, steps=3, shift=1.0, guidance=guidance)
+
+
+def _sample(pipe, story, out, seed, memory="full"):
+  """What `sample` does: the story's plan through the API into `out`, then every file; the manifest."""
+  run = pipe.story(seed=seed, start_image=story.start_image, memory=memory, out=out)
+  run.plan(story.captions)
+  run.resume()
+  run.save()
+  return run.manifest
+
+
+def _without_times(records):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
 def test_sampling_is_reproducible_and_memory_matters(trained, tmp_path):
   workdir, _ = trained
   gen = _generator(workdir)
   story = _story(tmp_path)
-  m1 = sampler.generate_story(gen, story, str(tmp_path / "a"), seed=3)
-  m2 = sampler.generate_story(gen, story, str(tmp_path / "b"), seed=3)
+  m1 = _sample(gen, story, str(tmp_path / "a"), seed=3)
+  m2 = _sample(gen, story, str(tmp_path / "b"), seed=3)
+  assert all(r["seconds"] > 0 for r in m1["shots"])
   f1 = video_io.load_frames_npz(str(tmp_path / "a" / "frames.npz"))
   f2 = video_io.load_frames_npz(str(tmp_path / "b" / "frames.npz"))
   assert len(f1) == 3 and f1[0].shape == (8, 32, 32, 3)
   for a, b in zip(f1, f2):
     np.testing.assert_array_equal(a, b)
-  assert m1["shots"] == m2["shots"]
+  assert _without_times(m1["shots"]) == _without_times(m2["shots"])
   # Manifest: shot 1 has no memory; later shots select valid memory frames under the budget.
   assert m1["shots"][0]["selected"] == [] and m1["shots"][0]["context_tokens"] == 0
   assert [m["memory_frames"] for m in m1["shots"]] == [0, 4, 8]  # earlier shots only, 4 latent frames each
@@ -147,10 +162,10 @@ def test_sampling_is_reproducible_and_memory_matters(trained, tmp_path):
   for name in ["shot_00.mp4", "shot_02.mp4", "story.mp4", "contact_sheet.png", "manifest.json"]:
     assert os.path.getsize(tmp_path / "a" / name) > 0
   # Another seed gives another story; no memory changes later shots but not the first.
-  sampler.generate_story(gen, story, str(tmp_path / "c"), seed=4)
+  _sample(gen, story, str(tmp_path / "c"), seed=4)
   f3 = video_io.load_frames_npz(str(tmp_path / "c" / "frames.npz"))
   assert not np.array_equal(f1[0], f3[0])
-  mn = sampler.generate_story(gen, story, str(tmp_path / "d"), seed=3, memory="none")
+  mn = _sample(gen, story, str(tmp_path / "d"), seed=3, memory="none")
   f4 = video_io.load_frames_npz(str(tmp_path / "d" / "frames.npz"))
   np.testing.assert_array_equal(f1[0], f4[0])
   assert not np.array_equal(f1[2], f4[2])
@@ -161,7 +176,7 @@ def test_interrupted_story_resumes_where_it_stopped(trained, tmp_path, monkeypat
   workdir, _ = trained
   gen = _generator(workdir)
   story = _story(tmp_path)
-  full = sampler.generate_story(gen, story, str(tmp_path / "full"), seed=5)
+  full = _sample(gen, story, str(tmp_path / "full"), seed=5)
   calls = {"n": 0}
   real_call = sampler.ShotGenerator.__call__
 
@@ -174,19 +189,19 @@ def test_interrupted_story_resumes_where_it_stopped(trained, tmp_path, monkeypat
   monkeypatch.setattr(sampler.ShotGenerator, "__call__", dying)
   out = str(tmp_path / "part")
   with pytest.raises(KeyboardInterrupt):
-    sampler.generate_story(gen, story, out, seed=5)
+    _sample(gen, story, out, seed=5)
   partial = json.loads(open(os.path.join(out, "manifest.json")).read())
-  assert len(partial["shots"]) == 2 and not partial["complete"]
-  with pytest.raises(ValueError, match="--resume"):
-    sampler.generate_story(gen, story, out, seed=5)
-  with pytest.raises(ValueError, match="seed"):
-    sampler.generate_story(gen, story, out, seed=6, resume=True)
-  other = sampler.ShotGenerator(gen.system, gen.params, gen.enc, max_shots=3, steps=3, shift=1.0, guidance=4.0)
+  assert len(partial["shots"]) == 2 and not partial["complete"] and partial["num_shots"] == 3
+  with pytest.raises(ValueError, match="already exists"):
+    _sample(gen, story, out, seed=5)
   with pytest.raises(ValueError, match="sampler"):  # other sampler settings would not continue the same story
-    sampler.generate_story(other, story, out, seed=5, resume=True)
+    _generator(workdir, guidance=4.0).open(out)
   monkeypatch.setattr(sampler.ShotGenerator, "__call__", real_call)
-  resumed = sampler.generate_story(gen, story, out, seed=5, resume=True)
-  assert resumed["complete"] and resumed["shots"] == full["shots"]
+  run = gen.open(out)
+  assert len(run) == 2 and run.seed == 5 and [p["caption"] for p in run.pending] == story.captions[2:]
+  run.resume()
+  run.save()
+  assert run.manifest["complete"] and _without_times(run.manifest["shots"]) == _without_times(full["shots"])
   for a, b in zip(
       video_io.load_frames_npz(os.path.join(out, "frames.npz")),
       video_io.load_frames_npz(str(tmp_path / "full" / "frames.npz")),
@@ -200,9 +215,9 @@ def test_export_then_sample_matches_workdir(trained, tmp_path):
   checkpoints.export_params(workdir, out)
   assert sorted(os.listdir(out)) == ["config.json", "params", "step.txt"]
   story = _story(tmp_path, n=2, pattern="consistency")
-  m_work = sampler.generate_story(_generator(workdir), story, str(tmp_path / "w"), seed=1)
-  m_exp = sampler.generate_story(_generator(out), story, str(tmp_path / "e"), seed=1)
-  assert m_work["shots"] == m_exp["shots"]
+  m_work = _sample(_generator(workdir), story, str(tmp_path / "w"), seed=1)
+  m_exp = _sample(_generator(out), story, str(tmp_path / "e"), seed=1)
+  assert _without_times(m_work["shots"]) == _without_times(m_exp["shots"])
   for a, b in zip(
       video_io.load_frames_npz(str(tmp_path / "w" / "frames.npz")),
       video_io.load_frames_npz(str(tmp_path / "e" / "frames.npz")),
@@ -356,8 +371,8 @@ def test_i2msv_start_image_enters_shot_one(trained, tmp_path):
   raw = dict(story.raw, start_image="start.png")
   (tmp_path / "i2v.json").write_text(json.dumps(raw))
   i2v = story_lib.load_story(str(tmp_path / "i2v.json"))
-  m = sampler.generate_story(gen, i2v, str(tmp_path / "i2v"), seed=3)
-  t = sampler.generate_story(gen, story, str(tmp_path / "t2v"), seed=3)
+  m = _sample(gen, i2v, str(tmp_path / "i2v"), seed=3)
+  t = _sample(gen, story, str(tmp_path / "t2v"), seed=3)
   assert m["start_image"].endswith("start.png") and t["start_image"] is None
   fi = video_io.load_frames_npz(str(tmp_path / "i2v" / "frames.npz"))
   ft = video_io.load_frames_npz(str(tmp_path / "t2v" / "frames.npz"))

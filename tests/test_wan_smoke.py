@@ -33,7 +33,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from onestory_jax import checkpoints
 from onestory_jax import convert
 from onestory_jax import next_shot
-from onestory_jax import sampler
+from onestory_jax import pipeline
 from onestory_jax import story as story_lib
 from onestory_jax import trainer as trainer_lib
 from onestory_jax import video_io
@@ -412,10 +412,12 @@ def test_sample_a_two_shot_story(trained, tmp_path, monkeypatch):
   assert all(system.tokenizer.eos_id in row for row in system.tokenizer.encode(story.captions))  # umT5's
   for a, b in zip(jax.tree.leaves(trained["enc"]), jax.tree.leaves(jax.device_get(enc))):
     np.testing.assert_array_equal(a, b)  # the sampler's encoders are the converted ones too
-  sm = system.config.sample
-  gen = sampler.ShotGenerator(system, params, enc, max_shots=2, steps=sm.steps, shift=sm.shift, guidance=sm.guidance)
   out = tmp_path / "out"
-  manifest = sampler.generate_story(gen, story, str(out), seed=0)
+  run = pipeline.OneStoryPipeline(system, params, enc).generate(
+      story.captions, seed=0, start_image=story.start_image, out=str(out)
+  )
+  run.save()
+  manifest = run.manifest
 
   frames = video_io.load_frames_npz(str(out / "frames.npz"))
   assert [f.shape for f in frames] == [(FRAMES, HW, HW, 3)] * 2 and all(f.dtype == np.uint8 for f in frames)

@@ -119,6 +119,15 @@ class CaptionTokenizer:
     """How many tokens of each text :meth:`encode` drops (0 where the text fits)."""
     return [max(len(ids) - self.capacity(), 0) for ids in self._pieces(texts)]
 
+  def unknown_words(self, text: str) -> list[str]:
+    """The words of ``text`` that the vocabulary lacks (each becomes ``<unk>``), in order, without repeats."""
+    unk = self.unk_id
+    if unk is None:
+      return []
+    (enc,) = self._tokenizer.encode_batch(self._checked([text]))
+    words = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
+    return list(dict.fromkeys(words))
+
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """Token ids int32 [len(texts), max_len], truncated and padded with pad_id."""
     pieces = self._pieces(texts)
@@ -247,3 +256,8 @@ def load_umt5_tokenizer(path: str, max_len: int = 512, clean: bool = True) -> UM
   except Exception as e:  # tokenizers raises its own exception type for a malformed file
     raise ValueError(f"umT5 tokenizer: {file!r} is not a valid tokenizer.json: {e}") from e
   return UMT5Tokenizer(tok, max_len, clean)
+
+
+if __name__ == "__main__":
+  # python -m onestory_jax.data.tokenizer: the words that the demo's captions may use (any other becomes <unk>).
+  print("\n".join(storyworld.vocabulary()))
