@@ -26,12 +26,12 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onestory_jax import logs
 from onestory_jax.models import attention
 from onestory_jax.models import blocked_attention
 
@@ -141,8 +141,7 @@ def main(argv):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    print("attention_benchmark: PyTorch is not installed; install it (pip install torch) to compare against it")
-    sys.exit(2)
+    raise ValueError("attention_benchmark compares against PyTorch, which is not installed: pip install -e '.[test]'")
   if _TORCH_THREADS.value > 0:
     torch.set_num_threads(_TORCH_THREADS.value)
   out = {
@@ -163,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from ml_collections import config_flags
 
 from onestory_jax import chips
 from onestory_jax import flops as flops_lib
+from onestory_jax import logs
 from onestory_jax import trainer as trainer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/onestory.py:demo", "Configuration.", lock_config=True)
@@ -117,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -519,7 +519,10 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   if len(argv) != 2 or argv[1] != "export":
-    raise app.UsageError("usage: python -m onestory_jax.checkpoints export --workdir=DIR --out=DIR")
+    raise ValueError(
+        f"expected the command 'export', got {argv[1:]}: python -m onestory_jax.checkpoints export "
+        "--workdir=DIR --out=DIR"
+    )
   f = flags.FLAGS
   export_params(
       f.workdir, f.out, sample={"steps": f.sample_steps, "shift": f.sample_shift, "guidance": f.sample_guidance}
@@ -528,7 +531,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
 
   _flags.DEFINE_string("workdir", None, "Training workdir to export (its latest checkpoint).")
@@ -537,4 +539,4 @@ if __name__ == "__main__":
   _flags.DEFINE_float("sample_shift", None, "Default sampling time shift of the export (default: as trained).")
   _flags.DEFINE_float("sample_guidance", None, "Default guidance scale of the export (default: as trained).")
   _flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  logs.run(main, positional=True)

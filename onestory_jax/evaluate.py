@@ -2,11 +2,12 @@ r"""StoryWorld narrative metrics: C-Cons, E-Cons and caption following.
 
 Usage::
 
-  python -m onestory_jax.evaluate --story=STORY.json --samples=OUT [--output=METRICS.json]
+  python -m onestory_jax.evaluate --story=STORY.json --samples=OUT [--output=METRICS.json] [--json]
 
 ``OUT/frames.npz`` holds one uint8 ``[T, H, W, 3]`` array per story shot under the keys ``shot_0``,
-``shot_1``, ...; ``OUT/manifest.json`` is optional (its scalar fields are echoed). The metrics are
-printed to stdout as one JSON object. ``evaluate_story(story, frames)`` is the library entry point.
+``shot_1``, ...; ``OUT/manifest.json`` is optional (its scalar fields are echoed, and a warning says when its story
+digest is not the story file's). The headline figures are printed in one line; ``--json`` prints every metric as
+one JSON object, and ``--output`` writes that object to a file. ``evaluate_story(story, frames)`` is the library entry point.
 
 The metrics are the entries of the metric registry (:mod:`onestory_jax.metrics`): the StoryWorld
 metrics are defined in :mod:`onestory_jax.metrics.storyworld_metrics`, on the per-shot analysis of
@@ -165,26 +166,50 @@ def run(story_path: str, samples_dir: str, cfg: MetricConfig = MetricConfig()) -
   return metrics
 
 
+def headline(metrics: dict) -> str:
+  """The figures a reader looks for first, in one line."""
+  fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+  return (
+      f"character consistency {fmt(metrics['character_consistency'])} ({metrics['num_character_pairs']} pairs), "
+      f"environment consistency {fmt(metrics['environment_consistency'])} ({metrics['num_environment_pairs']} "
+      f"pairs), direction {fmt(metrics['direction_accuracy'])}, count {fmt(metrics['count_accuracy'])} "
+      f"({metrics['num_shots']} shots)"
+  )
+
+
+def story_mismatch(story_path: str, samples_dir: str) -> str | None:
+  """A warning when the samples' manifest says they were made from other captions than the story file's."""
+  path = os.path.join(samples_dir, "manifest.json")
+  if not os.path.isfile(path):
+    return None
+  recorded = video_io.read_json_object(path).get("story_digest")
+  from onestory_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+  with open(story_path) as f:
+    captions = [shot.get("caption") for shot in json.load(f)["shots"]]
+  if recorded is not None and recorded != pipeline.story_digest(captions):
+    return (
+        f"{path} was written for other captions than those of {story_path} (story digest {recorded} != "
+        f"{pipeline.story_digest(captions)}): the metrics compare the samples with another story's annotations"
+    )
+  return None
+
+
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
+  del argv
   fl = flags.FLAGS
-  if len(argv) > 1:
-    sys.stderr.write(f"evaluate: error: unexpected arguments {list(argv[1:])}\n")
-    sys.exit(1)
   if not fl.story or not fl.samples:
-    sys.stderr.write("evaluate: error: both --story=STORY.json and --samples=DIR are required\n")
-    sys.exit(1)
-  try:
-    metrics = run(fl.story, fl.samples)
-  except ValueError as e:
-    sys.stderr.write(f"evaluate: error: {e}\n")
-    sys.exit(1)
+    raise ValueError("both --story=STORY.json and --samples=DIR are required")
+  metrics = run(fl.story, fl.samples)
+  warning = story_mismatch(fl.story, fl.samples)
+  if warning:
+    print(f"warning: {warning}", file=sys.stderr)
   text = json.dumps(metrics, indent=2, sort_keys=True)
   if fl.output:
-    with open(fl.output, "w") as f:
-      f.write(text + "\n")
-  sys.stdout.write(text + "\n")
+    video_io.atomic_write_bytes(fl.output, (text + "\n").encode())
+  print(text if fl.json else headline(metrics) + (f"; all metrics in {fl.output}" if fl.output else ""))
 
 
 def _define_flags() -> None:
@@ -193,10 +218,11 @@ def _define_flags() -> None:
   flags.DEFINE_string("story", None, "StoryWorld story JSON (the annotations).")
   flags.DEFINE_string("samples", None, "Directory holding frames.npz (keys shot_0, shot_1, ...).")
   flags.DEFINE_string("output", None, "Optional path to also write the metrics JSON to.")
+  flags.DEFINE_bool("json", False, "Print every metric as JSON (per pair and per shot too), not the headline.")
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from onestory_jax import logs  # pylint: disable=g-import-not-at-top
 
   _define_flags()
-  app.run(main)
+  logs.run(main)

@@ -5,14 +5,23 @@ code reports each such failure itself, in one line.
 """
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import io
 import logging as py_logging
+import os
+import re
 import sys
+import tempfile
 import threading
 import traceback
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+from absl import app
+from absl import flags
 from absl import logging
+
+VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not just its one line.")
 
 _KEEP = ("onestory_jax", "clu", "logging_writer.py", "local.py", "periodic_actions.py")
 
@@ -20,12 +29,102 @@ _KEEP = ("onestory_jax", "clu", "logging_writer.py", "local.py", "periodic_actio
 class _LibraryFilter(py_logging.Filter):
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno < py_logging.WARNING and "logging_writer.py" in record.pathname:
+      # clu logs the whole flattened config as one "[Hyperparameters] {...}" line of thousands of characters; it is in
+      # TensorBoard and in every checkpoint already.
+      return not str(record.msg).startswith("[Hyperparameters]")
     return record.levelno >= py_logging.WARNING or any(k in record.pathname for k in _KEEP)
 
 
 def quiet_libraries() -> None:
   """Drops INFO chatter from orbax, grain and jax; keeps ours, clu's and every warning."""
-  logging.get_absl_handler().addFilter(_LibraryFilter())
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryFilter) for f in handler.filters):
+    handler.addFilter(_LibraryFilter())
+
+
+def run(
+    main: Callable[[list[str]], Any],
+    bad_input: tuple[type[BaseException], ...] = (ValueError, OSError),
+    positional: bool = False,
+) -> None:
+  """``app.run(main)`` for an entry point. Libraries are quiet (:func:`quiet_libraries`); a bad flag, an unexpected
+  argument or bad input (an exception of ``bad_input`` from ``main``) ends the run with one line on stderr, naming
+  the flag, file or field, and exit status 2; ``--verbose`` adds the traceback. Positional arguments are refused
+  unless ``positional``."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+      # config_flags puts the config file's own error (with its traceback) under a "...: Error whilst parsing" line.
+      line = f"{lines[0]} {lines[-1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+      print(f"{line} (--help lists the flags)", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  def body(argv: list[str]) -> None:
+    quiet_libraries()
+    try:
+      if len(argv) > 1 and not positional:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are written --name=value)")
+      main(argv)
+    except (app.UsageError, *bad_input) as e:
+      exit_with(e, 2, VERBOSE.value)
+
+  app.run(body, flags_parser=parse)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorFlow (clu's metric writers, tensorflow-datasets) prints C++ INFO lines when it is imported, before any Python
+# logging is set up ("oneDNN custom operations are on ...", "All log messages before absl::InitializeLog() ..."); its
+# environment variables no longer turn them off. The import runs with file descriptor 2 captured, and everything but
+# those lines is passed on.
+_TF_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|I\d{4} [\d:.]+ +\d+ (port|cpu_feature_guard)\.cc:\d+\] .*"
+    r"|To enable the following instructions: .*in other operations, rebuild TensorFlow .*)$"
+)
+
+
+class _QuietLoader(importlib.abc.Loader):
+
+  def __init__(self, loader):
+    self._loader = loader
+
+  def create_module(self, spec):
+    return self._loader.create_module(spec)
+
+  def exec_module(self, module) -> None:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+      os.dup2(captured.fileno(), 2)
+      try:
+        self._loader.exec_module(module)
+      finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode("utf-8", "replace")
+        sys.stderr.write("".join(l for l in text.splitlines(keepends=True) if not _TF_NOISE.match(l.rstrip("\n"))))
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+
+  def find_spec(self, name, path=None, target=None):
+    if name != "tensorflow":
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is not None and spec.loader is not None:
+      spec.loader = _QuietLoader(spec.loader)
+    return spec
+
+
+def quiet_tensorflow_startup() -> None:
+  """Filters TensorFlow's start-up lines (see above) from the first import of ``tensorflow`` on."""
+  if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietTensorFlowFinder())
 
 
 _ORBAX = "/orbax/checkpoint/"
@@ -151,3 +250,23 @@ def exit_with(error: BaseException, status: int, verbose: bool = False) -> None:
   first = str(error).strip().splitlines()
   print(first[0] if first else type(error).__name__, file=sys.stderr, flush=True)
   sys.exit(status)
+
+
+class _NoBar:
+  """What :func:`progress` returns when it is off."""
+
+  def update(self, n: int = 1) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def progress(total: int, desc: str, on: bool = True, unit: str = "it", leave: bool = True):
+  """A tqdm progress bar with ETA on stderr when ``on`` (the command lines); a silent stand-in otherwise (the
+  Python API is quiet by default)."""
+  if not on or total == 0:
+    return _NoBar()
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm.tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)

@@ -21,7 +21,6 @@ import copy
 import json
 import os
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -102,8 +101,9 @@ def run(
     steps: int | None = None,
     shift: float | None = None,
     guidance: float | None = None,
+    progress: bool = False,
 ) -> dict:
-  """Runs the ablation; ``steps`` / ``shift`` / ``guidance`` default to the checkpoint config's ``sample`` fields."""
+  """Runs the ablation (with a progress bar if ``progress``); ``steps`` / ``shift`` / ``guidance`` default to the checkpoint config's ``sample`` fields."""
   system, params, enc = checkpoints.load_for_sampling(workdir)
   c = system.config
   steps = c.sample.steps if steps is None else steps
@@ -117,6 +117,7 @@ def run(
   by_later_shot = {m: {} for m in sampler.MEMORY_MODES}  # C-Cons of pairs, keyed by the later shot's index
   per_story = {m: [] for m in sampler.MEMORY_MODES}  # C-Cons of each story, for the paired comparison
   top1_hits = []  # full memory: does the best-scored frame come from a shot that shares a character?
+  bar = logs.progress(len(stories), f"{pattern} stories, with and without memory", progress, unit="story")
   for i, s in enumerate(stories):
     spec = story_lib.parse_story(s, where=f"storyworld seed {first_seed + i}")
     for mode in sampler.MEMORY_MODES:
@@ -142,6 +143,8 @@ def run(
         np.savez(os.path.join(d, "frames.npz"), **{f"shot_{j}": f for j, f in enumerate(shots)})
         with open(os.path.join(d, "story.json"), "w") as f:
           json.dump(s, f)
+    bar.update(1)
+  bar.close()
   diffs = np.asarray([f - n for f, n in zip(per_story["full"], per_story["none"]) if f is not None and n is not None])
   paired = None
   if diffs.size:
@@ -174,7 +177,6 @@ def run(
 
 def main(argv):
   del argv
-  logs.quiet_libraries()
   compilation_cache.enable()
   f = flags.FLAGS
   print(
@@ -188,6 +190,7 @@ def main(argv):
               steps=f.steps,
               shift=f.shift,
               guidance=f.guidance,
+              progress=True,
           ),
           indent=2,
       )
@@ -203,4 +206,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
   flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
   flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
-  app.run(main)
+  logs.run(main)

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from onestory_jax import logs
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
 from onestory_jax import video_io
@@ -294,7 +295,7 @@ class GeneratedStory:
   def resume(self, progress: bool = False) -> list[Shot]:
     """Generates every planned shot not generated yet, in order; returns them."""
     todo = self.pending
-    bar = _progress(len(todo), "shots", progress)
+    bar = logs.progress(len(todo), "shots", progress, unit="shot")
     done = []
     try:
       for p in todo:
@@ -363,7 +364,7 @@ class GeneratedStory:
     for warning in _caption_warnings(tok, caption):
       logging.warning("shot %d: %s", index, warning)
     mem = self._memory(index)
-    bar = _progress(gen.steps, f"shot {index} denoising", progress, leave=False)
+    bar = logs.progress(gen.steps, f"shot {index} denoising", progress, unit="step", leave=False)
     gen.on_step = (lambda done, total: bar.update(1)) if progress else None
     start = time.perf_counter()
     try:
@@ -463,21 +464,3 @@ def _caption_warnings(tokenizer, caption: str) -> list[str]:
         f"(python -m onestory_jax.data.tokenizer --vocabulary prints the words it knows)"
     )
   return out
-
-
-class _NoBar:
-
-  def update(self, n=1):
-    pass
-
-  def close(self):
-    pass
-
-
-def _progress(total: int, desc: str, on: bool, leave: bool = True):
-  """A tqdm bar with ETA on stderr when ``on`` (the command line), nothing otherwise (the API is quiet)."""
-  if not on or total == 0:
-    return _NoBar()
-  import tqdm  # pylint: disable=g-import-not-at-top
-
-  return tqdm.tqdm(total=total, desc=desc, unit="step" if "denois" in desc else "shot", leave=leave, dynamic_ncols=True)

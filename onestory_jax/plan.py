@@ -46,8 +46,8 @@ import re
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,6 +55,7 @@ from ml_collections import config_flags
 
 from onestory_jax import chips
 from onestory_jax import flops as flops_lib
+from onestory_jax import logs
 from onestory_jax import next_shot
 from onestory_jax import sharding
 from onestory_jax import trainer as trainer_lib
@@ -223,9 +224,13 @@ def plan(
   else:
     devices = tpu_devices(topo)
   t0 = time.perf_counter()
+  logging.info(
+      "Tracing the train step of %s for %s (%d devices)", config.get("variant", "the config"), topology, len(devices)
+  )
   built = abstract_step(config, devices)
   lowered = built.lower()
   t1 = time.perf_counter()
+  logging.info("Traced in %.0f s; compiling it (minutes for the 14B configs)", t1 - t0)
   state_b = _bytes_per_device(_key_bytes_fix(built.abstract_state))
   batch_b, enc_b = _bytes_per_device(built.abstract_batch), _bytes_per_device(built.abstract_encoders)
   hbm = topo.hbm_bytes
@@ -421,8 +426,6 @@ _JSON = flags.DEFINE_bool("json", False, "Print the report as JSON.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not os.environ.get("JAX_PLATFORMS"):  # the TPU is only described, never attached
     jax.config.update("jax_platforms", "cpu")
   topo = parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
@@ -437,4 +440,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

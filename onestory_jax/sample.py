@@ -15,7 +15,6 @@ the new memory (``--keep_later`` keeps them), in place. See docs/story_format.md
 
 import os
 
-from absl import app
 from absl import flags
 
 from onestory_jax import compilation_cache
@@ -42,22 +41,16 @@ _MEMORY = flags.DEFINE_enum("memory", "full", sampler.MEMORY_MODES, "'none' = th
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
 _SHIFT = flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not just its one line.")
 flags.mark_flags_as_required(["out"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logs.quiet_libraries()
+  del argv  # logs.run: no positional arguments
   compilation_cache.enable()
-  try:
-    _check_flags()
-    sampler.check_settings(steps=_STEPS.value, shift=_SHIFT.value, guidance=_GUIDANCE.value)
-    with locks.exclusive(_OUT.value, "--out"):  # before anything loads: a second writer stops at once
-      run = _sample()
-  except (locks.InUse, ValueError, OSError) as e:  # bad input: flags, the story file, the checkpoint
-    logs.exit_with(e, 2, _VERBOSE.value)
+  _check_flags()
+  sampler.check_settings(steps=_STEPS.value, shift=_SHIFT.value, guidance=_GUIDANCE.value)
+  with locks.exclusive(_OUT.value, "--out"):  # before anything loads: a second writer stops at once
+    run = _sample()
   total = sum(s.record["seconds"] for s in run.shots)
   print(f"Wrote {len(run.shots)} shots to {_OUT.value} ({total:.1f} s of generation)")
 
@@ -135,4 +128,4 @@ def _remove_outputs(out: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main, bad_input=(locks.InUse, ValueError, OSError))  # flags, the story file, the checkpoint

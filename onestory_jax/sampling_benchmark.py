@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
+
+from onestory_jax import logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export; default: the shipped demo checkpoint.")
 _SHOTS = flags.DEFINE_integer("shots", 10, "Shots in the story.")
@@ -67,7 +68,9 @@ def main(argv):
     for name in ("cold", "warm"):
       done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
       if done.returncode:
-        sys.exit(f"the {name} run failed:\n{done.stderr[-3000:]}")
+        raise ValueError(
+            f"the {name} run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+        )
       runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
   shots = runs["warm"]["shot_s"]
   out = {
@@ -81,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -20,7 +20,6 @@ from the environment first (:mod:`onestory_jax.distributed`), each process loads
 
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -38,18 +37,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration (configs/onestory.py:variant).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and samples.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not just its one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logs.quiet_libraries()
+  del argv  # logs.run: no positional arguments
   compilation_cache.enable()
   distributed.initialize_from_env()
-  logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-  if not _VERBOSE.value:  # a failed save or read is reported in one line, not in orbax's hundreds of tracebacks
+  if jax.process_count() > 1:
+    logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+  if not logs.VERBOSE.value:  # a failed save or read is reported in one line, not in orbax's hundreds of tracebacks
     logs.mute_abandoned_io()
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -57,10 +54,8 @@ def main(argv):
     print(e, flush=True)
     sys.exit(preemption.EXIT_STATUS)
   except (checkpoints.SaveFailed, trainer.NonFinite) as e:
-    logs.exit_with(e, 1, _VERBOSE.value)
-  except (locks.InUse, ValueError) as e:  # bad input: the config, the workdir
-    logs.exit_with(e, 2, _VERBOSE.value)
+    logs.exit_with(e, 1, logs.VERBOSE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main, bad_input=(locks.InUse, ValueError))  # bad input: the config, the workdir

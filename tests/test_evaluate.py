@@ -457,6 +457,9 @@ def test_cli_end_to_end(tmp_path, recall, recall_metrics):
   out = tmp_path / "metrics.json"
   proc = _cli(f"--story={tmp_path / 'story.json'}", f"--samples={tmp_path}", f"--output={out}")
   assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("character consistency ") and proc.stdout.strip().endswith(f"all metrics in {out}")
+  assert len(proc.stdout.strip().splitlines()) == 1 and proc.stderr == ""
+  proc = _cli(f"--story={tmp_path / 'story.json'}", f"--samples={tmp_path}", "--json")
   printed = json.loads(proc.stdout)
   assert printed == json.loads(out.read_text())
   assert printed["manifest"] == {"steps": 4, "checkpoint": "ckpt_10"}
@@ -476,6 +479,20 @@ def test_cli_reports_missing_key(tmp_path, recall):
   (tmp_path / "story.json").write_text(json.dumps(story))
   np.savez(tmp_path / "frames.npz", **{f"shot_{i}": f for i, f in enumerate(frames[:3])})
   proc = _cli(f"--story={tmp_path / 'story.json'}", f"--samples={tmp_path}")
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert "frames.npz" in proc.stderr and "missing key 'shot_3'" in proc.stderr
-  assert proc.stdout == ""
+  assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_cli_warns_when_the_samples_are_of_another_story(tmp_path, recall):
+  from onestory_jax import pipeline
+
+  story, _ = recall
+  storyworld.export_story(story, str(tmp_path))
+  captions = [s["caption"] for s in story["shots"]]
+  (tmp_path / "manifest.json").write_text(json.dumps({"story_digest": pipeline.story_digest(captions)}))
+  proc = _cli(f"--story={tmp_path / 'story.json'}", f"--samples={tmp_path}")
+  assert proc.returncode == 0 and proc.stderr == ""
+  (tmp_path / "manifest.json").write_text(json.dumps({"story_digest": pipeline.story_digest(captions[:2])}))
+  proc = _cli(f"--story={tmp_path / 'story.json'}", f"--samples={tmp_path}")
+  assert proc.returncode == 0 and proc.stderr.startswith("warning: ") and "other captions" in proc.stderr

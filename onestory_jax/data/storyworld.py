@@ -631,14 +631,14 @@ _USAGE = (
 
 
 def _main(argv: Sequence[str]) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
 
   fl = flags.FLAGS
   command = list(argv[1:])
   if command != ["export"]:
-    raise app.UsageError(f"{_USAGE}\ngot arguments {command}")
+    raise ValueError(f"expected the command 'export', got {command}; {_USAGE.splitlines()[0]}")
   if not fl.out:
-    raise app.UsageError("export needs --out")
+    raise ValueError("export needs --out=DIR")
   cfg = StoryWorldConfig.from_config(fl)  # the size flags (min_shots keeps its default)
   story = generate_story(fl.seed, fl.pattern, cfg, fl.num_shots)
   export_story(story, fl.out)
@@ -648,7 +648,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from onestory_jax import logs  # pylint: disable=g-import-not-at-top
 
   _define_flags()
-  _app.run(_main)
+  logs.run(_main, positional=True)

@@ -3,9 +3,9 @@
 python -m onestory_jax.data.storyworld_tfds --data_dir=/data/tfds [--config=demo|tiny]
 """
 
-from absl import app
 from absl import flags
 
+from onestory_jax import logs
 from onestory_jax.data.storyworld_tfds import storyworld_dataset_builder
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to build into.")
@@ -14,11 +14,10 @@ flags.mark_flags_as_required(["data_dir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   storyworld_dataset_builder.build(_DATA_DIR.value, _CONFIG.value)
   print(f"built StoryWorld ({_CONFIG.value}) into {_DATA_DIR.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)
