@@ -106,6 +106,10 @@ def _base() -> ml_collections.ConfigDict:
   m.cross_attn_norm = True
   m.rope_theta = 10000.0
   m.i2v = True  # first-frame latent + mask channels, image cross-attention
+  # How a start image (I2MSV) enters shot 1: 'channels' (Wan2.1-I2V: mask + first-frame latent as extra input
+  # channels), 'latent' (Wan2.2-TI2V: its latent replaces the first latent frame, whose tokens get timestep 0), or
+  # 'none' (a text-to-video backbone: a start image is refused).
+  m.first_frame = "channels"
   m.dtype = "float32"  # compute dtype ('bfloat16' on accelerators)
   m.param_dtype = "float32"
   m.scan_layers = False
@@ -164,6 +168,7 @@ def _base() -> ml_collections.ConfigDict:
   sm.steps = 20
   sm.shift = 3.0
   sm.guidance = 3.0
+  sm.fps = 8  # of the written videos
 
   # ---------------------------------------------------------------- execution
   c.mesh = ml_collections.ConfigDict()
@@ -254,9 +259,9 @@ _CLIP_VIT_H14 = dict(
     std=(0.26862954, 0.26130258, 0.27577711),
 )
 _DITS = {
-    "wan21_i2v_14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, i2v=True),
-    "wan21_t2v_1_3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, i2v=False),
-    "wan22_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, i2v=False),
+    "wan21_i2v_14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, i2v=True, first_frame="channels"),
+    "wan21_t2v_1_3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, i2v=False, first_frame="none"),
+    "wan22_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, i2v=False, first_frame="latent"),
 }
 
 
@@ -295,6 +300,9 @@ def _wan(
   c.sample.steps = 40
   c.sample.shift = c.flow.timestep_shift
   c.sample.guidance = 5.0
+  c.sample.fps = 16  # Wan's frame rate
+  if m.first_frame == "none":
+    c.flow.p_i2v = 0.0  # a text-to-video backbone has no first-frame path
   return c
 
 

@@ -40,6 +40,7 @@ from onestory_jax.models import image_encoder as image_encoder_lib
 from onestory_jax.models import onestory as onestory_lib
 
 IMAGE_CONDITIONS = ("none", "top_memory_frame", "last_frame")
+FIRST_FRAME_PATHS = ("channels", "latent", "none")
 
 
 @flax.struct.dataclass
@@ -95,6 +96,21 @@ class System:
   @property
   def image_condition(self) -> str:
     return self.config.conditioner.image_condition
+
+  @property
+  def first_frame(self) -> str:
+    """How a start image enters shot 1: ``config.model.first_frame`` (configs written before it: from ``i2v``)."""
+    m = self.config.model
+    return m.get("first_frame", "channels" if m.i2v else "none")
+
+  def check_start_image(self) -> None:
+    """Raises ValueError when this backbone cannot start a story from an image."""
+    if self.first_frame == "none":
+      raise ValueError(
+          f"start_image: the {self.config.get('variant', 'configured')} backbone generates from text only "
+          "(config.model.first_frame='none'); use an image-to-video config (wan21_i2v_14b_*, or wan22_ti2v_5b) "
+          "for a story that starts from an image"
+      )
 
   # ------------------------------------------------------------------ parameters
   def dummy_inputs(self, batch: int, memory_frames: int) -> tuple:
@@ -256,11 +272,41 @@ class System:
         channels=channels,
     )
 
+  def given_frames(self, cond: Condition) -> jax.Array:
+    """[B, F] float: 1 for the latent frames that the start image gives (Wan2.2-TI2V's first-frame path), else 0."""
+    if self.first_frame != "latent":
+      return jnp.zeros(cond.channels.shape[:2], jnp.float32)
+    return cond.channels[:, :, 0, 0, 0].astype(jnp.float32)  # the I2V mask's first channel, per latent frame
+
+  def pin_given_frames(self, cond: Condition, x: jax.Array) -> jax.Array:
+    """``x`` with the start image's latent in the frames it gives (the identity unless ``first_frame='latent'``)."""
+    if self.first_frame != "latent":
+      return x
+    channels = cond.channels[: x.shape[0]]  # the rows of x (a guidance pair repeats them)
+    given = channels[:, :, :1, :1, :1].astype(jnp.float32)
+    latent = channels[..., self.codec.mask_channels :].astype(x.dtype)
+    return (given * latent + (1.0 - given) * x).astype(x.dtype)
+
   def velocity(self, params: Any, cond: Condition, x_t: jax.Array, t: jax.Array) -> jax.Array:
-    """DiT velocity for noisy latents ``x_t`` [B, F, h, w, C] at flow time ``t`` [B] in [0, 1]."""
-    x = jnp.concatenate([x_t, cond.channels.astype(x_t.dtype)], axis=-1) if self.config.model.i2v else x_t
+    """DiT velocity for noisy latents ``x_t`` [B, F, h, w, C] at flow time ``t`` [B] in [0, 1].
+
+    The start image enters by ``first_frame``: Wan2.1-I2V's extra input channels (mask + first-frame latent), or
+    Wan2.2-TI2V's clean first latent frame, whose tokens carry timestep 0 while the others carry ``t`` (the per-token
+    timesteps of diffusers' ``expand_timesteps``); the velocity of a given frame is not used.
+    """
+    timestep = t * 1000.0
+    x = x_t
+    if self.first_frame == "channels" and self.config.model.i2v:
+      x = jnp.concatenate([x_t, cond.channels.astype(x_t.dtype)], axis=-1)
+    elif self.first_frame == "latent":
+      x = x_t = self.pin_given_frames(cond, x_t)
+      pt, ph, pw = self.config.model.patch_size
+      f, h, w, _ = self.latent_shape
+      tokens_per_frame = (h // ph) * (w // pw)
+      given = self.given_frames(cond)[:, ::pt]  # [B, F / pt]: a token is given when its patch starts on a given frame
+      timestep = jnp.repeat(timestep[:, None] * (1.0 - given), tokens_per_frame, axis=1)  # [B, N], raster order
     image = cond.image if self.config.model.i2v else None
-    out = self.model.apply({"params": params}, x, t * 1000.0, cond.text, image, cond.context, method="velocity")
+    out = self.model.apply({"params": params}, x, timestep, cond.text, image, cond.context, method="velocity")
     return rf.output_to_velocity(out, x_t, t, self.config.flow.prediction)
 
 
@@ -278,6 +324,12 @@ def abstract_encoder_params(encoder: Any) -> Any:
 def make_system(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.CaptionTokenizer | None = None) -> System:
   """The :class:`System` of a run config; ``tokenizer`` replaces the config's (:func:`make_tokenizer`)."""
   frozen = ml_collections.FrozenConfigDict(config)
+  first_frame = frozen.model.get("first_frame", "channels" if frozen.model.i2v else "none")
+  if first_frame not in FIRST_FRAME_PATHS or (first_frame == "channels") != bool(frozen.model.i2v):
+    raise ValueError(
+        f"config.model.first_frame must be one of {FIRST_FRAME_PATHS}, and 'channels' exactly when "
+        f"config.model.i2v; got first_frame={first_frame!r}, i2v={frozen.model.i2v}"
+    )
   if frozen.conditioner.image_condition not in IMAGE_CONDITIONS:
     raise ValueError(
         f"config.conditioner.image_condition must be one of {IMAGE_CONDITIONS}, "

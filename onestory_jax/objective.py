@@ -74,7 +74,7 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
   x0 = lat[:, 2]
   r_text, r_mem, r_i2v, r_warm, r_t, r_noise = jax.random.split(rng, 6)
 
-  i2v = jax.random.uniform(r_i2v, (b,)) < c.flow.p_i2v
+  i2v = (jax.random.uniform(r_i2v, (b,)) < c.flow.p_i2v) & (system.first_frame != "none")
   keep_memory = (jax.random.uniform(r_mem, (b,)) >= c.flow.p_drop_memory) & ~i2v
   memory_mask = jnp.broadcast_to(keep_memory[:, None], (b, 2 * f_lat))
   tokens = jnp.where((jax.random.uniform(r_text, (b,)) < c.flow.p_drop_text)[:, None], 0, batch["tokens"])
@@ -100,7 +100,9 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
   t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std, shift=c.flow.timestep_shift)
   noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
   v = system.velocity(params, cond, rf.interpolate(x0, noise, t), t)
-  l_shot = rf.flow_loss(v, x0, noise, rf.loss_weight(t, c.flow.loss_weight_t))
+  # Wan2.2-TI2V: the latent frame that a start image gives is not predicted.
+  predicted = 1.0 - system.given_frames(cond) if system.first_frame == "latent" else None
+  l_shot = rf.flow_loss(v, x0, noise, rf.loss_weight(t, c.flow.loss_weight_t), predicted)
   labels = jnp.repeat(batch["sel_labels"], f_lat, axis=1)
   l_sel = fs.selector_loss(cond.scores, labels, memory_mask)
   loss = l_shot + c.selection.lambda_sel * l_sel

@@ -141,6 +141,7 @@ class OneStoryPipeline:
     source = None
     image = None
     if start_image is not None:
+      self.system.check_start_image()
       d = self.system.config.data
       if isinstance(start_image, (str, os.PathLike)):
         source = os.path.abspath(os.fspath(start_image))

@@ -19,6 +19,7 @@ larger resolutions; Wan2.1 samples 480p with ``s = 3``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -72,12 +73,23 @@ def loss_weight(t: jax.Array, weight_t: float) -> jax.Array:
   return jnp.minimum(1.0, jnp.square(t / weight_t))
 
 
-def flow_loss(v_pred: jax.Array, x0: jax.Array, noise: jax.Array, weight: jax.Array | None = None) -> jax.Array:
-  """L_shot: the (optionally per-sample ``weight`` [B]ed) squared velocity error, averaged over everything."""
+def flow_loss(
+    v_pred: jax.Array,
+    x0: jax.Array,
+    noise: jax.Array,
+    weight: jax.Array | None = None,
+    frame_mask: jax.Array | None = None,
+) -> jax.Array:
+  """L_shot: the (optionally per-sample ``weight`` [B]ed) squared velocity error, averaged over everything, or over
+  the latent frames where ``frame_mask`` [B, F] is 1 (the frames a start image gives are not predicted)."""
   err = jnp.square(v_pred.astype(jnp.float32) - velocity_target(x0, noise).astype(jnp.float32))
   if weight is not None:
     err = err * weight.reshape((-1,) + (1,) * (err.ndim - 1)).astype(jnp.float32)
-  return jnp.mean(err)
+  if frame_mask is None:
+    return jnp.mean(err)
+  m = frame_mask.astype(jnp.float32).reshape(frame_mask.shape + (1,) * (err.ndim - 2))
+  per_frame = math.prod(err.shape[2:])
+  return jnp.sum(err * m) / jnp.maximum(jnp.sum(m) * per_frame, 1.0)
 
 
 def sampling_times(steps: int, shift: float) -> jax.Array:

@@ -89,7 +89,7 @@ class ShotGenerator:
       both = s.velocity(params, cond, jnp.concatenate([x, x]), jnp.full((2 * x.shape[0],), t))
       v_cond, v_uncond = jnp.split(both, 2)
       v = rf.cfg_velocity(v_cond, v_uncond, self.guidance)
-    return (x + (t_next - t) * v).astype(x.dtype)
+    return s.pin_given_frames(cond, (x + (t_next - t) * v).astype(x.dtype))
 
   def __call__(
       self, caption: str, memory_latents: Sequence[np.ndarray], seed: int, start_image: np.ndarray | None = None
