@@ -138,8 +138,63 @@ def parse_story(obj: Any, where: str = "<story>", base_dir: str | None = None, m
   return Story(shots=specs, start_image=start_image, seed=seed, raw=obj)
 
 
+# ---------------------------------------------------------------------------- StoryMem's ST-Bench scripts
+def _st_bench_cut(where: str, field: str, value: Any) -> bool:
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    return value.strip().lower() == "true"
+  raise ValueError(f'{where}: {field} must be true/false or "True"/"False", got {_describe(value)}')
+
+
+def from_st_bench(obj: Any, where: str = "<st-bench>") -> dict:
+  """A StoryMem ST-Bench script as a story object of this format (docs/story_format.md has the mapping).
+
+  ST-Bench: ``{"story_overview": str, "scenes": [{"scene_num": int, "cut": [bool | "True" | "False", ...] or one
+  value for the whole scene, "video_prompts": [str, ...]}]}``. Every video prompt becomes a shot whose caption is
+  the prompt, with ``scene`` (the scene number) and ``cut`` (whether it starts with a cut) kept as extra keys;
+  ``story_overview`` is kept at the top level.
+  """
+  if not isinstance(obj, dict) or not isinstance(obj.get("scenes"), list) or not obj["scenes"]:
+    raise ValueError(f"{where}: an ST-Bench script needs a non-empty 'scenes' list")
+  shots = []
+  for i, scene in enumerate(obj["scenes"]):
+    field = f"scenes[{i}]"
+    if not isinstance(scene, dict):
+      raise ValueError(f"{where}: {field} must be an object, got {_describe(scene)}")
+    prompts = scene.get("video_prompts")
+    if not isinstance(prompts, list) or not prompts:
+      raise ValueError(f"{where}: {field}.video_prompts must be a non-empty list of strings")
+    cut = scene.get("cut", [True] + [False] * (len(prompts) - 1))
+    cuts = cut if isinstance(cut, list) else [cut] * len(prompts)
+    if len(cuts) != len(prompts):
+      raise ValueError(f"{where}: {field}.cut has {len(cuts)} entries for {len(prompts)} video_prompts")
+    number = scene.get("scene_num", i + 1)
+    for j, (prompt, c) in enumerate(zip(prompts, cuts)):
+      shots.append({"caption": prompt, "scene": number, "cut": _st_bench_cut(where, f"{field}.cut[{j}]", c)})
+  out = {"shots": shots}
+  if "story_overview" in obj:
+    out["story_overview"] = obj["story_overview"]
+  return out
+
+
+def to_st_bench(story: Story) -> dict:
+  """The story as an ST-Bench script: consecutive shots with the same ``scene`` extra key form a scene (a story
+  without scene numbers is one scene); ``cut`` defaults to true for a scene's first shot and false after it."""
+  scenes: list[dict] = []
+  for i, shot in enumerate(story.shots):
+    number = shot.extra.get("scene", scenes[-1]["scene_num"] if scenes else 1)
+    if not scenes or scenes[-1]["scene_num"] != number:
+      scenes.append({"scene_num": number, "cut": [], "video_prompts": []})
+    scene = scenes[-1]
+    scene["cut"].append(bool(shot.extra.get("cut", not scene["video_prompts"])))
+    scene["video_prompts"].append(shot.caption)
+  return {"story_overview": story.raw.get("story_overview", ""), "scenes": scenes}
+
+
 def load_story(path: PathLike, max_shots: int | None = None) -> Story:
-  """Reads and validates a story JSON file; start_image is resolved against its directory."""
+  """Reads and validates a story JSON file (this format, or a StoryMem ST-Bench script: :func:`from_st_bench`);
+  start_image is resolved against its directory."""
   where = os.fspath(path)
   try:
     with open(where, "rb") as f:
@@ -161,6 +216,8 @@ def load_story(path: PathLike, max_shots: int | None = None) -> Story:
   except json.JSONDecodeError as e:
     raise ValueError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: " f"{e.msg}") from e
   base_dir = os.path.dirname(os.path.abspath(where))
+  if isinstance(obj, dict) and "scenes" in obj and "shots" not in obj:
+    obj = from_st_bench(obj, where)
   return parse_story(obj, where=where, base_dir=base_dir, max_shots=max_shots)
 
 
@@ -202,3 +259,32 @@ def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
         height,
     )
   return np.asarray(image, dtype=np.uint8).copy()
+
+
+def main(argv: list[str]) -> None:
+  """``python -m onestory_jax.story --story=IN --out=OUT --format=onestory|st_bench``: converts a story file (either
+  format in) to this project's format or to StoryMem's ST-Bench script."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from onestory_jax import video_io  # pylint: disable=g-import-not-at-top
+
+  del argv
+  fl = flags.FLAGS
+  if not fl.story or not fl.out:
+    raise ValueError("--story=IN and --out=OUT are required")
+  story = load_story(fl.story)
+  if fl.format == "st_bench":
+    out = to_st_bench(story)
+  else:
+    out = dict(story.raw)  # an ST-Bench script was converted on loading
+  video_io.atomic_write_json(fl.out, out)
+  print(f"Wrote {len(story.shots)} shots to {fl.out} ({fl.format})")
+
+
+if __name__ == "__main__":
+  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
+  from onestory_jax import logs  # pylint: disable=g-import-not-at-top
+
+  _flags.DEFINE_string("story", None, "Story file: this project's format or an ST-Bench script.")
+  _flags.DEFINE_string("out", None, "Output JSON file.")
+  _flags.DEFINE_enum("format", "onestory", ["onestory", "st_bench"], "Output format.")
+  logs.run(main)

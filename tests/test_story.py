@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -162,3 +164,76 @@ def test_load_image_errors(tmp_path):
   _image(tmp_path / "ok.png", 4, 4)
   with pytest.raises(ValueError, match=r"height must be a positive int, got 0"):
     story_lib.load_image(tmp_path / "ok.png", 0, 8)
+
+
+# ----------------------------------------------------------------------------- StoryMem's ST-Bench scripts
+
+ST_BENCH = {
+    "story_overview": "A round character looks for its friend.",
+    "scenes": [
+        {
+            "scene_num": 1,
+            "cut": ["True", "False"],
+            "video_prompts": [
+                "a red round character moves left in a blue place, wide view.",
+                "the same first round character moves right in the blue place from shot 1, close view.",
+            ],
+        },
+        {"scene_num": 2, "cut": [True], "video_prompts": ["a new green square character moves up in a new red place."]},
+    ],
+}
+
+
+def test_st_bench_scripts_load_and_round_trip(tmp_path):
+  path = tmp_path / "script.json"
+  path.write_text(json.dumps(ST_BENCH))
+  story = story_lib.load_story(str(path))
+  assert story.captions == [p for s in ST_BENCH["scenes"] for p in s["video_prompts"]]
+  assert [(s.extra["scene"], s.extra["cut"]) for s in story.shots] == [(1, True), (1, False), (2, True)]
+  assert story.raw["story_overview"] == ST_BENCH["story_overview"]
+  back = story_lib.to_st_bench(story)
+  assert back == {
+      "story_overview": ST_BENCH["story_overview"],
+      "scenes": [
+          {"scene_num": 1, "cut": [True, False], "video_prompts": ST_BENCH["scenes"][0]["video_prompts"]},
+          {"scene_num": 2, "cut": [True], "video_prompts": ST_BENCH["scenes"][1]["video_prompts"]},
+      ],
+  }
+  # A story of this project's format without scene numbers is one scene that starts with a cut.
+  plain = story_lib.parse_story({"shots": [{"caption": "a."}, {"caption": "b."}]})
+  assert story_lib.to_st_bench(plain)["scenes"] == [
+      {"scene_num": 1, "cut": [True, False], "video_prompts": ["a.", "b."]}
+  ]
+  bad = dict(ST_BENCH, scenes=[{"scene_num": 1, "cut": ["maybe"], "video_prompts": ["a."]}])
+  path.write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match=r"script\.json: scenes\[0\]\.cut\[0\] must be true/false"):
+    story_lib.load_story(str(path))
+  path.write_text(json.dumps(dict(ST_BENCH, scenes=[{"scene_num": 1, "cut": [True, False], "video_prompts": ["a."]}])))
+  with pytest.raises(ValueError, match=r"scenes\[0\]\.cut has 2 entries for 1 video_prompts"):
+    story_lib.load_story(str(path))
+
+
+def test_story_conversion_command(tmp_path):
+  src = tmp_path / "script.json"
+  src.write_text(json.dumps(ST_BENCH))
+  out = tmp_path / "story.json"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, "-m", "onestory_jax.story", f"--story={src}", f"--out={out}"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  assert [s["caption"] for s in json.loads(out.read_text())["shots"]][0] == ST_BENCH["scenes"][0]["video_prompts"][0]
+  back = tmp_path / "back.json"
+  done = subprocess.run(
+      [sys.executable, "-m", "onestory_jax.story", f"--story={out}", f"--out={back}", "--format=st_bench"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  assert json.loads(back.read_text())["scenes"][1]["video_prompts"] == ST_BENCH["scenes"][1]["video_prompts"]
