@@ -1,6 +1,7 @@
 r"""Benchmarks the OneStory train step on this machine.
 
-  python -m onestory_jax.benchmark --config=configs/onestory.py:demo [--steps=20]
+  python -m onestory_jax.benchmark --config=configs/onestory.py:demo [--steps=20] [--data_batches=200]
+      [--config.data.worker_count=N]
 
 Prints (as JSON) the compiled train step's time, DiT tokens per second (noise + context tokens), the FLOPs of
 one step from XLA's cost analysis, the achieved FLOP/s, and this machine's measured matmul FLOP/s (a 2048^3 matmul
@@ -11,6 +12,10 @@ It also prints the analytic model FLOPs of one step (:mod:`onestory_jax.flops`: 
 backward, frozen ones forward, no rematerialisation) and the MFU they give against the measured matmul peak of all
 devices (``mfu_vs_matmul``; on CPU the simulated devices share the host's cores, so the peak is counted once), and,
 on a chip of :mod:`onestory_jax.chips`, against its spec-sheet bf16 peak (``mfu``).
+
+With ``--data_batches=N`` it also times the input pipeline alone (grain, with ``config.data.worker_count`` worker
+processes; N batches after a warm-up of the same number) and prints its batches per second against the steps per
+second of the train step (``data_over_step``: how many times faster the data comes than the step consumes it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from onestory_jax import trainer as trainer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/onestory.py:demo", "Configuration.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after one warm-up step).")
+_DATA_BATCHES = flags.DEFINE_integer("data_batches", 0, "Also time the input pipeline over this many batches.")
 
 
 def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
@@ -46,8 +52,26 @@ def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
   return 2.0 * n**3 / best
 
 
-def benchmark_train_step(config, steps: int) -> dict:
-  """Times the trainer's compiled step (:func:`trainer.build_train_program`) on this machine's devices."""
+def benchmark_input_pipeline(tr: trainer_lib.Trainer, batches: int) -> dict:
+  """Batches per second that the trainer's input pipeline delivers, alone (after as many warm-up batches)."""
+  it = iter(tr.dataset())
+  try:
+    for _ in range(batches):  # worker start-up and the first stories
+      next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+      jax.block_until_ready(next(it))
+    seconds = time.perf_counter() - t
+  finally:
+    close = getattr(it, "close", None)  # grain's prefetch iterators hold worker processes
+    if close is not None:
+      close()
+  return {"data_worker_count": int(tr.config.data.worker_count), "data_batches_per_s": batches / seconds}
+
+
+def benchmark_train_step(config, steps: int, data_batches: int = 0) -> dict:
+  """Times the trainer's compiled step (:func:`trainer.build_train_program`) on this machine's devices, and with
+  ``data_batches`` its input pipeline."""
   tr = trainer_lib.Trainer(config)
   state = tr.init_state()
   it = iter(tr.dataset())
@@ -80,7 +104,11 @@ def benchmark_train_step(config, steps: int) -> dict:
       "tokens_per_s": tokens / step_time,
       "step_flops": flops,
       "achieved_flops_per_s": flops / step_time,
-  }
+  } | (_with_ratio(benchmark_input_pipeline(tr, data_batches), step_time) if data_batches else {})
+
+
+def _with_ratio(data: dict, step_time: float) -> dict:
+  return data | {"data_over_step": data["data_batches_per_s"] * step_time}
 
 
 def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
@@ -106,7 +134,7 @@ def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
-  out = benchmark_train_step(config, _STEPS.value)
+  out = benchmark_train_step(config, _STEPS.value, _DATA_BATCHES.value)
   dtype = jnp.dtype(config.model.dtype)
   peak = matmul_flops_per_sec(dtype=dtype)
   out["matmul_dtype"] = dtype.name

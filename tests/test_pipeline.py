@@ -299,3 +299,12 @@ def test_sampler_checks_the_layout():
   wrong = pipeline.example_spec(_config(height=16))
   with pytest.raises(ValueError, match="'frames' has shape"):
     pipeline.TripletSampler(spec, stories, tokenizer, wrong)(0, 3)
+
+
+def test_the_data_benchmark_times_the_pipeline_against_the_step():
+  from onestory_jax import benchmark
+  from tests.helpers import load_config
+
+  out = benchmark.benchmark_train_step(load_config("tiny", **{"model.num_layers": 1}), steps=1, data_batches=3)
+  assert out["data_worker_count"] == 0 and out["data_batches_per_s"] > 0
+  assert out["data_over_step"] == pytest.approx(out["data_batches_per_s"] * out["step_time_s"])
