@@ -137,6 +137,15 @@ COMPONENTS: dict[str, Component] = {
             lambda cfg, scanned: _port("wan.clip", "abstract_params_from_transformers")(cfg),
             assets=("image_processor",),
         ),
+        # Not part of a Wan release: the DINOv2 of the Frame Selection pseudo-labels (paper App. A.2), a transformers
+        # save_pretrained folder placed at <src>/dinov2/ (onestory_jax.models.dinov2).
+        Component(
+            "dinov2",
+            "dinov2",
+            "model",
+            lambda cfg, scanned: _port("dinov2", "torch_key_to_target"),
+            lambda cfg, scanned: _port("dinov2", "abstract_params_from_transformers")(cfg),
+        ),
     )
 }
 # Asset files copied from the release: configuration and tokenizer data only (never pickles).
@@ -463,7 +472,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument(
       "--components",
       default="",
-      help="Comma-separated subset of transformer,vae,text_encoder,image_encoder "
+      help="Comma-separated subset of transformer,vae,text_encoder,image_encoder,dinov2 "
       "(default: every one whose directory the release has).",
   )
   p.add_argument("--dtype", default="stored", help="stored (default) | float32 | bfloat16 | float16.")
