@@ -1,14 +1,15 @@
-r"""Memory vs no-memory on StoryWorld: the demo's headline comparison.
+r"""Memory strategies compared on StoryWorld: the demo's headline comparison.
 
   python -m onestory_jax.memory_ablation [--workdir=DIR] --pattern=recall --num_stories=16 [--first_seed=S] \
-      [--out=DIR] [--steps=N] [--shift=S] [--guidance=G]
+      [--memory=onestory,none,last_frame,recent,uniform,keyframes] [--out=DIR] [--steps=N] [--shift=S] [--guidance=G]
 
-For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...), generates every shot twice with the
-same model and seed — once with the global memory (``--memory=full``) and once without (``--memory=none``) — and
-scores both with :mod:`onestory_jax.evaluate`. Prints the per-mode means of every registered metric
-(:mod:`onestory_jax.metrics`) as JSON, how often Frame Selection's best frame comes from an earlier shot that
-shares a character with the new shot, the paired per-story gain in
-character consistency (mean, standard error, and how many stories gain or lose), the character consistency of
+For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...), generates every shot once per memory
+strategy (:mod:`onestory_jax.memory_strategies`; default OneStory's Frame Selection and no memory) with the same
+model and seeds, every strategy under the same context-token budget, and scores each with
+:mod:`onestory_jax.evaluate`. Prints the per-mode means of every registered metric
+(:mod:`onestory_jax.metrics`) as JSON, how often each strategy's best-ranked frame comes from an earlier shot that
+shares a character with the new shot, the paired per-story gain in character consistency of the first strategy
+over each other one (mean, standard error, and how many stories gain or lose), the character consistency of
 shot pairs grouped by the later shot of the pair (how well memory carries over longer stories), and, for scale,
 the character consistency of the same stories' ground truth and of the ground truth with every returning
 character recoloured at random (of any colour, or of its own colour name). Without ``--workdir`` the shipped
@@ -24,12 +25,12 @@ import os
 from absl import flags
 import numpy as np
 
-from onestory_jax import checkpoints
 from onestory_jax import compilation_cache
 from onestory_jax import evaluate
 from onestory_jax import logs
+from onestory_jax import memory_strategies
 from onestory_jax import metrics
-from onestory_jax import sampler
+from onestory_jax import pipeline
 from onestory_jax import story as story_lib
 from onestory_jax.data import storyworld
 
@@ -91,6 +92,20 @@ def reference_scores(stories: list[dict], seed: int = 0) -> dict:
   return {k: float(np.mean(v)) if v else None for k, v in scores.items()}
 
 
+def _paired(first: list, other: list) -> dict | None:
+  """Per-story ``first - other`` (same stories and seeds): mean, standard error, stories that gain and lose."""
+  diffs = np.asarray([f - o for f, o in zip(first, other) if f is not None and o is not None])
+  if not diffs.size:
+    return None
+  return {
+      "stories": int(diffs.size),
+      "mean": float(diffs.mean()),
+      "standard_error": float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else None,
+      "stories_better": int(np.sum(diffs > 0)),
+      "stories_worse": int(np.sum(diffs < 0)),
+  }
+
+
 def run(
     workdir: str | None,
     pattern: str,
@@ -98,39 +113,43 @@ def run(
     out: str | None,
     first_seed: int = 0,
     *,
+    memory: tuple[str, ...] = ("onestory", "none"),
     steps: int | None = None,
     shift: float | None = None,
     guidance: float | None = None,
     progress: bool = False,
 ) -> dict:
-  """Runs the ablation (with a progress bar if ``progress``); ``steps`` / ``shift`` / ``guidance`` default to the checkpoint config's ``sample`` fields."""
-  system, params, enc = checkpoints.load_for_sampling(workdir)
-  c = system.config
-  steps = c.sample.steps if steps is None else steps
-  shift = c.sample.shift if shift is None else shift
-  guidance = c.sample.guidance if guidance is None else guidance
+  """Runs the comparison (with a progress bar if ``progress``); ``memory`` lists the strategies
+  (:mod:`onestory_jax.memory_strategies`), the first of which is compared with each other one; ``steps`` /
+  ``shift`` / ``guidance`` default to the checkpoint config's ``sample`` fields."""
+  modes = tuple(dict.fromkeys(memory_strategies.canonical(m) for m in memory))
+  pipe = pipeline.OneStoryPipeline.from_pretrained(workdir, steps=steps, shift=shift, guidance=guidance)
+  system = pipe.system
   default = storyworld.StoryWorldConfig()  # the frame size of the run; StoryWorld's default story lengths
-  cfg = storyworld.StoryWorldConfig.from_config(c.data, min_shots=default.min_shots, max_shots=default.max_shots)
+  cfg = storyworld.StoryWorldConfig.from_config(
+      system.config.data, min_shots=default.min_shots, max_shots=default.max_shots
+  )
   stories = [storyworld.generate_story(first_seed + i, pattern, cfg) for i in range(num_stories)]
-  gen = sampler.ShotGenerator(system, params, enc, steps=steps, shift=shift, guidance=guidance)
-  scores = {m: {k: [] for k in METRICS} for m in sampler.MEMORY_MODES}
-  by_later_shot = {m: {} for m in sampler.MEMORY_MODES}  # C-Cons of pairs, keyed by the later shot's index
-  per_story = {m: [] for m in sampler.MEMORY_MODES}  # C-Cons of each story, for the paired comparison
-  top1_hits = []  # full memory: does the best-scored frame come from a shot that shares a character?
-  bar = logs.progress(len(stories), f"{pattern} stories, with and without memory", progress, unit="story")
+  scores = {m: {k: [] for k in METRICS} for m in modes}
+  by_later_shot = {m: {} for m in modes}  # C-Cons of pairs, keyed by the later shot's index
+  per_story = {m: [] for m in modes}  # C-Cons of each story, for the paired comparisons
+  top1_hits = {m: [] for m in modes}  # does the best-ranked frame come from a shot that shares a character?
+  f_lat = system.latent_shape[0]
+  bar = logs.progress(len(stories), f"{pattern} stories x {len(modes)} memories", progress, unit="story")
   for i, s in enumerate(stories):
     spec = story_lib.parse_story(s, where=f"storyworld seed {first_seed + i}")
-    for mode in sampler.MEMORY_MODES:
-      shots, mem = [], []
-      for j, shot in enumerate(spec.shots):
-        lat, info = gen(shot.caption, mem if mode == "full" else [], seed=first_seed + i + j)
-        if mode == "full":
-          hit = selection_top1_hit(s, j, info, system.latent_shape[0])
-          if hit is not None:
-            top1_hits.append(hit)
-        mem.append(lat)
-        shots.append(gen.decode(lat))
-      result = evaluate.evaluate_story(s, shots)
+    for mode in modes:
+      run_ = pipe.generate(spec.captions, seed=first_seed + i, memory=mode)
+      for j, shot in enumerate(run_.shots):
+        chosen = shot.record["selected"]
+        info = {
+            "indices": np.asarray([c["memory_frame"] for c in chosen[:1]] or [0]),
+            "valid": np.asarray([bool(chosen)]),
+        }
+        hit = selection_top1_hit(s, j, info, f_lat)
+        if hit is not None:
+          top1_hits[mode].append(hit)
+      result = evaluate.evaluate_story(s, run_.frames)
       per_story[mode].append(result.get("character_consistency"))
       for k in METRICS:
         if result.get(k) is not None:
@@ -140,37 +159,28 @@ def run(
       if out:
         d = os.path.join(out, f"{pattern}_{first_seed + i}_{mode}")
         os.makedirs(d, exist_ok=True)
-        np.savez(os.path.join(d, "frames.npz"), **{f"shot_{j}": f for j, f in enumerate(shots)})
+        np.savez(os.path.join(d, "frames.npz"), **{f"shot_{j}": f for j, f in enumerate(run_.frames)})
         with open(os.path.join(d, "story.json"), "w") as f:
           json.dump(s, f)
     bar.update(1)
   bar.close()
-  diffs = np.asarray([f - n for f, n in zip(per_story["full"], per_story["none"]) if f is not None and n is not None])
-  paired = None
-  if diffs.size:
-    paired = {
-        "stories": int(diffs.size),
-        "mean": float(diffs.mean()),
-        "standard_error": float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else None,
-        "stories_better_with_memory": int(np.sum(diffs > 0)),
-        "stories_worse": int(np.sum(diffs < 0)),
-    }
   return {
       "pattern": pattern,
       "num_stories": num_stories,
       "first_seed": first_seed,
-      "sample_steps": steps,
-      "shift": shift,
-      "guidance": guidance,
-      "selection_top1_character_hit": float(np.mean(top1_hits)) if top1_hits else None,
-      # Per-story C-Cons(full) - C-Cons(none), same seeds: mean, its standard error, and how many stories gain.
-      "character_consistency_gain": paired,
+      "memory": list(modes),
+      **{f"sample_{k}": v for k, v in pipe.settings.items()},
+      # Per mode: how often its best-ranked frame comes from an earlier shot that shows the recalled character.
+      "top1_character_hit": {m: float(np.mean(v)) if v else None for m, v in top1_hits.items()},
+      # Per-story C-Cons(first mode) - C-Cons(other mode), same seeds: mean, its standard error, stories that gain.
+      "character_consistency_gain": {
+          f"{modes[0]} - {m}": _paired(per_story[modes[0]], per_story[m]) for m in modes[1:]
+      },
       # The same stories without a model: ground truth, and returning characters recoloured at random.
       "character_consistency_reference": reference_scores(stories, seed=first_seed),
-      **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()} for mode in sampler.MEMORY_MODES},
+      **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()} for mode in modes},
       "character_consistency_by_later_shot": {
-          mode: {str(k): round(float(np.mean(v)), 4) for k, v in sorted(by_later_shot[mode].items())}
-          for mode in sampler.MEMORY_MODES
+          mode: {str(k): round(float(np.mean(v)), 4) for k, v in sorted(by_later_shot[mode].items())} for mode in modes
       },
   }
 
@@ -189,6 +199,7 @@ def main(argv):
               f.first_seed,
               steps=f.steps,
               shift=f.shift,
+              memory=tuple(f.memory),
               guidance=f.guidance,
               progress=True,
           ),
@@ -203,6 +214,11 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_stories", 16, "Number of stories (seeds first_seed, first_seed+1, ...).")
   flags.DEFINE_integer("first_seed", 0, "First story seed.")
   flags.DEFINE_string("out", None, "Optional directory for the generated frames.")
+  flags.DEFINE_list(
+      "memory",
+      ["onestory", "none"],
+      "Memory strategies to compare (onestory_jax/memory_strategies.py); the first is compared with each other.",
+  )
   flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
   flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
   flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")

@@ -37,11 +37,12 @@ from absl import logging
 import numpy as np
 
 from onestory_jax import logs
+from onestory_jax import memory_strategies
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
 from onestory_jax import video_io
 
-MEMORY_MODES = sampler.MEMORY_MODES
+MEMORY_MODES = memory_strategies.STRATEGIES
 MANIFEST = "manifest.json"
 # Everything a story directory holds besides the manifest; `sample --overwrite` removes only these.
 OUTPUT_FILES = ("frames.npz", "latents.npz", "start_image.png", "story.mp4", "contact_sheet.png")
@@ -128,14 +129,15 @@ class OneStoryPipeline:
       *,
       seed: int = 0,
       start_image: str | np.ndarray | None = None,
-      memory: str = "full",
+      memory: str = "onestory",
       out: str | None = None,
   ) -> "GeneratedStory":
     """An empty story. ``start_image`` (a path or uint8 [H, W, 3]) makes it I2MSV: shot 0 starts from it.
-    ``memory='none'`` is the no-memory baseline. With ``out``, every change is written through to that directory,
+    ``memory`` names the strategy that gives each shot its memory frames (:mod:`onestory_jax.memory_strategies`:
+    ``onestory`` (Frame Selection), ``none`` (the no-memory baseline), ``last_frame``, ``recent``, ``uniform``,
+    ``keyframes``), all under the same context-token budget. With ``out``, every change is written through to that directory,
     which must not hold a story yet (:meth:`open` continues one)."""
-    if memory not in MEMORY_MODES:
-      raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    memory = memory_strategies.canonical(memory)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
       raise ValueError(f"seed must be an int, got {seed!r}")
     source = None
@@ -169,7 +171,7 @@ class OneStoryPipeline:
       *,
       seed: int = 0,
       start_image: str | np.ndarray | None = None,
-      memory: str = "full",
+      memory: str = "onestory",
       out: str | None = None,
       progress: bool = False,
   ) -> "GeneratedStory":
@@ -200,7 +202,11 @@ class OneStoryPipeline:
       d = self.system.config.data
       image = story_lib.load_image(os.path.join(directory, "start_image.png"), d.height, d.width)
     run = GeneratedStory(
-        self, seed=int(m["seed"]), memory=m["memory"], start_image=image, start_image_source=m.get("start_image")
+        self,
+        seed=int(m["seed"]),
+        memory=memory_strategies.canonical(m["memory"]),
+        start_image=image,
+        start_image_source=m.get("start_image"),
     )
     run._plan = [dict(p) for p in m["plan"]]  # pylint: disable=protected-access
     records = m["shots"]
@@ -355,21 +361,28 @@ class GeneratedStory:
     del self._plan[num_shots:]
     self._write_state()
 
-  def _memory(self, index: int) -> list[np.ndarray]:
-    """The memory bank of shot ``index``: every earlier shot's latents (``full``), or nothing (``none``)."""
-    return [s.latents for s in self.shots[:index]] if self.memory == "full" else []
+  def _memory(self, index: int) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """Shot ``index``'s memory bank (every earlier shot's latents; nothing for ``none``) and the strategy's choice
+    in it (None: Frame Selection's)."""
+    bank = [s.latents for s in self.shots[:index]] if self.memory != "none" else []
+    if not bank or self.memory == "onestory":
+      return bank, None
+    frames = np.concatenate(bank)
+    frame_shot = np.repeat(np.arange(len(bank)), [b.shape[0] for b in bank])
+    k = int(self.pipe.system.config.selection.k_sel)
+    return bank, memory_strategies.choose(self.memory, frames, frame_shot, k)
 
   def _generate(self, index: int, caption: str, seed: int, progress: bool) -> Shot:
     gen = self.pipe.generator
     tok = self.pipe.system.tokenizer
     for warning in _caption_warnings(tok, caption):
       logging.warning("shot %d: %s", index, warning)
-    mem = self._memory(index)
+    mem, choice = self._memory(index)
     bar = logs.progress(gen.steps, f"shot {index} denoising", progress, unit="step", leave=False)
     gen.on_step = (lambda done, total: bar.update(1)) if progress else None
     start = time.perf_counter()
     try:
-      lat, info = gen(caption, mem, seed, start_image=self.start_image if index == 0 else None)
+      lat, info = gen(caption, mem, seed, start_image=self.start_image if index == 0 else None, choice=choice)
     finally:
       gen.on_step = None
       bar.close()

@@ -20,6 +20,7 @@ from absl import flags
 from onestory_jax import compilation_cache
 from onestory_jax import locks
 from onestory_jax import logs
+from onestory_jax import memory_strategies
 from onestory_jax import pipeline
 from onestory_jax import sampler
 from onestory_jax import story as story_lib
@@ -37,7 +38,13 @@ _REGENERATE = flags.DEFINE_integer("regenerate", None, "Generate shot K (0-based
 _CAPTION = flags.DEFINE_string("caption", None, "With --regenerate: the shot's new caption.")
 _KEEP_LATER = flags.DEFINE_bool("keep_later", False, "With --regenerate: keep the shots after K as they are.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the story already in --out.")
-_MEMORY = flags.DEFINE_enum("memory", "full", sampler.MEMORY_MODES, "'none' = the no-memory baseline.")
+_MEMORY = flags.DEFINE_enum(
+    "memory",
+    "onestory",
+    memory_strategies.STRATEGIES + tuple(memory_strategies.ALIASES),
+    "Which earlier frames condition each shot: 'onestory' (Frame Selection; 'full' is its old name), 'none' (the "
+    "no-memory baseline), or a simpler strategy under the same token budget (onestory_jax/memory_strategies.py).",
+)
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
 _SHIFT = flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")

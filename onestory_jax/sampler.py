@@ -21,7 +21,7 @@ from onestory_jax import rectified_flow as rf
 from onestory_jax import video_io
 from onestory_jax.models import codec as codec_lib
 
-MEMORY_MODES = ("full", "none")
+MEMORY_MODES = ("full", "none")  # of the training-time samples (write_training_samples)
 
 
 def check_settings(*, steps: int | None = None, shift: float | None = None, guidance: float | None = None) -> None:
@@ -65,9 +65,9 @@ class ShotGenerator:
     self._step = jax.jit(self._step_impl)
     self._decode = jax.jit(lambda enc, lat: codec_lib.to_uint8(system.decode_shots(enc, lat[None])[0]))
 
-  def _condition_impl(self, params, enc, tokens, memory, memory_mask, start_image, start_present):
+  def _condition_impl(self, params, enc, tokens, memory, memory_mask, start_image, start_present, forced):
     cond = self.system.condition(
-        params, enc, tokens, memory, memory_mask, start_image=start_image, start_present=start_present
+        params, enc, tokens, memory, memory_mask, start_image=start_image, start_present=start_present, forced=forced
     )
     info = dict(
         scores=cond.scores,
@@ -92,9 +92,18 @@ class ShotGenerator:
     return s.pin_given_frames(cond, (x + (t_next - t) * v).astype(x.dtype))
 
   def __call__(
-      self, caption: str, memory_latents: Sequence[np.ndarray], seed: int, start_image: np.ndarray | None = None
+      self,
+      caption: str,
+      memory_latents: Sequence[np.ndarray],
+      seed: int,
+      start_image: np.ndarray | None = None,
+      choice: tuple[np.ndarray, np.ndarray] | None = None,
   ) -> tuple[np.ndarray, dict]:
-    """Generates one shot. ``memory_latents`` are the earlier shots' latents [F, h, w, C], oldest first."""
+    """Generates one shot. ``memory_latents`` are the earlier shots' latents [F, h, w, C], oldest first.
+
+    ``choice`` (indices [K_sel] into the concatenated memory, valid [K_sel], best rank first) replaces Frame
+    Selection's top-K (:mod:`onestory_jax.memory_strategies`); None lets Frame Selection choose.
+    """
     s = self.system
     f, h, w, c = s.latent_shape
     bank = np.concatenate(list(memory_latents), axis=0) if len(memory_latents) else np.zeros((0, h, w, c))
@@ -111,7 +120,12 @@ class ShotGenerator:
     else:
       img = np.asarray(codec_lib.to_unit(start_image))[None]
       present = np.ones((1,), bool)
-    cond, info = self._condition(self.params, self.enc, tokens, memory, mask, img, present)
+    k = int(s.config.selection.k_sel)
+    if choice is None:
+      forced = (np.zeros((1,), bool), np.zeros((1, k), np.int32), np.zeros((1, k), bool))
+    else:
+      forced = (np.ones((1,), bool), np.asarray(choice[0], np.int32)[None], np.asarray(choice[1], bool)[None])
+    cond, info = self._condition(self.params, self.enc, tokens, memory, mask, img, present, forced)
     x = jax.random.normal(jax.random.key(seed), (1,) + s.latent_shape, jnp.float32)
     for i in range(self.steps):
       x = self._step(self.params, cond, x, self.times[i], self.times[i + 1])

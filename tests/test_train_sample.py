@@ -305,18 +305,20 @@ def test_init_params_can_change_the_conditioner_kernels(trained, tmp_path):
     ).init_state()
 
 
-def test_memory_ablation_reports_both_modes(trained):
+def test_memory_ablation_compares_every_strategy(trained):
   from onestory_jax import memory_ablation
+  from onestory_jax import memory_strategies
 
   workdir, _ = trained
-  out = memory_ablation.run(workdir, "recall", num_stories=1, out=None)
-  for mode in ("full", "none"):
+  out = memory_ablation.run(workdir, "recall", num_stories=1, out=None, memory=memory_strategies.STRATEGIES, steps=2)
+  for mode in memory_strategies.STRATEGIES:
     assert 0.0 <= out[mode]["character_consistency"] <= 1.0
     assert set(out[mode]) == set(memory_ablation.METRICS)
-  assert 0.0 <= out["selection_top1_character_hit"] <= 1.0
-  gain = out["character_consistency_gain"]
+  assert 0.0 <= out["top1_character_hit"]["onestory"] <= 1.0 and out["top1_character_hit"]["none"] == 0.0
+  assert set(out["character_consistency_gain"]) == {f"onestory - {m}" for m in memory_strategies.STRATEGIES[1:]}
+  gain = out["character_consistency_gain"]["onestory - none"]
   assert gain["stories"] == 1 and gain["standard_error"] is None
-  assert gain["stories_better_with_memory"] + gain["stories_worse"] <= 1
+  assert gain["stories_better"] + gain["stories_worse"] <= 1
 
 
 def test_memory_ablation_references_rank_as_expected():
