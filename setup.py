@@ -33,7 +33,11 @@ setuptools.setup(
             "diffusers==0.42.1",
             "transformers==5.23.0",
             "pyink==26.5.1",
+            # The studio's browser test (tests/test_studio.py) drives Debian's Chromium (/usr/bin/chromium).
+            "playwright==1.65.3",
         ],
+        # The local web app (python -m onestory_jax.studio, docs/studio.md).
+        "studio": ["gradio==6.31.0"],
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda]==0.10.2"],
     },
