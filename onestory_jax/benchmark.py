@@ -2,6 +2,7 @@ r"""Benchmarks the OneStory train step on this machine.
 
   python -m onestory_jax.benchmark --config=configs/onestory.py:demo [--steps=20] [--data_batches=200]
       [--config.data.worker_count=N]
+  python -m onestory_jax.benchmark --compare=diffusers [--repeats=5] [--sizes=demo,d512]  (see reference_benchmark.py)
 
 Prints (as JSON) the compiled train step's time, DiT tokens per second (noise + context tokens), the FLOPs of
 one step from XLA's cost analysis, the achieved FLOP/s, and this machine's measured matmul FLOP/s (a 2048^3 matmul
@@ -32,11 +33,15 @@ from ml_collections import config_flags
 from onestory_jax import chips
 from onestory_jax import flops as flops_lib
 from onestory_jax import logs
+from onestory_jax import reference_benchmark
 from onestory_jax import trainer as trainer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/onestory.py:demo", "Configuration.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after one warm-up step).")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 0, "Also time the input pipeline over this many batches.")
+_COMPARE = flags.DEFINE_enum(
+    "compare", None, ["diffusers"], "Instead: the Wan DiT against diffusers' (onestory_jax/reference_benchmark.py)."
+)
 
 
 def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
@@ -133,6 +138,9 @@ def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
 
 def main(argv):
   del argv
+  if _COMPARE.value == "diffusers":
+    reference_benchmark.main(matmul_flops_per_sec)
+    return
   config = _CONFIG.value
   out = benchmark_train_step(config, _STEPS.value, _DATA_BATCHES.value)
   dtype = jnp.dtype(config.model.dtype)
