@@ -46,8 +46,9 @@ def _base() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   c.data = d = ml_collections.ConfigDict()
   d.name = "storyworld"
-  d.source = "on_the_fly"  # a name of onestory_jax/data/sources.py SOURCES: 'on_the_fly' | 'tfds'
+  d.source = "on_the_fly"  # a name of onestory_jax/data/sources.py SOURCES: 'on_the_fly' | 'tfds' | 'multishot'
   d.tfds_data_dir = ""  # used when source == 'tfds'
+  d.records = ""  # used when source == 'multishot': the --out of python -m onestory_jax.data.build (docs/records.md)
   d.tfds_config = ""  # the built StoryWorld config to read ('demo' | 'tiny'); "" = the only one built
   d.height = 32
   d.width = 32
@@ -121,6 +122,10 @@ def _base() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- Frame Selection (Eq. 3-6, 11)
   c.selection = s = ml_collections.ConfigDict()
+  # Which memory frames condition a shot, in training and (by default) in sampling: 'onestory' = Frame Selection,
+  # or a simpler strategy of onestory_jax/memory_strategies.py ('last_frame', 'recent', 'uniform', 'none') for the
+  # paper's ablations (Table 2a, Fig. 6).
+  s.strategy = "onestory"
   s.num_queries = 16  # m
   s.k_sel = 4  # K_sel
   s.num_heads = 4

@@ -36,7 +36,10 @@ from onestory_jax import logs
 from onestory_jax import reference_benchmark
 from onestory_jax import trainer as trainer_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/onestory.py:demo", "Configuration.", lock_config=True)
+# allow_override: plan, train and data.build define --config too; a test process may import several of them.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/onestory.py:demo", "Configuration.", lock_config=True, allow_override=True
+)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after one warm-up step).")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 0, "Also time the input pipeline over this many batches.")
 _COMPARE = flags.DEFINE_enum(

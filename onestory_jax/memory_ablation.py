@@ -35,6 +35,7 @@ from onestory_jax import story as story_lib
 from onestory_jax.data import storyworld
 
 METRICS = metrics.names()  # every registered metric, averaged per memory mode
+PER_STORY = ("character_consistency", "environment_consistency", "direction_accuracy")  # kept story by story
 
 
 def selection_top1_hit(story: dict, shot: int, info: dict, frames_per_shot: int) -> bool | None:
@@ -132,7 +133,7 @@ def run(
   stories = [storyworld.generate_story(first_seed + i, pattern, cfg) for i in range(num_stories)]
   scores = {m: {k: [] for k in METRICS} for m in modes}
   by_later_shot = {m: {} for m in modes}  # C-Cons of pairs, keyed by the later shot's index
-  per_story = {m: [] for m in modes}  # C-Cons of each story, for the paired comparisons
+  per_story = {m: {k: [] for k in PER_STORY} for m in modes}  # for paired comparisons (here and in ablation.py)
   top1_hits = {m: [] for m in modes}  # does the best-ranked frame come from a shot that shares a character?
   f_lat = system.latent_shape[0]
   bar = logs.progress(len(stories), f"{pattern} stories x {len(modes)} memories", progress, unit="story")
@@ -150,7 +151,8 @@ def run(
         if hit is not None:
           top1_hits[mode].append(hit)
       result = evaluate.evaluate_story(s, run_.frames)
-      per_story[mode].append(result.get("character_consistency"))
+      for k in PER_STORY:
+        per_story[mode][k].append(result.get(k))
       for k in METRICS:
         if result.get(k) is not None:
           scores[mode][k].append(float(result[k]))
@@ -174,11 +176,15 @@ def run(
       "top1_character_hit": {m: float(np.mean(v)) if v else None for m, v in top1_hits.items()},
       # Per-story C-Cons(first mode) - C-Cons(other mode), same seeds: mean, its standard error, stories that gain.
       "character_consistency_gain": {
-          f"{modes[0]} - {m}": _paired(per_story[modes[0]], per_story[m]) for m in modes[1:]
+          f"{modes[0]} - {m}": _paired(
+              per_story[modes[0]]["character_consistency"], per_story[m]["character_consistency"]
+          )
+          for m in modes[1:]
       },
       # The same stories without a model: ground truth, and returning characters recoloured at random.
       "character_consistency_reference": reference_scores(stories, seed=first_seed),
       **{mode: {k: float(np.mean(v)) if v else None for k, v in scores[mode].items()} for mode in modes},
+      "per_story": per_story,
       "character_consistency_by_later_shot": {
           mode: {str(k): round(float(np.mean(v)), 4) for k, v in sorted(by_later_shot[mode].items())} for mode in modes
       },

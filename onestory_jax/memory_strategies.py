@@ -48,6 +48,20 @@ def _ranked(frames: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
   return idx, valid
 
 
+def training_choice(strategy: str, shots: int, frames_per_shot: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """A strategy's choice in a training memory of ``shots`` full shots (``config.selection.strategy``), as constants:
+  every strategy but ``keyframes`` (which depends on the frames' content) chooses by position alone. None for
+  ``onestory``."""
+  strategy = canonical(strategy)
+  if strategy == "keyframes":
+    raise ValueError(
+        "config.selection.strategy: 'keyframes' chooses by the frames' content and is a sampling-time "
+        "baseline only; train with 'onestory', 'none', 'last_frame', 'recent' or 'uniform'"
+    )
+  n = shots * frames_per_shot
+  return choose(strategy, np.zeros((n, 1)), np.repeat(np.arange(shots), frames_per_shot), k)
+
+
 def keyframes(bank: np.ndarray, frame_shot: np.ndarray, threshold: float = KEYFRAME_SIMILARITY) -> list[int]:
   """StoryMem-style keyframes of a bank [N, ...] whose frame ``i`` comes from shot ``frame_shot[i]``: per shot, the
   first frame and every frame whose cosine similarity to the shot's last keyframe is below ``threshold``."""

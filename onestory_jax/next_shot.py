@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from onestory_jax import memory_strategies
 from onestory_jax import pretrained
 from onestory_jax import rectified_flow as rf
 from onestory_jax import sharding
@@ -182,11 +183,17 @@ class System:
     """
     b = first_frame.shape[0]
     t = self.frames_per_shot
+    video = jnp.zeros((b, t) + first_frame.shape[1:], jnp.float32).at[:, 0].set(first_frame)
+    return self.channels_from_latents(self.codec.encode(enc["codec"], video), present)
+
+  def channels_from_latents(self, start_latents: jax.Array, present: jax.Array) -> jax.Array:
+    """:meth:`first_frame_channels` from the precomputed latents [B, F, h, w, C] of (first frame, zeros...) (the
+    records of ``data.source='multishot'``): no codec call."""
+    b = start_latents.shape[0]
     f, h, w, _ = self.latent_shape
     p = present.astype(jnp.float32)
-    video = jnp.zeros((b, t) + first_frame.shape[1:], jnp.float32).at[:, 0].set(first_frame)
-    lat = self.codec.encode(enc["codec"], video) * p[:, None, None, None, None]
-    pixel_mask = jnp.zeros((b, t), jnp.float32).at[:, 0].set(p)
+    lat = start_latents.astype(jnp.float32) * p[:, None, None, None, None]
+    pixel_mask = jnp.zeros((b, self.frames_per_shot), jnp.float32).at[:, 0].set(p)
     mask = self.codec.frame_mask(pixel_mask, (h, w))
     return jnp.concatenate([mask, lat], axis=-1)
 
@@ -208,6 +215,9 @@ class System:
       forced: tuple[jax.Array, jax.Array, jax.Array] | None = None,
       start_image: jax.Array | None = None,
       start_present: jax.Array | None = None,
+      text: jax.Array | None = None,
+      start_latents: jax.Array | None = None,
+      memory_images: jax.Array | None = None,
   ) -> Condition:
     """Builds the condition of the next shot.
 
@@ -221,12 +231,23 @@ class System:
       forced: optional (use [B] bool, indices [B, K], valid [B, K]): where ``use``, these frames replace the
         selector's top-K (the decoupled-conditioning warm-up of paper Sec. 4.4).
       start_image: optional float [B, H, W, 3] first-frame condition (I2MSV); start_present: bool [B].
+      text: optional precomputed caption embedding [B, Lt, Dt] (records of a frozen text encoder); ``tokens`` then
+        only mark its padding, and the null caption is zeros (the encoder's output at padding; a dropped caption
+        is zeroed by the caller).
+      start_latents: optional precomputed codec latents [B, F, h, w, C] of (start image, zeros...): the channel path
+        without a codec call (:meth:`channels_from_latents`).
+      memory_images: optional uint8 [B, F, Hi, Wi, 3], the image-encoder input of each memory frame: the image
+        condition takes the selected frame's from here instead of decoding its latent (``start_image`` is then at
+        that size too).
     """
     c = self.config
     apply = self.model.apply
     pv = {"params": params}
-    text = apply(pv, tokens, method="encode_text")
-    null_text = apply(pv, jnp.zeros_like(tokens), method="encode_text")
+    if text is None:
+      text = apply(pv, tokens, method="encode_text")
+      null_text = apply(pv, jnp.zeros_like(tokens), method="encode_text")
+    else:
+      null_text = jnp.zeros_like(text)
     if memory_shot is None:
       memory_shot = fs.chronological_shots(memory.shape[0], memory.shape[1], self.latent_shape[0])
     scores = apply(pv, text, tokens != 0, memory, memory_mask, memory_shot, method="score_memory")
@@ -248,19 +269,27 @@ class System:
     image_present = start_present
     if self.image_condition != "none":
       if self.image_condition == "top_memory_frame":
-        ref, ref_valid = frames[:, :1], valid[:, 0]
+        ref, ref_valid, ref_index = frames[:, :1], valid[:, 0], idx[:, 0]
       else:  # last_frame: the latest valid memory frame
         last = jnp.maximum(jnp.sum(memory_mask, axis=1) - 1, 0)
         ref = jnp.take_along_axis(memory, last[:, None, None, None, None], axis=1)
-        ref_valid = jnp.any(memory_mask, axis=1)
-      ref_pixels = self.decode_shots(enc, ref)[:, 0]
+        ref_valid, ref_index = jnp.any(memory_mask, axis=1), last
+      if memory_images is None:
+        ref_pixels = self.decode_shots(enc, ref)[:, 0]
+      else:
+        ref_pixels = codec_lib.to_unit(
+            jnp.take_along_axis(memory_images, ref_index[:, None, None, None, None], axis=1)[:, 0]
+        )
       use_ref = ref_valid & ~start_present
       image = jnp.where(use_ref[:, None, None, None], ref_pixels, start_image)
       image_present = start_present | use_ref
     else:
       image_present = start_present
     image_tok = self.image_tokens(enc, image, image_present)
-    channels = self.first_frame_channels(enc, start_image, start_present)
+    if start_latents is not None:
+      channels = self.channels_from_latents(start_latents, start_present)
+    else:
+      channels = self.first_frame_channels(enc, start_image, start_present)
     return Condition(
         text=text,
         null_text=null_text,
@@ -330,6 +359,10 @@ def make_system(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Capt
         f"config.model.first_frame must be one of {FIRST_FRAME_PATHS}, and 'channels' exactly when "
         f"config.model.i2v; got first_frame={first_frame!r}, i2v={frozen.model.i2v}"
     )
+  try:
+    memory_strategies.canonical(frozen.selection.get("strategy", "onestory"))
+  except ValueError as e:
+    raise ValueError(f"config.selection.strategy: {e}") from None
   if frozen.conditioner.image_condition not in IMAGE_CONDITIONS:
     raise ValueError(
         f"config.conditioner.image_condition must be one of {IMAGE_CONDITIONS}, "

@@ -14,6 +14,10 @@ shot 1, target):
   ``flow.p_drop_text``; the memory is emptied with ``flow.p_drop_memory``. With ``flow.p_i2v`` the target is
   trained as an I2MSV first shot instead: no memory, its own first frame through the I2V channel path and image
   tokens.
+* Precomputed batches (``data.source='multishot'``, :func:`onestory_jax.data.multishot.layout.example_spec`): with
+  ``latents`` in the batch the shots are not encoded, ``text`` (when stored) replaces the text encoder, and the I2V
+  paths take ``start_latents`` and ``images``, so the step runs neither the VAE nor a frozen text encoder; the
+  pseudo-labels are per memory latent frame (``sel_labels`` [B, 2, F]) instead of per memory shot.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from onestory_jax import memory_strategies
 from onestory_jax import next_shot
 from onestory_jax import rectified_flow as rf
 from onestory_jax.models import codec as codec_lib
@@ -59,7 +64,8 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
     params: OneStory parameters.
     system: the model and its frozen encoders (:func:`next_shot.make_system`).
     enc: the frozen encoders' parameters (:meth:`next_shot.System.encoder_params`).
-    batch: a global batch as :func:`onestory_jax.data.pipeline.batch_spec` lays it out.
+    batch: a global batch as :func:`onestory_jax.data.pipeline.batch_spec` lays it out (pixels, or the precomputed
+      arrays of built records).
     rng: key of this step.
     step: the training step (selects the decoupled-conditioning warm-up).
 
@@ -68,7 +74,11 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
   """
   c = system.config
   f_lat = system.latent_shape[0]
-  lat = system.encode_shots(enc, batch["frames"])  # [B, 3, F, h, w, C]
+  precomputed = "latents" in batch  # records (data.source='multishot'): no VAE in the step
+  if precomputed:
+    lat = batch["latents"].astype(jnp.float32)  # [B, 3, F, h, w, C]
+  else:
+    lat = system.encode_shots(enc, batch["frames"])  # [B, 3, F, h, w, C]
   b = lat.shape[0]
   memory = lat[:, :2].reshape((b, 2 * f_lat) + lat.shape[3:])
   x0 = lat[:, 2]
@@ -77,14 +87,38 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
   i2v = (jax.random.uniform(r_i2v, (b,)) < c.flow.p_i2v) & (system.first_frame != "none")
   keep_memory = (jax.random.uniform(r_mem, (b,)) >= c.flow.p_drop_memory) & ~i2v
   memory_mask = jnp.broadcast_to(keep_memory[:, None], (b, 2 * f_lat))
-  tokens = jnp.where((jax.random.uniform(r_text, (b,)) < c.flow.p_drop_text)[:, None], 0, batch["tokens"])
+  drop_text = jax.random.uniform(r_text, (b,)) < c.flow.p_drop_text
+  tokens = jnp.where(drop_text[:, None], 0, batch["tokens"])
+  # Stored caption embeddings (a frozen text encoder): a dropped caption is the null caption, all zeros.
+  text = jnp.where(drop_text[:, None, None], 0.0, batch["text"]) if "text" in batch else None
 
   warm = step < dc_warmup_steps(c)
   f_idx, f_valid = uniform_first_shot_choice(r_warm, batch["real_first"], f_lat, c.selection.k_sel)
-  forced = (jnp.broadcast_to(warm, (b,)), f_idx, f_valid & keep_memory[:, None])
+  choice = memory_strategies.training_choice(c.selection.get("strategy", "onestory"), 2, f_lat, c.selection.k_sel)
+  if choice is None:  # Frame Selection chooses, except in the warm-up
+    forced = (jnp.broadcast_to(warm, (b,)), f_idx, f_valid & keep_memory[:, None])
+  else:  # a simpler memory (paper Table 2a, Fig. 6: each variant trained with its own scheme), after the warm-up
+    s_idx, s_valid = (jnp.broadcast_to(jnp.asarray(a), (b,) + a.shape) for a in choice)
+    forced = (
+        jnp.ones((b,), bool),
+        jnp.where(warm, f_idx, s_idx),
+        jnp.where(warm, f_valid, s_valid) & keep_memory[:, None],
+    )
 
-  first = codec_lib.to_unit(batch["frames"][:, 2, 0])
   memory_shot = jnp.repeat(batch["memory_shots"], f_lat, axis=1)
+  stored = {}
+  if precomputed:
+    # The image path takes the stored image-encoder inputs (one per latent frame; the target's first is its first
+    # frame) and the channel path the stored first-frame latents; neither calls the VAE.
+    images = batch.get("images")
+    if images is not None:
+      first = codec_lib.to_unit(images[:, 2, 0])
+      stored["memory_images"] = images[:, :2].reshape((b, 2 * f_lat) + images.shape[3:])
+    else:
+      first = jnp.zeros((b, c.data.height, c.data.width, 3), jnp.float32)
+    stored["start_latents"] = batch["start_latents"] if "start_latents" in batch else jnp.zeros_like(x0)
+  else:
+    first = codec_lib.to_unit(batch["frames"][:, 2, 0])
   cond = system.condition(
       params,
       enc,
@@ -95,6 +129,8 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
       forced=forced,
       start_image=first,
       start_present=i2v,
+      text=text,
+      **stored,
   )
 
   t = rf.sample_time(r_t, b, mean=c.flow.logit_normal_mean, std=c.flow.logit_normal_std, shift=c.flow.timestep_shift)
@@ -103,7 +139,8 @@ def loss_fn(params: Any, system: next_shot.System, enc: dict, batch: dict, rng: 
   # Wan2.2-TI2V: the latent frame that a start image gives is not predicted.
   predicted = 1.0 - system.given_frames(cond) if system.first_frame == "latent" else None
   l_shot = rf.flow_loss(v, x0, noise, rf.loss_weight(t, c.flow.loss_weight_t), predicted)
-  labels = jnp.repeat(batch["sel_labels"], f_lat, axis=1)
+  sel = batch["sel_labels"]  # [B, 2] per memory shot, or [B, 2, F] per memory latent frame (records)
+  labels = sel.reshape((b, 2 * f_lat)) if sel.ndim == 3 else jnp.repeat(sel, f_lat, axis=1)
   l_sel = fs.selector_loss(cond.scores, labels, memory_mask)
   loss = l_shot + c.selection.lambda_sel * l_sel
   metrics = {

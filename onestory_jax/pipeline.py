@@ -129,15 +129,16 @@ class OneStoryPipeline:
       *,
       seed: int = 0,
       start_image: str | np.ndarray | None = None,
-      memory: str = "onestory",
+      memory: str | None = None,
       out: str | None = None,
   ) -> "GeneratedStory":
     """An empty story. ``start_image`` (a path or uint8 [H, W, 3]) makes it I2MSV: shot 0 starts from it.
     ``memory`` names the strategy that gives each shot its memory frames (:mod:`onestory_jax.memory_strategies`:
     ``onestory`` (Frame Selection), ``none`` (the no-memory baseline), ``last_frame``, ``recent``, ``uniform``,
-    ``keyframes``), all under the same context-token budget. With ``out``, every change is written through to that directory,
+    ``keyframes``), all under the same context-token budget; default: the one the model was trained with
+    (``config.selection.strategy``). With ``out``, every change is written through to that directory,
     which must not hold a story yet (:meth:`open` continues one)."""
-    memory = memory_strategies.canonical(memory)
+    memory = memory_strategies.canonical(memory or self.system.config.selection.get("strategy", "onestory"))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
       raise ValueError(f"seed must be an int, got {seed!r}")
     source = None
@@ -171,7 +172,7 @@ class OneStoryPipeline:
       *,
       seed: int = 0,
       start_image: str | np.ndarray | None = None,
-      memory: str = "onestory",
+      memory: str | None = None,
       out: str | None = None,
       progress: bool = False,
   ) -> "GeneratedStory":

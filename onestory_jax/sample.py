@@ -40,10 +40,11 @@ _KEEP_LATER = flags.DEFINE_bool("keep_later", False, "With --regenerate: keep th
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the story already in --out.")
 _MEMORY = flags.DEFINE_enum(
     "memory",
-    "onestory",
+    None,
     memory_strategies.STRATEGIES + tuple(memory_strategies.ALIASES),
     "Which earlier frames condition each shot: 'onestory' (Frame Selection; 'full' is its old name), 'none' (the "
-    "no-memory baseline), or a simpler strategy under the same token budget (onestory_jax/memory_strategies.py).",
+    "no-memory baseline), or a simpler strategy under the same token budget (onestory_jax/memory_strategies.py); "
+    "default: the one the model was trained with (config.selection.strategy, normally 'onestory').",
 )
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")

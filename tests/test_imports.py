@@ -2,6 +2,8 @@
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 PACKAGE = "onestory_jax"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -95,3 +97,26 @@ def test_the_graph_sees_lazy_and_package_imports():
 def test_no_import_cycles():
   found = cycles(import_graph())
   assert not found, "import cycles in onestory_jax/: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_entry_modules_import_together():
+  """A test process imports several command modules; their absl flags must not clash (DuplicateFlagError). (`train`
+  and `sample` run only as programs of their own, in subprocesses.)"""
+  modules = [
+      "plan",
+      "benchmark",
+      "reference_benchmark",
+      "evaluate",
+      "memory_ablation",
+      "ablation",
+      "studio",
+      "story",
+      "checkpoints",
+      "data.build",
+      "data.curate",
+      "data.curate_benchmark",
+      "sampling_benchmark",
+  ]
+  code = "\n".join(f"import onestory_jax.{m}" for m in modules) + "\nprint('ok')"
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -195,8 +195,12 @@ def example_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
   """Shape and dtype of each field of one training sample (the table of the module docstring).
 
   The one declaration of the sample layout: :class:`TripletSampler` casts its output to these
-  dtypes and checks these shapes, and :func:`batch_spec` adds the batch dimension.
+  dtypes and checks these shapes, and :func:`batch_spec` adds the batch dimension. A source of
+  precomputed arrays (``'multishot'``) registers its own layout (:func:`sources.source_example_spec`).
   """
+  registered = sources.source_example_spec(config)
+  if registered is not None:
+    return registered
   d = config.data
   shot = (int(d.frames_per_shot), int(d.height), int(d.width), 3)
   return {
@@ -262,7 +266,10 @@ def make_train_dataset(
   )
   stories = sources.make_story_source(config)
   tokenizer = tokenizer or tokenizer_lib.storyworld_tokenizer(int(data.text_len))
-  sampler = TripletSampler(spec, stories, tokenizer, example_spec(config))
+  if hasattr(stories, "triplet_sampler"):  # a source of precomputed arrays samples its own triplets
+    sampler = stories.triplet_sampler(spec, tokenizer, example_spec(config))
+  else:
+    sampler = TripletSampler(spec, stories, tokenizer, example_spec(config))
   ds = grain.MapDataset.range(len(stories)).shuffle(seed=spec.shuffle_seed).repeat()
   ds = ds.map_with_index(sampler)
   ds = ds[process_index::process_count]

@@ -20,6 +20,12 @@ ArrayRecord split). A new source is a picklable class with the three members of
 
 and, for a module of this package, its name in ``SOURCE_MODULES`` below, so that looking
 the name up imports it.
+
+A source of precomputed training arrays (``'multishot'``: latents, caption embeddings and
+per-frame pseudo-labels of built records, :mod:`onestory_jax.data.multishot_sources`) registers
+its own batch layout too (``register_source(name, factory, example_spec=fn)``), and its instances
+have a ``triplet_sampler(spec, tokenizer, layout)`` member that replaces the pixel
+``TripletSampler``; its ``record`` reader then returns a shot's stored latents.
 """
 
 from __future__ import annotations
@@ -82,18 +88,32 @@ SourceFactory = Callable[[ml_collections.ConfigDict], StorySource]
 SOURCES: dict[str, SourceFactory] = {}
 """``config.data.source`` name -> factory of the source. Filled by :func:`register_source`."""
 
-SOURCE_MODULES = ("onestory_jax.data.storyworld_sources",)
+EXAMPLE_SPECS: dict[str, Callable[[ml_collections.ConfigDict], dict[str, tuple[tuple[int, ...], Any]]]] = {}
+"""``config.data.source`` name -> the sample layout of a source of precomputed arrays (see the module docstring)."""
+
+SOURCE_MODULES = ("onestory_jax.data.storyworld_sources", "onestory_jax.data.multishot_sources")
 """Modules that register the sources of this package; imported on the first lookup."""
 
 
-def register_source(name: str, factory: SourceFactory) -> None:
+def register_source(name: str, factory: SourceFactory, example_spec: Callable | None = None) -> None:
   """Makes ``config.data.source = name`` build its story source with ``factory(config)``.
 
-  Registering the same factory twice is a no-op; another factory under a taken name raises.
+  ``example_spec(config)``, for a source of precomputed arrays, gives its sample layout (replacing
+  :func:`onestory_jax.data.pipeline.example_spec`'s pixel one). Registering the same factory twice is a no-op;
+  another factory under a taken name raises.
   """
   if SOURCES.get(name, factory) is not factory:
     raise ValueError(f"register_source: a different source is already registered as {name!r}")
   SOURCES[name] = factory
+  if example_spec is not None:
+    EXAMPLE_SPECS[name] = example_spec
+
+
+def source_example_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]] | None:
+  """The sample layout that ``config.data.source`` registered, or None for a pixel source (the default layout)."""
+  available_sources()
+  spec = EXAMPLE_SPECS.get(config.data.source)
+  return None if spec is None else spec(config)
 
 
 def available_sources() -> tuple[str, ...]:
