@@ -438,8 +438,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   with preemption.Watch(ckpts.mngr, jax.process_count()) as watch:
     for step in range(start + 1, total + 1):
       batch = next(data_iter)
+      if step == start + 1:  # say what the first minutes are spent on
+        logging.info("Step %d of %d: compiling the train step (or loading it from the compilation cache)", step, total)
+        first = time.perf_counter()
       state, metrics = trainer.step(state, batch)
       state_ref[0] = state
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        logging.info(
+            "Step %d done in %.1f s; progress every %d steps", step, time.perf_counter() - first, config.log_every_steps
+        )
       if previous is not None:
         # Dispatch stays at most one step ahead of the device, so steps/s and the ETA report compute, not dispatch
         # (unbounded, the host runs dozens of steps ahead and the progress swings between 2x and 0 steps/s).
