@@ -34,6 +34,8 @@ CASES = [
     ("onestory_jax.ablation", ["--table=2a"], "--table and --root are required"),
     ("onestory_jax.story", [f"--story={MISSING}.json", "--out=OUT"], "story file not found"),
     ("onestory_jax.data.curate", [f"--videos={MISSING}/*.mp4", "--out=OUT"], "no files match"),
+    ("onestory_jax.data.build_cost", ["--units=2x5"], "--units: expected SHOTS:UNITS pairs"),
+    ("onestory_jax.data.build_cost", ["--mfu=1.5", "--units=2:1"], "--mfu: expected a fraction"),
     ("onestory_jax.studio", ["--steps=0"], "--steps"),
     ("onestory_jax.sample", ["--out=OUT", "--bogus=1"], "Unknown command line flag 'bogus'"),
     ("onestory_jax.sample", ["--out=OUT", "extra"], "unexpected arguments ['extra']"),

@@ -113,6 +113,7 @@ def test_entry_modules_import_together():
       "story",
       "checkpoints",
       "data.build",
+      "data.build_cost",
       "data.curate",
       "data.curate_benchmark",
       "sampling_benchmark",
