@@ -180,8 +180,9 @@ def build_train_program(
     )
   # Outside the mesh context: some encoders make concrete keys, which cannot run on compile-only TPU devices.
   boxed_enc = system.abstract_encoder_params()
+  key = jax.random.key(int(config.seed))  # concrete, so made before the mesh of compile-only devices is set
   with sharding.use_mesh(mesh, config):
-    boxed = jax.eval_shape(functools.partial(init_train_state, system, config), jax.random.key(int(config.seed)))
+    boxed = jax.eval_shape(functools.partial(init_train_state, system, config), key)
   # Outside the mesh context too: optax runs the optimiser's init on placeholders to find the moments. AdamW's
   # moments are built from unboxed parameters: shard them like their parameters, not replicated.
   tx = make_optimizer(config, sharding.strip_boxes(boxed.params))
