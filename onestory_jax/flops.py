@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from typing import Any, Callable
 
 import jax
@@ -66,20 +65,6 @@ def mfu(step_flops: float, step_time_s: float, num_chips: int, chip: str) -> flo
   if int(num_chips) < 1:
     raise ValueError(f"mfu: num_chips must be >= 1, got {num_chips!r}")
   return float(step_flops) / (float(step_time_s) * int(num_chips) * chips.get(chip).peak_bf16_flops)
-
-
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-  """Measured dense matmul throughput of the default device: a jitted ``n^3`` matmul, the best of ``repeats``
-  (the peak that the CPU benchmarks report their achieved FLOP/s against)."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = np.inf
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n**3 / best
 
 
 # --------------------------------------------------------------------------------------------- traced counts

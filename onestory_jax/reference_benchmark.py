@@ -29,7 +29,7 @@ Flax's time over torch's (below 1: Flax is faster).
 FLOPs (``flops``) are analytic: :func:`onestory_jax.flops.dit_forward_flops` (matmuls only, ``2 m n k`` each) times
 the batch for ``fwd``, and 3x that for ``fwd_bwd`` (the convention of MFU). The same figure serves both sides, so
 the FLOP/s ratio is the inverse time ratio. Each implementation's FLOP/s is set against this machine's measured
-float32 matmul throughput (:func:`onestory_jax.flops.matmul_flops_per_sec`, a jitted JAX 2048^3 matmul, best of
+float32 matmul throughput (:func:`onestory_jax.benchmark.matmul_flops_per_sec`, a jitted JAX 2048^3 matmul, best of
 5): ``*_fraction_of_matmul``. For reference ``flops.xla_cost_analysis`` also gives XLA's own count of the compiled
 Flax programs; it includes elementwise work, and counts the body of a loop (the blocked attention's loop over key
 blocks) once, so it is not used for the FLOP/s.
@@ -473,7 +473,7 @@ def run(
     torch_compile_timeout_s: float = 900.0,
 ) -> dict:
   """The whole comparison. ``sizes``: names of :data:`SIZES` or :class:`Size` objects. ``matmul_flops_per_sec``:
-  the measured float32 matmul throughput (``flops.matmul_flops_per_sec``, passed in by the caller)."""
+  the measured float32 matmul throughput (``benchmark.matmul_flops_per_sec``, passed in by the caller)."""
   torch, diffusers = import_reference()
   sizes = [(s, SIZES[s]) if isinstance(s, str) else (f"custom{i}", s) for i, s in enumerate(sizes)]
   out: dict[str, Any] = {
