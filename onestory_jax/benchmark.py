@@ -5,9 +5,9 @@ r"""Benchmarks the OneStory train step on this machine.
   python -m onestory_jax.benchmark --compare=diffusers [--repeats=5] [--sizes=demo,d512]  (see reference_benchmark.py)
 
 Prints (as JSON) the compiled train step's time, DiT tokens per second (noise + context tokens), the FLOPs of
-one step from XLA's cost analysis, the achieved FLOP/s, and this machine's measured matmul FLOP/s (a 2048^3 matmul
-in the model's compute dtype, best of several runs), so the step's efficiency can be read against what the hardware
-does.
+one step from XLA's cost analysis, the achieved FLOP/s, and this machine's measured matmul FLOP/s
+(:func:`onestory_jax.flops.matmul_flops_per_sec`: 2048^3 on CPU, 8192^3 on an accelerator, in the model's compute
+dtype, best of several runs), so the step's efficiency can be read against what the hardware does.
 
 It also prints the analytic model FLOPs of one step (:mod:`onestory_jax.flops`: trainable modules forward +
 backward, frozen ones forward, no rematerialisation) and the MFU they give against the measured matmul peak of all
@@ -45,19 +45,6 @@ _DATA_BATCHES = flags.DEFINE_integer("data_batches", 0, "Also time the input pip
 _COMPARE = flags.DEFINE_enum(
     "compare", None, ["diffusers"], "Instead: the Wan DiT against diffusers' (onestory_jax/reference_benchmark.py)."
 )
-
-
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-  """Measured dense matmul throughput of the default device."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = np.inf
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n**3 / best
 
 
 def benchmark_input_pipeline(tr: trainer_lib.Trainer, batches: int) -> dict:
@@ -142,12 +129,12 @@ def analytic_mfu(config, step_time: float, matmul_peak: float) -> dict:
 def main(argv):
   del argv
   if _COMPARE.value == "diffusers":
-    reference_benchmark.main(matmul_flops_per_sec)
+    reference_benchmark.main()
     return
   config = _CONFIG.value
   out = benchmark_train_step(config, _STEPS.value, _DATA_BATCHES.value)
   dtype = jnp.dtype(config.model.dtype)
-  peak = matmul_flops_per_sec(dtype=dtype)
+  peak = flops_lib.matmul_flops_per_sec(dtype=dtype)
   out["matmul_dtype"] = dtype.name
   out["matmul_flops_per_s"] = peak
   out["fraction_of_matmul"] = out["achieved_flops_per_s"] / peak

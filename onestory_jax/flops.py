@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from typing import Any, Callable
 
 import jax
@@ -65,6 +66,23 @@ def mfu(step_flops: float, step_time_s: float, num_chips: int, chip: str) -> flo
   if int(num_chips) < 1:
     raise ValueError(f"mfu: num_chips must be >= 1, got {num_chips!r}")
   return float(step_flops) / (float(step_time_s) * int(num_chips) * chips.get(chip).peak_bf16_flops)
+
+
+def matmul_flops_per_sec(n: int | None = None, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Measured dense matmul throughput of the default device: a jitted ``n^3`` matmul of random ``dtype`` operands,
+  the best of ``repeats`` (the peak that the benchmarks report their achieved FLOP/s against). ``n`` defaults to
+  2048 on CPU and 8192 on accelerators (2048^3 leaves an H100 mostly idle)."""
+  if n is None:
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+  a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = np.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n**3 / best
 
 
 # --------------------------------------------------------------------------------------------- traced counts

@@ -1,15 +1,22 @@
 r"""The Wan DiT in Flax against the diffusers reference in PyTorch: speed, FLOP/s and output parity, side by side.
 
   python -m onestory_jax.benchmark --compare=diffusers [--repeats=5] [--sizes=demo,d512] [--torch_compile=false]
-      [--torch_compile_timeout_s=900]
+      [--torch_compile_timeout_s=900] [--compare_dtype=float32|bfloat16]
 
-For each size it builds the same T2V Wan2.1 DiT twice, with identical float32 weights and inputs:
+On a GPU (JAX's default backend ``gpu``, torch with CUDA), both sides run there:
+
+  python -m onestory_jax.benchmark --compare=diffusers --compare_dtype=bfloat16 --sizes=demo,d512,wan1.3b_block \
+      --torch_compile=false --repeats=20
+
+For each size it builds the same T2V Wan2.1 DiT twice, with identical weights (drawn in float32, then both sides
+cast to ``--compare_dtype``: parameters, inputs and compute) and inputs:
 
 * the reference, diffusers' ``WanTransformer3DModel`` (random weights from ``torch.manual_seed``; every parameter then
   gets 0.02 x Gaussian noise, so no norm scale is one and no bias zero), run eagerly and, where it works, through
   ``torch.compile`` (inductor, default mode);
 * the port, :class:`onestory_jax.models.wan.dit.WanTransformer3D` with the sizes of the reference's config
-  (:func:`dit.dit_from_diffusers`) and the project's default attention backend ``'auto'`` (``'blocked'`` on CPU), its
+  (:func:`dit.dit_from_diffusers`) and the project's default attention backend ``'auto'`` (``'blocked'`` on CPU,
+  ``'cudnn'`` for bfloat16 on a GPU, where torch's SDPA picks its flash kernel), its
   parameters converted in memory from the reference's state dict through the project's key map
   (:func:`dit.torch_key_to_target`, the map behind ``python -m onestory_jax.convert``), checked against the port's
   parameter tree (every parameter filled once, shapes equal).
@@ -29,13 +36,15 @@ Flax's time over torch's (below 1: Flax is faster).
 FLOPs (``flops``) are analytic: :func:`onestory_jax.flops.dit_forward_flops` (matmuls only, ``2 m n k`` each) times
 the batch for ``fwd``, and 3x that for ``fwd_bwd`` (the convention of MFU). The same figure serves both sides, so
 the FLOP/s ratio is the inverse time ratio. Each implementation's FLOP/s is set against this machine's measured
-float32 matmul throughput (:func:`onestory_jax.benchmark.matmul_flops_per_sec`, a jitted JAX 2048^3 matmul, best of
-5): ``*_fraction_of_matmul``. For reference ``flops.xla_cost_analysis`` also gives XLA's own count of the compiled
+matmul throughput in ``--compare_dtype`` (:func:`onestory_jax.flops.matmul_flops_per_sec`, a jitted JAX matmul,
+2048^3 on CPU and 8192^3 on a GPU, best of 5): ``*_fraction_of_matmul``; on a chip of :mod:`onestory_jax.chips`
+also against its spec-sheet bf16 peak (``*_fraction_of_spec``). For reference ``flops.xla_cost_analysis`` also gives XLA's own count of the compiled
 Flax programs; it includes elementwise work, and counts the body of a loop (the blocked attention's loop over key
 blocks) once, so it is not used for the FLOP/s.
 
 Parity (``parity``): the largest absolute difference between the Flax and the eager torch forward outputs, and that
-over the largest absolute reference output (``rel_err``; about 1e-7 to 1e-6 in float32); the same for every
+over the largest absolute reference output (``rel_err``; about 1e-7 to 1e-6 in float32, 1e-3 to 1e-2 in
+bfloat16); the same for every
 parameter gradient of ``fwd_bwd`` (``grad_rel_err``: the worst parameter, each gradient against its own largest
 entry); and torch.compile's output against eager's.
 
@@ -51,6 +60,8 @@ timestep features 256 as Wan, T2V: no image cross-attention):
 * ``demo``: the demo DiT (``configs/onestory.py:demo``): 4 layers, 4 heads x 32 (dim 128), FFN 512, batch 8 x 320
   noise tokens (latents 5 x 16 x 16);
 * ``d512``: 4 layers, 8 heads x 64 (dim 512), FFN 2048, batch 1 x 2048 noise tokens (latents 8 x 32 x 32);
+* ``wan1.3b_block``: one block of Wan2.1-T2V-1.3B (12 heads x 128, dim 1536, FFN 8960) at its 480p, 81-frame shape:
+  batch 1 x 32,760 noise tokens (latents 21 x 60 x 104); for accelerators;
 * ``tiny``: 1 layer, 2 heads x 16, FFN 64, batch 1 x 16 tokens (latents 1 x 8 x 8), 16 text tokens: a smoke test.
 
 Text: 512 caption tokens (Wan pads every prompt to 512 umT5 tokens) of width 64: the caption width only sizes the
@@ -83,6 +94,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from onestory_jax import chips
 from onestory_jax import flops as flops_lib
 from onestory_jax import weights
 from onestory_jax.models import attention as attention_lib
@@ -116,15 +128,17 @@ class Size:
     return math.prod(n // p for n, p in zip(self.latent, self.patch))
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self) | {"dim": self.dim, "tokens": self.tokens, "dtype": "float32"}
+    return dataclasses.asdict(self) | {"dim": self.dim, "tokens": self.tokens}
 
 
 SIZES = {
     "demo": Size(layers=4, heads=4, head_dim=32, ffn_dim=512, batch=8, latent=(5, 16, 16)),
     "d512": Size(layers=4, heads=8, head_dim=64, ffn_dim=2048, batch=1, latent=(8, 32, 32)),
+    "wan1.3b_block": Size(layers=1, heads=12, head_dim=128, ffn_dim=8960, batch=1, latent=(21, 60, 104)),
     "tiny": Size(layers=1, heads=2, head_dim=16, ffn_dim=64, batch=1, latent=(1, 8, 8), text_len=16, text_dim=32),
 }
 DEFAULT_SIZES = ("demo", "d512")
+DTYPES = ("float32", "bfloat16")
 PARAM_NOISE = 0.02
 
 
@@ -141,6 +155,12 @@ _SIZES = _flag(flags.DEFINE_list, "sizes", list(DEFAULT_SIZES), f"--compare size
 _TORCH_COMPILE = _flag(flags.DEFINE_boolean, "torch_compile", True, "--compare: also time torch.compile.")
 _TORCH_COMPILE_TIMEOUT = _flag(
     flags.DEFINE_integer, "torch_compile_timeout_s", 900, "--compare: wall-clock budget of torch.compile per size."
+)
+_DTYPE = _flag(
+    lambda name, default, help_: flags.DEFINE_enum(name, default, list(DTYPES), help_),
+    "compare_dtype",
+    "float32",
+    "--compare: parameters, inputs and compute of both sides.",
 )
 
 
@@ -237,18 +257,29 @@ def make_inputs(size: Size, seed: int = 0) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------- the functions
 
 
-def _torch_fns(torch, model, inputs):
-  """(forward, forward + backward) of a torch module on ``inputs``; outputs in torch's layout."""
-  x, t, text = (torch.from_numpy(inputs[k]) for k in ("x", "t", "text"))
+def torch_device(torch) -> str:
+  """``'cuda'`` where JAX runs on a GPU and torch sees one (both sides on the same chip), else ``'cpu'``."""
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_fns(torch, model, inputs, dtype: str, device: str):
+  """(forward, forward + backward) of a torch module on ``inputs`` (moved to ``device``, floats cast to ``dtype``);
+  outputs in torch's layout. On CUDA each call waits for its kernels, so that a host clock times them."""
+  x, t, text = (torch.from_numpy(inputs[k]).to(device) for k in ("x", "t", "text"))
+  x, text = x.to(getattr(torch, dtype)), text.to(getattr(torch, dtype))
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def fwd():
     with torch.no_grad():
-      return model(x, t, text, return_dict=False)[0]
+      out = model(x, t, text, return_dict=False)[0]
+    sync()
+    return out
 
   def fwd_bwd():
     model.zero_grad(set_to_none=True)
-    loss = model(x, t, text, return_dict=False)[0].square().mean()
+    loss = model(x, t, text, return_dict=False)[0].float().square().mean()
     loss.backward()
+    sync()
     return loss
 
   return fwd, fwd_bwd
@@ -256,14 +287,14 @@ def _torch_fns(torch, model, inputs):
 
 def _flax_fns(model: wan_dit.WanTransformer3D, params, inputs):
   """Compiled (forward, forward + backward) of the port, their compile seconds and XLA cost-analysis FLOPs."""
-  x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 4, 1))  # channels last
-  t, text = jnp.asarray(inputs["t"]), jnp.asarray(inputs["text"])
+  x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 4, 1), model.dtype)  # channels last
+  t, text = jnp.asarray(inputs["t"]), jnp.asarray(inputs["text"], model.dtype)
 
   def apply(p, x, t, text):
     return model.apply({"params": p}, x, t, text)
 
   def loss(p, x, t, text):
-    return jnp.mean(apply(p, x, t, text) ** 2)
+    return jnp.mean(apply(p, x, t, text).astype(jnp.float32) ** 2)
 
   compiled, compile_s, cost = {}, {}, {}
   for name, f in (("fwd", apply), ("fwd_bwd", jax.value_and_grad(loss))):
@@ -308,9 +339,16 @@ def _time(fn) -> float:
   return time.perf_counter() - start
 
 
+def _numpy(x) -> np.ndarray:
+  """A JAX array or a torch tensor (any device, any float dtype) as a float64 NumPy array."""
+  if hasattr(x, "detach"):
+    x = x.detach().float().cpu().numpy()
+  return np.asarray(x, np.float64)
+
+
 def _rel(ours, ref) -> tuple[float, float]:
   """(max|ours - ref|, that / max|ref|)."""
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  ours, ref = _numpy(ours), _numpy(ref)
   diff = float(np.max(np.abs(ours - ref)))
   return diff, diff / max(float(np.max(np.abs(ref))), 1e-30)
 
@@ -326,21 +364,28 @@ def compare_size(
     torch_compile: bool = True,
     torch_compile_timeout_s: float = 900.0,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> dict:
   """Times and checks one size (module docstring); returns its JSON-able record."""
   torch, diffusers = import_reference()
   if repeats < 1:
     raise ValueError(f"--repeats must be >= 1, got {repeats}")
-  record: dict[str, Any] = {"size": size.as_dict(), "loadavg_before": os.getloadavg()}
+  if dtype not in DTYPES:
+    raise ValueError(f"--compare_dtype: {dtype!r}, expected one of {DTYPES}")
+  record: dict[str, Any] = {"size": size.as_dict() | {"dtype": dtype}, "loadavg_before": os.getloadavg()}
   ref = build_reference(torch, diffusers, size, seed)
-  model = wan_dit.dit_from_diffusers(dict(ref.config), attention_impl=attention_lib.AUTO)
-  params = convert_state_dict(ref, model)
+  model = wan_dit.dit_from_diffusers(
+      dict(ref.config), attention_impl=attention_lib.AUTO, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype)
+  )
+  params = convert_state_dict(ref, model)  # from the float32 weights: both sides round the same values
+  device = torch_device(torch)
+  ref = ref.to(device=device, dtype=getattr(torch, dtype))
   inputs = make_inputs(size, seed)
   record["size"]["parameters"] = int(sum(p.numel() for p in ref.parameters()))
 
-  calls: dict[str, tuple[Callable, Callable]] = {"torch_eager": _torch_fns(torch, ref, inputs)}
+  calls: dict[str, tuple[Callable, Callable]] = {"torch_eager": _torch_fns(torch, ref, inputs, dtype, device)}
   warm = {"torch_eager": tuple(f() for f in calls["torch_eager"])}  # warm-up; keep the values
-  ref_grads = {name: p.grad.numpy().copy() for name, p in ref.named_parameters() if p.grad is not None}
+  ref_grads = {name: _numpy(p.grad) for name, p in ref.named_parameters() if p.grad is not None}
   calls["flax"], flax_compile_s, xla_cost = _flax_fns(model, params, inputs)
   warm["flax"] = tuple(f() for f in calls["flax"])
 
@@ -348,7 +393,7 @@ def compare_size(
   if torch_compile:
     try:
       compiled = torch.compile(ref)
-      compiled_calls = _torch_fns(torch, compiled, inputs)
+      compiled_calls = _torch_fns(torch, compiled, inputs, dtype, device)
       seconds, values = {}, []
       with _deadline(torch_compile_timeout_s):
         for name, fn in zip(("fwd", "fwd_bwd"), compiled_calls):
@@ -375,6 +420,7 @@ def compare_size(
       "fwd_bwd": 3.0 * fwd_flops,
       "xla_cost_analysis": xla_cost | {"note": "XLA's count of the Flax programs; loop bodies once; not used"},
   }
+  chip = chips.of_device_kind(jax.devices()[0].device_kind)
   for name in calls:
     fwd_s, fb_s = times[name]
     entry = {
@@ -386,8 +432,10 @@ def compare_size(
     for k in ("fwd", "fwd_bwd"):
       entry[f"{k}_flops_per_s"] = record["flops"][k] / entry[f"{k}_s"]
       entry[f"{k}_fraction_of_matmul"] = entry[f"{k}_flops_per_s"] / matmul_peak
+      if chip is not None:
+        entry[f"{k}_fraction_of_spec"] = entry[f"{k}_flops_per_s"] / chip.peak_bf16_flops
     if name == "flax":
-      entry["attention_backend"] = attention_lib.resolve_backend(model.attention_impl, jnp.float32)
+      entry["attention_backend"] = attention_lib.resolve_backend(model.attention_impl, model.dtype)
       entry["compile_s"] = flax_compile_s
     if name == "torch_compile":
       entry |= compile_record
@@ -407,7 +455,7 @@ def compare_size(
 def _parity(model, warm, ref_grads) -> dict:
   """Flax against eager torch: the forward outputs, the loss, and every parameter's gradient (``ref_grads``: the
   reference's, by published name)."""
-  ref_out = warm["torch_eager"][0].numpy().transpose(0, 2, 3, 4, 1)
+  ref_out = _numpy(warm["torch_eager"][0]).transpose(0, 2, 3, 4, 1)
   abs_err, rel_err = _rel(warm["flax"][0], ref_out)
   flax_loss, flax_grads = warm["flax"][1]
   grads = weights.flatten_tree(flax_grads)
@@ -420,12 +468,12 @@ def _parity(model, warm, ref_grads) -> dict:
       "max_abs_err": abs_err,
       "rel_err": rel_err,
       "ref_max_abs": float(np.max(np.abs(ref_out))),
-      "loss_rel_err": _rel(flax_loss, warm["torch_eager"][1].detach().numpy())[1],
+      "loss_rel_err": _rel(flax_loss, warm["torch_eager"][1])[1],
       "grad_rel_err": worst,
       "grad_worst_parameter": worst_name,
   }
   if "torch_compile" in warm:
-    out["torch_compile_vs_eager_rel_err"] = _rel(warm["torch_compile"][0].numpy(), warm["torch_eager"][0].numpy())[1]
+    out["torch_compile_vs_eager_rel_err"] = _rel(warm["torch_compile"][0], warm["torch_eager"][0])[1]
   return out
 
 
@@ -467,31 +515,38 @@ def _flops_shapes(size: Size) -> flops_lib.Shapes:
 def run(
     sizes,
     repeats: int,
-    matmul_flops_per_sec: Callable[[], float],
     *,
     torch_compile: bool = True,
     torch_compile_timeout_s: float = 900.0,
+    dtype: str = "float32",
 ) -> dict:
-  """The whole comparison. ``sizes``: names of :data:`SIZES` or :class:`Size` objects. ``matmul_flops_per_sec``:
-  the measured float32 matmul throughput (``benchmark.matmul_flops_per_sec``, passed in by the caller)."""
+  """The whole comparison. ``sizes``: names of :data:`SIZES` or :class:`Size` objects."""
   torch, diffusers = import_reference()
   sizes = [(s, SIZES[s]) if isinstance(s, str) else (f"custom{i}", s) for i, s in enumerate(sizes)]
   out: dict[str, Any] = {
       "loadavg_before": os.getloadavg(),
       "platform": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "torch_device": torch_device(torch),
       "cpu_count": os.cpu_count(),
       "jax_version": jax.__version__,
       "torch_version": torch.__version__,
       "diffusers_version": diffusers.__version__,
       "torch_threads": torch.get_num_threads(),
       "repeats": repeats,
-      "matmul_dtype": "float32",
+      "dtype": dtype,
+      "matmul_dtype": dtype,
   }
-  out["matmul_flops_per_s"] = peak = float(matmul_flops_per_sec())
+  out["matmul_flops_per_s"] = peak = flops_lib.matmul_flops_per_sec(dtype=jnp.dtype(dtype))
   out["results"] = {}
   for name, size in sizes:
     out["results"][name] = compare_size(
-        size, repeats, peak, torch_compile=torch_compile, torch_compile_timeout_s=torch_compile_timeout_s
+        size,
+        repeats,
+        peak,
+        torch_compile=torch_compile,
+        torch_compile_timeout_s=torch_compile_timeout_s,
+        dtype=dtype,
     )
   out["loadavg_after"] = os.getloadavg()
   return out
@@ -500,8 +555,9 @@ def run(
 def table(out: dict) -> str:
   """A short human-readable summary of :func:`run`'s record."""
   lines = [
-      f"Flax vs diffusers, {out['platform']}, {out['cpu_count']} CPUs, torch threads {out['torch_threads']}, "
-      f"median of {out['repeats']}; matmul peak {out['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; "
+      f"Flax vs diffusers, {out['dtype']}, {out['platform']} ({out['device_kind']}), {out['cpu_count']} CPUs, "
+      f"torch {out['torch_device']} with {out['torch_threads']} threads, median of {out['repeats']}; "
+      f"matmul peak {out['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; "
       f"load {_load(out['loadavg_before'])} -> {_load(out['loadavg_after'])}",
       f"  {'size':<6} {'impl':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd GFLOP/s':>16} {'fwd+bwd GFLOP/s':>16}",
   ]
@@ -533,15 +589,15 @@ def _load(avg) -> str:
   return "/".join(f"{a:.1f}" for a in avg)
 
 
-def main(matmul_flops_per_sec: Callable[[], float]) -> None:
+def main() -> None:
   """``python -m onestory_jax.benchmark --compare=diffusers``: JSON on stdout, the table on stderr."""
   names = check_sizes(_SIZES.value)
   out = run(
       names,
       _REPEATS.value,
-      matmul_flops_per_sec,
       torch_compile=_TORCH_COMPILE.value,
       torch_compile_timeout_s=_TORCH_COMPILE_TIMEOUT.value,
+      dtype=_DTYPE.value,
   )
   print(table(out), file=sys.stderr, flush=True)
   print(json.dumps(out, indent=2))

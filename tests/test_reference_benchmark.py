@@ -105,3 +105,15 @@ def test_errors_are_one_line_value_errors(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
   with pytest.raises(ValueError, match=r"pip install -e '\.\[test\]'"):
     rb.import_reference()
+
+
+def test_bfloat16_both_sides():
+  """--compare_dtype=bfloat16: parameters, inputs and compute in bfloat16 on both sides (on a GPU, the run the README
+  quotes); parity at bfloat16's rounding, not float32's."""
+  r = rb.compare_size(rb.SIZES["tiny"], 1, 1e9, torch_compile=False, dtype="bfloat16")
+  assert r["size"]["dtype"] == "bfloat16"
+  p = r["parity"]
+  assert 1e-5 < p["rel_err"] <= 3e-2 and p["loss_rel_err"] <= 1e-2, p  # bfloat16 rounding shows, and stays small
+  assert p["ref_max_abs"] > 0.1
+  with pytest.raises(ValueError, match="--compare_dtype"):
+    rb.compare_size(rb.SIZES["tiny"], 1, 1e9, torch_compile=False, dtype="float16")

@@ -265,11 +265,6 @@ def measure(m: Models, frames: int, repeats: int) -> dict[str, dict[str, float]]
   return out
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  return 2.0 * n**3 / min(_time(lambda x: x @ x, (a,), 1) for _ in range(repeats))
-
-
 # ------------------------------------------------------------------------------------------- the command
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -374,7 +369,7 @@ def run(
   if measure_frames:
     cores = os.cpu_count() or 1
     measured = measure(models, measure_frames, repeats)
-    peak = matmul_flops_per_s()
+    peak = flops_lib.matmul_flops_per_sec()
     rate = {
         "vae_encode": measured["vae_encode"]["flops_per_s"],
         "text": measured.get("text_one_layer", {}).get("flops_per_s", 1.0),
