@@ -373,8 +373,9 @@ def format_report(r: dict) -> str:
       f"  temporary  {g('temporary_bytes')}",
       f"  code       {g('generated_code_bytes')}",
   ]
-  if m["total_bytes"] is None:
-    lines.append(f"  total      {g('total_bytes')}   of {_gib(m['hbm_bytes']).strip()} HBM: DOES NOT FIT")
+  if m["peak_bytes"] is None:  # the compiler refused the program: no buffer assignment, at best its total
+    need = "" if m["total_bytes"] is None else f", {m['total_bytes'] / m['hbm_bytes']:.2f} times the HBM"
+    lines.append(f"  total      {g('total_bytes')}   of {_gib(m['hbm_bytes']).strip()} HBM{need}: DOES NOT FIT")
   else:
     lines.append(f"  total      {g('total_bytes')}   (every buffer at once: an upper bound)")
     used = m["peak_bytes"]

@@ -248,6 +248,31 @@ def test_out_of_memory_message_is_read():
   assert not out["fits"] and out["temporary_bytes"] == int(437.18 * 2**30)
   assert out["total_bytes"] == 10 * 2**30 + int(437.18 * 2**30)
   assert out["compiler_hbm_bytes"] == int(95.74 * 2**30)
+  # What plan prints for it: the total against the HBM, no peak (there is no buffer assignment).
+  report = {
+      "config": "c",
+      "topology": "v5p:2x2x1",
+      "num_slices": 1,
+      "num_chips": 4,
+      "chip": "v5p",
+      "mode": "tpu (libtpu, deviceless)",
+      "mesh": {"fsdp": 4},
+      "global_batch": 4,
+      "batch_per_chip": 1.0,
+      "remat": "full",
+      "scan_layers": True,
+      "memory_per_chip": out | {"hbm_bytes": int(95.74 * 2**30), "state_bytes": 2**30, "batch_bytes": 0},
+      "flops": dict.fromkeys(
+          ("model_flops_per_step", "dit_flops_per_step", "executed_flops_per_step", "model_flops_per_chip"), 1.0
+      )
+      | {"xla_flops_per_chip": 0.0, "step_time_at_100pct_mfu_s": 1.0, "peak_flops_per_chip": 459e12},
+      "compile_seconds": {"lower": 1.0, "compile": 1.0},
+      "notes": [],
+  }
+  report["memory_per_chip"]["encoder_bytes"] = 0
+  text = plan.format_report(report)
+  assert "4.67 times the HBM: DOES NOT FIT" in text and "  peak " not in text
+  assert "the compiler refused: RESOURCE_EXHAUSTED" in text
 
 
 @pytest.mark.libtpu
