@@ -38,9 +38,9 @@ the batch for ``fwd``, and 3x that for ``fwd_bwd`` (the convention of MFU). The 
 the FLOP/s ratio is the inverse time ratio. Each implementation's FLOP/s is set against this machine's measured
 matmul throughput in ``--compare_dtype`` (:func:`onestory_jax.flops.matmul_flops_per_sec`, a jitted JAX matmul,
 2048^3 on CPU and 8192^3 on a GPU, best of 5): ``*_fraction_of_matmul``; on a chip of :mod:`onestory_jax.chips`
-also against its spec-sheet bf16 peak (``*_fraction_of_spec``). For reference ``flops.xla_cost_analysis`` also gives XLA's own count of the compiled
-Flax programs; it includes elementwise work, and counts the body of a loop (the blocked attention's loop over key
-blocks) once, so it is not used for the FLOP/s.
+also against its spec-sheet bf16 peak (``*_fraction_of_spec``). For reference ``flops.xla_cost_analysis`` also
+gives XLA's own count of the compiled Flax programs; it includes elementwise work, and counts the body of a loop (the
+blocked attention's loop over key blocks) once, so it is not used for the FLOP/s.
 
 Parity (``parity``): the largest absolute difference between the Flax and the eager torch forward outputs, and that
 over the largest absolute reference output (``rel_err``; about 1e-7 to 1e-6 in float32, 1e-3 to 1e-2 in
