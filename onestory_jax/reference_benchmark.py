@@ -534,8 +534,7 @@ def run(
       "diffusers_version": diffusers.__version__,
       "torch_threads": torch.get_num_threads(),
       "repeats": repeats,
-      "dtype": dtype,
-      "matmul_dtype": dtype,
+      "dtype": dtype,  # of both sides, and of the matmul peak below
   }
   out["matmul_flops_per_s"] = peak = flops_lib.matmul_flops_per_sec(dtype=jnp.dtype(dtype))
   out["results"] = {}

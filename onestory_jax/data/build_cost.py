@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -326,7 +325,7 @@ def run(
   per_call = model_flops(models)
   total = project(per_call, units, augmentations, t, start)
   flops = sum(total.values())
-  num_units, num_shots = sum(units.values()), sum(n * c for n, c in units.items())
+  num_shots = sum(n * c for n, c in units.items())
   storage = sum(c * record_bytes(config, n, augmentations, dtype) for n, c in units.items())
   kept_hours = num_shots * t / fps / 3600.0
   hours = source_hours if source_hours is not None else kept_hours
