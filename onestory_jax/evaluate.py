@@ -9,7 +9,17 @@ Usage::
 digest is not the story file's). The headline figures are printed in one line; ``--json`` prints every metric as
 one JSON object, and ``--output`` writes that object to a file. ``evaluate_story(story, frames)`` is the library entry point.
 
-The metrics are the entries of the metric registry (:mod:`onestory_jax.metrics`): the StoryWorld
+Real video (the paper's narrative metrics, :mod:`onestory_jax.metrics.narrative_metrics`)::
+
+  python -m onestory_jax.evaluate --story=STORY.json --samples=OUT --dinov2=DIR --clip=DIR [--masks=MASKS.npz]
+
+scores character and environment consistency from DINOv2 features of the character and background regions, and
+caption alignment from CLIP, on any story file (:mod:`onestory_jax.story`: captions, and ``characters`` and
+``environment`` per shot). ``OUT`` holds ``frames.npz`` or, for videos from elsewhere, ``shot_00.mp4``,
+``shot_01.mp4``, ... Either tower may be left out; its metrics are then n/a. Without ``--masks`` the regions are
+whole frames (the documented fallback).
+
+The StoryWorld metrics are the entries of the metric registry (:mod:`onestory_jax.metrics`): the StoryWorld
 metrics are defined in :mod:`onestory_jax.metrics.storyworld_metrics`, on the per-shot analysis of
 :mod:`onestory_jax.metrics.shot_analysis`; docs/metrics.md states the same definitions with their
 rationale. This module checks the inputs, runs every registered metric and adds the per-pair and
@@ -195,6 +205,42 @@ def story_mismatch(story_path: str, samples_dir: str) -> str | None:
   return None
 
 
+def load_videos(samples_dir: str, num_shots: int) -> list[np.ndarray]:
+  """One uint8 ``[T, H, W, 3]`` array per shot: ``frames.npz`` when the folder has it, else ``shot_00.mp4``, ..."""
+  if os.path.isfile(os.path.join(samples_dir, "frames.npz")):
+    frames = load_samples(samples_dir, num_shots)
+  else:
+    paths = [os.path.join(samples_dir, f"shot_{i:02d}.mp4") for i in range(num_shots)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+      raise ValueError(
+          f"{samples_dir}: expected frames.npz or one video per story shot (shot_00.mp4 .. shot_{num_shots - 1:02d}"
+          f".mp4); missing {missing[0]}"
+      )
+    frames = [video_io.read_mp4(p) for p in paths]
+  for i, f in enumerate(frames):
+    if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3 or not len(f):
+      raise ValueError(f"{samples_dir}: shot {i}: expected uint8 frames [T, H, W, 3], got {f.dtype} {list(f.shape)}")
+  return frames
+
+
+def run_narrative(story_path: str, samples_dir: str, encoders, masks: str | None, frames_per_shot: int = 8) -> dict:
+  """The real-video narrative metrics of one story (:func:`narrative_metrics.score_story`) and the files used."""
+  from onestory_jax import story as story_lib  # pylint: disable=g-import-not-at-top
+  from onestory_jax.metrics import narrative_metrics  # pylint: disable=g-import-not-at-top
+
+  story = story_lib.load_story(story_path)
+  frames = load_videos(samples_dir, len(story.shots))
+  metrics = narrative_metrics.score_story(
+      story, frames, encoders, narrative_metrics.mask_source(masks), frames_per_shot=frames_per_shot
+  )
+  manifest = _load_manifest(samples_dir)
+  if manifest is not None:
+    metrics["manifest"] = manifest
+  metrics.update(story=story_path, samples=samples_dir, masks=masks)
+  return metrics
+
+
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -202,23 +248,45 @@ def main(argv: Sequence[str]) -> None:
   fl = flags.FLAGS
   if not fl.story or not fl.samples:
     raise ValueError("both --story=STORY.json and --samples=DIR are required")
-  metrics = run(fl.story, fl.samples)
+  if fl.dinov2 or fl.clip:
+    from onestory_jax.metrics import narrative_metrics  # pylint: disable=g-import-not-at-top
+
+    encoders = narrative_metrics.Encoders.from_pretrained(fl.dinov2, fl.clip)
+    metrics = run_narrative(fl.story, fl.samples, encoders, fl.masks, fl.frames_per_shot)
+    line = narrative_metrics.headline(metrics)
+  elif fl.masks:
+    raise ValueError("--masks: the region masks serve the real-video metrics; pass --dinov2=DIR and/or --clip=DIR")
+  else:
+    metrics = run(fl.story, fl.samples)
+    line = headline(metrics)
   warning = story_mismatch(fl.story, fl.samples)
   if warning:
     print(f"warning: {warning}", file=sys.stderr)
   text = json.dumps(metrics, indent=2, sort_keys=True)
   if fl.output:
     video_io.atomic_write_bytes(fl.output, (text + "\n").encode())
-  print(text if fl.json else headline(metrics) + (f"; all metrics in {fl.output}" if fl.output else ""))
+  print(text if fl.json else line + (f"; all metrics in {fl.output}" if fl.output else ""))
 
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string("story", None, "StoryWorld story JSON (the annotations).")
+  flags.DEFINE_string(
+      "story", None, "Story JSON (the annotations: StoryWorld's, or any story file with --dinov2/--clip)."
+  )
   flags.DEFINE_string("samples", None, "Directory holding frames.npz (keys shot_0, shot_1, ...).")
   flags.DEFINE_string("output", None, "Optional path to also write the metrics JSON to.")
   flags.DEFINE_bool("json", False, "Print every metric as JSON (per pair and per shot too), not the headline.")
+  flags.DEFINE_string(
+      "dinov2", None, "Real video: a DINOv2 folder (transformers save_pretrained) for C-Cons and E-Cons."
+  )
+  flags.DEFINE_string(
+      "clip", None, "Real video: a CLIP folder (transformers CLIPModel + tokenizer.json) for alignment."
+  )
+  flags.DEFINE_string(
+      "masks", None, "Real video: character masks, MASKS.npz (keys shot_{i}.character_{c}) or NAME:PATH of a backend."
+  )
+  flags.DEFINE_integer("frames_per_shot", 8, "Real video: frames sampled per shot, evenly spaced.")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def dino_input_size(height: int, width: int, short_side: int, patch: int) -> tup
   return tuple(max(patch, round(side * scale / patch) * patch) for side in (height, width))  # type: ignore[return-value]
 
 
-def _processor_stats(directory: str, default_mean, default_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def processor_stats(directory: str, default_mean, default_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """image_mean / image_std of ``directory/preprocessor_config.json`` when it exists, else the defaults."""
   path = os.path.join(directory, "preprocessor_config.json")
   if not os.path.isfile(path):
@@ -289,8 +289,8 @@ class Embedder:
     clip_params = dinov2_lib.load_safetensors_params(
         clip_dir, clip_lib.torch_key_to_target, clip_lib.abstract_params_from_transformers(cfg), what="CLIP checkpoint"
     )
-    dm, ds = _processor_stats(dinov2_dir, dinov2_lib.IMAGENET_MEAN, dinov2_lib.IMAGENET_STD)
-    cm, cs = _processor_stats(clip_dir, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD)
+    dm, ds = processor_stats(dinov2_dir, dinov2_lib.IMAGENET_MEAN, dinov2_lib.IMAGENET_STD)
+    cm, cs = processor_stats(clip_dir, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD)
     stats = dict(dino_mean=dm, dino_std=ds, clip_mean=cm, clip_std=cs)
     return cls(dino, dino_params, clip, clip_params, **{**stats, **kwargs})
 

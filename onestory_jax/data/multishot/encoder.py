@@ -270,10 +270,6 @@ class UnitCache:
 
 
 # ---------------------------------------------------------------------------- models
-def _processor_stats(path: str, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  return pl._processor_stats(path, mean, std)  # pylint: disable=protected-access
-
-
 def load_embedder(pretrained_dir: str, dinov2_dir: str | None, clip_dir: str | None) -> pl.Embedder:
   """The DINOv2 + CLIP pseudo-label towers: from transformers folders when given, else from the conversion in
   ``pretrained_dir`` (its ``dinov2`` component, and Wan's CLIP ``image_encoder``: pseudo_labels' documented choice).
@@ -283,7 +279,7 @@ def load_embedder(pretrained_dir: str, dinov2_dir: str | None, clip_dir: str | N
   """
   if dinov2_dir:
     dino, dino_params = dinov2_lib.load_dinov2(dinov2_dir)
-    dm, ds = _processor_stats(dinov2_dir, dinov2_lib.IMAGENET_MEAN, dinov2_lib.IMAGENET_STD)
+    dm, ds = pl.processor_stats(dinov2_dir, dinov2_lib.IMAGENET_MEAN, dinov2_lib.IMAGENET_STD)
   else:
     if not epath.Path(weights.converted_path(pretrained_dir, "dinov2")).exists():
       raise ValueError(
@@ -301,7 +297,7 @@ def load_embedder(pretrained_dir: str, dinov2_dir: str | None, clip_dir: str | N
     cfg = dinov2_lib.read_config(clip_dir)
     abstract = clip_lib.abstract_params_from_transformers(cfg)
     clip_params = dinov2_lib.load_safetensors_params(clip_dir, clip_lib.torch_key_to_target, abstract, what="CLIP")
-    cm, cs = _processor_stats(clip_dir, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD)
+    cm, cs = pl.processor_stats(clip_dir, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD)
   else:
     if not epath.Path(weights.converted_path(pretrained_dir, "image_encoder")).exists():
       raise ValueError(

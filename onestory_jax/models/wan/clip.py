@@ -72,7 +72,9 @@ class CLIPAttention(nn.Module):
 
   The projections keep transformers' fused layout (``[D, heads * head_dim]`` kernels, so the
   published weights only transpose); the fused axis carries the logical name 'heads', which
-  splits it at head boundaries when sharded.
+  splits it at head boundaries when sharded. ``mask`` (bool, broadcastable to ``[B, heads, Q, K]``, True = attend)
+  is what the text tower's causal and padding masks use (:mod:`onestory_jax.models.clip_text`); masked logits take
+  float32's lowest value, as transformers' masks add it.
   """
 
   num_heads: int
@@ -80,7 +82,7 @@ class CLIPAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     b, n, d = x.shape
     head_dim = d // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_DENSE_INIT)
@@ -89,6 +91,8 @@ class CLIPAttention(nn.Module):
     k = split(layers.dense(d, ("embed", "heads"), "k", **kw)(x))
     v = split(layers.dense(d, ("embed", "heads"), "v", **kw)(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads"))
@@ -106,10 +110,11 @@ class CLIPEncoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = x.shape[-1]
-    x = x + CLIPAttention(self.num_heads, name="attn", **kw)(layers.layer_norm(self.eps, name="norm1", **kw)(x))
+    attn = CLIPAttention(self.num_heads, name="attn", **kw)
+    x = x + attn(layers.layer_norm(self.eps, name="norm1", **kw)(x), mask)
     h = layers.layer_norm(self.eps, name="norm2", **kw)(x)
     fc1 = layers.dense(self.intermediate_size, ("embed", "mlp"), "fc1", kernel_init=_DENSE_INIT, **kw)
     h = nn.with_logical_constraint(_ACTIVATIONS[self.act](fc1(h)), ("batch", "length", "mlp"))
