@@ -157,6 +157,16 @@ def test_steps_really_train_and_shard(runs):
       trainers[name].program.state_shardings.params["dit"]["blocks_0"]["attn1"]["to_q"]["kernel"].spec
   )
   assert q_kernel("fsdp") == q_kernel("fsdp_tensor") == ("fsdp", "tensor")  # (embed, heads)
+  # Frame Selection's D x D conv kernel is stored over fsdp too (its input channels), and gathered where it is used.
+  conv = lambda name, i: tuple(
+      trainers[name].program.state_shardings.params["frame_selection"]["phi_v"][f"conv_{i}"]["kernel"].spec
+  )
+  assert conv("fsdp_tensor", 1) == (None, None, "fsdp", "tensor") and conv("fsdp_tensor", 0) == (
+      None,
+      None,
+      None,
+      "tensor",
+  )
   assert sharding.context_parallelism(trainers["context"].mesh, trainers["context"].config) == 4
   # Two DiT blocks, forward and backward: q, k, v and the output swapped in each self-attention.
   assert all_to_alls["context"] > 0 and all_to_alls["fsdp_tensor"] == all_to_alls["one_device"] == 0
