@@ -371,8 +371,9 @@ def test_browser_two_shots_regenerate(studio, tmp_path):
         # and Regenerate takes the edited caption with a new seed.
         cell = page.locator("#shots [data-testid=cell-1-2]")
         cell.dblclick()
-        page.keyboard.press("Control+A")
-        page.keyboard.type(EDITED)
+        editor = cell.locator("input, textarea")  # the cell's editor, once the double-click has opened it
+        expect(editor).to_be_focused(timeout=10_000)  # under load it opens late: keys sent before went elsewhere
+        editor.fill(EDITED)
         page.keyboard.press("Enter")
         expect(status).to_contain_text("Plan updated", timeout=30_000)
         old_video = page.locator("#shot-video video").get_attribute("src")

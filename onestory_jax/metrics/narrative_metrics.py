@@ -390,12 +390,9 @@ def score_story(
 
   if encoders.clip is not None:
     text = encoders.clip_text_features(story.captions)
-    image = encoders.clip_image_features(np.concatenate(chosen))
-    start = 0
     scores = []
-    for i, f in enumerate(chosen):
-      s = float((image[start : start + len(f)] @ text[i]).mean())
-      start += len(f)
+    for i, f in enumerate(chosen):  # shot by shot: shots may differ in size
+      s = float((encoders.clip_image_features(f) @ text[i]).mean())
       shots_out[i]["caption_alignment"] = s
       scores.append(s)
     out["caption_alignment"] = _mean(scores)
