@@ -208,10 +208,10 @@ def config_from_transformers(cfg: Any) -> dict:
   text["eos_token_id"] = eos
   text["eps"] = float(text_cfg.get("layer_norm_eps", 1e-5))
   act = text_cfg.get("hidden_act", "quick_gelu")
-  if act not in vision_lib._ACTIVATIONS:  # pylint: disable=protected-access
+  if act not in vision_lib.ACTIVATIONS:
     raise ValueError(
-        f"CLIP config: text_config.hidden_act must be one of {sorted(vision_lib._ACTIVATIONS)}, got {act!r}"
-    )  # pylint: disable=protected-access
+        f"CLIP config: text_config.hidden_act must be one of {sorted(vision_lib.ACTIVATIONS)}, got {act!r}"
+    )
   text["act"] = act
   proj = cfg.get("projection_dim", 512)  # transformers' CLIPConfig default
   if isinstance(proj, bool) or not isinstance(proj, int) or proj < 1:
@@ -251,10 +251,8 @@ def torch_key_to_target(name: str) -> weights.Target | None:
   if name in ("text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias"):
     return weights.Target(("text", "final_norm", "scale" if name.endswith("weight") else "bias"))
   m = _TEXT_LAYER.fullmatch(name)
-  if m and m.group(2) in vision_lib._LAYER_LEAF:  # pylint: disable=protected-access
-    path = ("text", f"layers_{int(m.group(1))}") + vision_lib._LAYER_LEAF[m.group(2)]  # pylint: disable=protected-access
-    is_norm = m.group(2).startswith("layer_norm")
-    leaf = vision_lib._leaf(path, m.group(3), is_norm)  # pylint: disable=protected-access
+  if m:
+    leaf = vision_lib.layer_target(("text", f"layers_{int(m.group(1))}"), m.group(2), m.group(3))
     if leaf is not None:
       return leaf
   raise ValueError(
@@ -272,7 +270,7 @@ class CLIPTokenizer:
   when it names none), as transformers' ``CLIPTokenizerFast(padding='max_length', truncation=True)`` does.
   """
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, max_len: int, pad_id: int, where: str = "tokenizer"):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, max_len: int, pad_id: int):
     self._tokenizer = tokenizer
     self.max_len = int(max_len)
     self.pad_id = int(pad_id)
@@ -306,7 +304,7 @@ class CLIPTokenizer:
         if tok.token_to_id(pad) is None:
           raise ValueError(f"{cfg_path}: pad_token {pad!r} is not in {path}")
         pad_id = tok.token_to_id(pad)
-    return cls(tok, max_len, pad_id, where=path)
+    return cls(tok, max_len, pad_id)
 
   def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``texts`` -> (int32 ids ``[N, max_len]``, int32 mask ``[N, max_len]``, 1 on real tokens)."""

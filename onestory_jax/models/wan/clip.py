@@ -51,7 +51,7 @@ Dtype = Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -117,7 +117,7 @@ class CLIPEncoderLayer(nn.Module):
     x = x + attn(layers.layer_norm(self.eps, name="norm1", **kw)(x), mask)
     h = layers.layer_norm(self.eps, name="norm2", **kw)(x)
     fc1 = layers.dense(self.intermediate_size, ("embed", "mlp"), "fc1", kernel_init=_DENSE_INIT, **kw)
-    h = nn.with_logical_constraint(_ACTIVATIONS[self.act](fc1(h)), ("batch", "length", "mlp"))
+    h = nn.with_logical_constraint(ACTIVATIONS[self.act](fc1(h)), ("batch", "length", "mlp"))
     x = x + layers.dense(d, ("mlp", "embed"), "fc2", kernel_init=_DENSE_INIT, **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -175,8 +175,8 @@ class CLIPVisionTransformer(nn.Module):
           f"CLIPVisionTransformer: image_size = {self.image_size} must be divisible by "
           f"patch_size = {self.patch_size}"
       )
-    if self.act not in _ACTIVATIONS:
-      raise ValueError(f"CLIPVisionTransformer: act must be one of {sorted(_ACTIVATIONS)}, got " f"{self.act!r}")
+    if self.act not in ACTIVATIONS:
+      raise ValueError(f"CLIPVisionTransformer: act must be one of {sorted(ACTIVATIONS)}, got " f"{self.act!r}")
     d, p = self.hidden_size, self.patch_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.class_embedding = self.param(
@@ -343,8 +343,8 @@ def config_from_transformers(cfg: dict) -> dict:
   out["num_channels"] = int(cfg.get("num_channels", 3))
   out["eps"] = float(cfg.get("layer_norm_eps", 1e-5))
   act = cfg.get("hidden_act", "quick_gelu")  # transformers' CLIPVisionConfig default
-  if act not in _ACTIVATIONS:
-    raise ValueError(f"CLIP config: hidden_act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+  if act not in ACTIVATIONS:
+    raise ValueError(f"CLIP config: hidden_act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
   out["act"] = act
   return out
 
@@ -417,6 +417,14 @@ def _leaf(prefix: tuple[str, ...], kind: str, is_norm: bool) -> weights.Target |
   return None
 
 
+def layer_target(layer: tuple[str, ...], name: str, kind: str) -> weights.Target | None:
+  """Where ``encoder.layers.N.<name>.<kind>`` of a CLIP tower (vision or text) goes, ``layer`` being layer N's path;
+  None for a name or kind that a layer does not have."""
+  if name not in _LAYER_LEAF:
+    return None
+  return _leaf(layer + _LAYER_LEAF[name], kind, name.startswith("layer_norm"))
+
+
 def torch_key_to_target(name: str) -> weights.Target | None:
   """Where one tensor of a transformers ``CLIPVisionModel`` state dict goes in the tower.
 
@@ -449,9 +457,8 @@ def torch_key_to_target(name: str) -> weights.Target | None:
     if target is not None:
       return target
   m = _LAYER.fullmatch(base)
-  if m and m.group(2) in _LAYER_LEAF:
-    path = (f"layers_{int(m.group(1))}",) + _LAYER_LEAF[m.group(2)]
-    target = _leaf(path, kind, m.group(2).startswith("layer_norm"))
+  if m:
+    target = layer_target((f"layers_{int(m.group(1))}",), m.group(2), kind)
     if target is not None:
       return target
   raise ValueError(
