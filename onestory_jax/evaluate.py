@@ -206,22 +206,18 @@ def story_mismatch(story_path: str, samples_dir: str) -> str | None:
 
 
 def load_videos(samples_dir: str, num_shots: int) -> list[np.ndarray]:
-  """One uint8 ``[T, H, W, 3]`` array per shot: ``frames.npz`` when the folder has it, else ``shot_00.mp4``, ..."""
+  """One ``[T, H, W, 3]`` array per shot: ``frames.npz`` when the folder has it, else ``shot_00.mp4``, ... (the
+  metrics check the arrays)."""
   if os.path.isfile(os.path.join(samples_dir, "frames.npz")):
-    frames = load_samples(samples_dir, num_shots)
-  else:
-    paths = [os.path.join(samples_dir, f"shot_{i:02d}.mp4") for i in range(num_shots)]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-      raise ValueError(
-          f"{samples_dir}: expected frames.npz or one video per story shot (shot_00.mp4 .. shot_{num_shots - 1:02d}"
-          f".mp4); missing {missing[0]}"
-      )
-    frames = [video_io.read_mp4(p) for p in paths]
-  for i, f in enumerate(frames):
-    if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3 or not len(f):
-      raise ValueError(f"{samples_dir}: shot {i}: expected uint8 frames [T, H, W, 3], got {f.dtype} {list(f.shape)}")
-  return frames
+    return load_samples(samples_dir, num_shots)
+  paths = [os.path.join(samples_dir, f"shot_{i:02d}.mp4") for i in range(num_shots)]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(
+        f"{samples_dir}: expected frames.npz or one video per story shot (shot_00.mp4 .. shot_{num_shots - 1:02d}"
+        f".mp4); missing {missing[0]}"
+    )
+  return [video_io.read_mp4(p) for p in paths]
 
 
 def run_narrative(story_path: str, samples_dir: str, encoders, masks: str | None, frames_per_shot: int = 8) -> dict:
@@ -232,7 +228,12 @@ def run_narrative(story_path: str, samples_dir: str, encoders, masks: str | None
   story = story_lib.load_story(story_path)
   frames = load_videos(samples_dir, len(story.shots))
   metrics = narrative_metrics.score_story(
-      story, frames, encoders, narrative_metrics.mask_source(masks), frames_per_shot=frames_per_shot
+      story,
+      frames,
+      encoders,
+      narrative_metrics.mask_source(masks),
+      frames_per_shot=frames_per_shot,
+      source=samples_dir,
   )
   manifest = _load_manifest(samples_dir)
   if manifest is not None:

@@ -283,6 +283,11 @@ def test_mask_errors(tmp_path, towers):
   with pytest.raises(ValueError, match=r"unknown mask backend 'yolo' \(registered: \['npz'\]\)"):
     nm.mask_source("yolo:/weights")
   assert isinstance(nm.mask_source(None), nm.WholeFrame)
+  bad_frames = [f.astype(np.float32) if i == 2 else f for i, f in enumerate(shots)]
+  with pytest.raises(ValueError, match=r"OUT: shot 2: expected uint8 frames \[T, H, W, 3\] with T >= 1, got float32"):
+    nm.score_story(story, bad_frames, enc, source="OUT")
+  with pytest.raises(ValueError, match=r"expected 4 shots of frames"):
+    nm.score_story(story, shots[:3], enc)
 
 
 def test_registered_detector_backend(tmp_path, towers):

@@ -296,6 +296,52 @@ def _mean(values: Sequence[float]) -> float | None:
   return float(np.mean(values)) if values else None
 
 
+def _region_means(
+    story: story_lib.Story,
+    frames: Sequence[np.ndarray],
+    picks: Sequence[np.ndarray],
+    encoders: Encoders,
+    masks: MaskSource,
+    min_region_fraction: float,
+    shots_out: list[dict],
+) -> dict[tuple[int, int | None], np.ndarray]:
+  """(shot, character id, or None for the background) -> the mean unit DINOv2 feature over the frames in view."""
+  size, fill = encoders.image_size, encoders.fill
+  images, owners = [], []  # owners[k]: the keys that image k stands for
+  for i, (spec, pick) in enumerate(zip(story.shots, picks)):
+    chars = list(spec.characters or ())
+    shot_masks = masks.masks(i, frames[i], chars)
+    need = max(min_region_fraction * frames[i].shape[1] * frames[i].shape[2], 1)
+    in_view = {c: 0 for c in chars}
+    for t in pick:
+      frame = frames[i][t]
+      if shot_masks is None:  # one whole-frame image stands for every character and the background
+        images.append(background_image(frame, None, size, fill))
+        owners.append([(i, c) for c in chars] + [(i, None)])
+        in_view = {c: n + 1 for c, n in in_view.items()}
+        continue
+      union = np.zeros(frame.shape[:2], bool)
+      for c in chars:
+        m = shot_masks[c][t]
+        union |= m
+        if m.sum() >= need:
+          images.append(region_image(frame, m, size, fill))
+          owners.append([(i, c)])
+          in_view[c] += 1
+      if (~union).sum() >= need:
+        images.append(background_image(frame, union, size, fill))
+        owners.append([(i, None)])
+    shots_out[i]["character_frames_in_view"] = {str(c): n for c, n in in_view.items()}
+  if not images:
+    return {}
+  feats = encoders.dino_features(np.stack(images))
+  rows: dict[tuple[int, int | None], list[int]] = {}
+  for k, keys in enumerate(owners):
+    for key in keys:
+      rows.setdefault(key, []).append(k)
+  return {key: feats[r].mean(axis=0) for key, r in rows.items()}
+
+
 def score_story(
     story: story_lib.Story,
     frames: Sequence[np.ndarray],
@@ -304,6 +350,7 @@ def score_story(
     *,
     frames_per_shot: int = 8,
     min_region_fraction: float = 0.005,
+    source: str = "frames",
 ) -> dict:
   """C-Cons, E-Cons and caption alignment of one generated story (see the module docstring).
 
@@ -314,6 +361,7 @@ def score_story(
     masks: the character regions (default: :class:`WholeFrame`).
     frames_per_shot: frames sampled per shot.
     min_region_fraction: the share of a frame a region needs to count as in view.
+    source: what error messages call the frames (the samples folder, for the CLI).
 
   Returns:
     A JSON-serialisable dict: ``character_consistency``, ``environment_consistency``, ``caption_alignment`` (None
@@ -323,52 +371,20 @@ def score_story(
   masks = masks or WholeFrame()
   if len(frames) != len(story.shots):
     raise ValueError(f"expected {len(story.shots)} shots of frames (one per story shot), got {len(frames)}")
+  for i, f in enumerate(frames):
+    if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3 or not len(f):
+      got = f"{f.dtype} {list(f.shape)}" if isinstance(f, np.ndarray) else type(f).__name__
+      raise ValueError(f"{source}: shot {i}: expected uint8 frames [T, H, W, 3] with T >= 1, got {got}")
   if not 0.0 <= min_region_fraction < 1.0:
     raise ValueError(f"min_region_fraction must be in [0, 1), got {min_region_fraction}")
   if hasattr(masks, "check_story"):
     masks.check_story(story)
-  chosen = [f[frame_indices(len(f), frames_per_shot)] for f in frames]
-  out: dict[str, Any] = {"regions": masks.name, "frames_per_shot": int(frames_per_shot), "num_shots": len(frames)}
-  shots_out = [
-      {"shot": i, "frames": [int(t) for t in frame_indices(len(f), frames_per_shot)]} for i, f in enumerate(frames)
-  ]
+  picks = [frame_indices(len(f), frames_per_shot) for f in frames]
+  shots_out = [{"shot": i, "frames": [int(t) for t in pick]} for i, pick in enumerate(picks)]
 
   char_pairs, env_pairs, unscored = [], [], []
   if encoders.dino is not None:
-    size, fill = encoders.image_size, encoders.fill
-    images, owners = [], []  # owners[k]: the (shot, character id or None for the background) keys of image k
-    for i, (spec, f) in enumerate(zip(story.shots, chosen)):
-      chars = list(spec.characters or ())
-      shot_masks = masks.masks(i, frames[i], chars)
-      if shot_masks is not None:
-        shot_masks = {c: m[frame_indices(len(frames[i]), frames_per_shot)] for c, m in shot_masks.items()}
-      need = min_region_fraction * f.shape[1] * f.shape[2]
-      in_view = {c: 0 for c in chars}
-      for t, frame in enumerate(f):
-        if shot_masks is None:  # one whole-frame image stands for every character and the background
-          images.append(background_image(frame, None, size, fill))
-          owners.append([(i, c) for c in chars] + [(i, None)])
-          for c in chars:
-            in_view[c] += 1
-          continue
-        union = np.zeros(frame.shape[:2], bool)
-        for c in chars:
-          m = shot_masks[c][t]
-          union |= m
-          if m.sum() >= max(need, 1):
-            images.append(region_image(frame, m, size, fill))
-            owners.append([(i, c)])
-            in_view[c] += 1
-        if (~union).sum() >= max(need, 1):
-          images.append(background_image(frame, union, size, fill))
-          owners.append([(i, None)])
-      shots_out[i]["character_frames_in_view"] = {str(c): n for c, n in in_view.items()}
-    feats = encoders.dino_features(np.stack(images)) if images else np.zeros((0, 1), np.float32)
-    rows: dict[tuple[int, int | None], list[int]] = {}  # (shot, character or None) -> rows of feats
-    for k, keys in enumerate(owners):
-      for key in keys:
-        rows.setdefault(key, []).append(k)
-    mean_of = {key: feats[r].mean(axis=0) for key, r in rows.items()}
+    mean_of = _region_means(story, frames, picks, encoders, masks, min_region_fraction, shots_out)
     n = len(story.shots)
     for i in range(n):
       for j in range(i + 1, n):
@@ -384,22 +400,27 @@ def score_story(
             env_pairs.append({"shots": [i, j], "environment": a.environment, "similarity": sim})
           else:
             unscored.append({"shots": [i, j], "environment": a.environment, "why": "no background left in a shot"})
-  out["character_consistency"] = _mean([p["similarity"] for p in char_pairs]) if encoders.dino is not None else None
-  out["environment_consistency"] = _mean([p["similarity"] for p in env_pairs]) if encoders.dino is not None else None
-  out["num_character_pairs"], out["num_environment_pairs"] = len(char_pairs), len(env_pairs)
 
+  scores = []
   if encoders.clip is not None:
     text = encoders.clip_text_features(story.captions)
-    scores = []
-    for i, f in enumerate(chosen):  # shot by shot: shots may differ in size
-      s = float((encoders.clip_image_features(f) @ text[i]).mean())
-      shots_out[i]["caption_alignment"] = s
-      scores.append(s)
-    out["caption_alignment"] = _mean(scores)
-  else:
-    out["caption_alignment"] = None
-  out.update(character_pairs=char_pairs, environment_pairs=env_pairs, unscored=unscored, shots=shots_out)
-  return out
+    for i, (f, pick) in enumerate(zip(frames, picks)):  # shot by shot: shots may differ in size
+      shots_out[i]["caption_alignment"] = float((encoders.clip_image_features(f[pick]) @ text[i]).mean())
+      scores.append(shots_out[i]["caption_alignment"])
+  return {
+      "character_consistency": _mean([p["similarity"] for p in char_pairs]),
+      "environment_consistency": _mean([p["similarity"] for p in env_pairs]),
+      "caption_alignment": _mean(scores),
+      "num_character_pairs": len(char_pairs),
+      "num_environment_pairs": len(env_pairs),
+      "num_shots": len(frames),
+      "regions": masks.name,
+      "frames_per_shot": int(frames_per_shot),
+      "character_pairs": char_pairs,
+      "environment_pairs": env_pairs,
+      "unscored": unscored,
+      "shots": shots_out,
+  }
 
 
 def headline(metrics: dict) -> str:
