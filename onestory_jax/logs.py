@@ -134,14 +134,22 @@ _CHAINED = ("Traceback (most recent call last):", "During handling of the above"
 
 class _OrbaxFailureFilter(py_logging.Filter):
   """Drops orbax's error logs (a background thread's failed read or write, with its traceback) and asyncio's "task
-  exception was never retrieved" for orbax's tasks: the same failure reaches the checkpoint code as the exception of
-  the save or restore, which it reports in one line."""
+  exception was never retrieved" / "_GatheringFuture exception was never retrieved" for orbax's work: the same
+  failure reaches the checkpoint code as the exception of the save or restore, which it reports in one line.
+
+  A task's record names its coroutine's file; a gathering future's names nothing, so its exception's traceback is
+  searched for orbax's frames too."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.levelno < py_logging.ERROR:
       return True
-    from_orbax = _ORBAX in record.pathname  # its threads' errors come back as the exception of the save or restore
-    return not (from_orbax or (record.name == "asyncio" and _ORBAX in record.getMessage() + str(record.exc_info)))
+    if _ORBAX in record.pathname:  # its threads' errors come back as the exception of the save or restore
+      return False
+    if record.name != "asyncio":
+      return True
+    tb = record.exc_info[2] if record.exc_info else None
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    return not (_ORBAX in record.getMessage() or any(_ORBAX in f.filename for f in frames))
 
 
 class _ClosedLoopFilter(io.TextIOBase):

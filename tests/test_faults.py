@@ -5,6 +5,7 @@ settings that are not finite; a caption longer than the text encoder takes."""
 
 import io
 import json
+import logging
 import os
 import re
 import resource
@@ -448,6 +449,29 @@ def test_a_long_caption_is_truncated_with_a_warning_and_manifests_are_strict_jso
   json.loads(open(tmp_path / "out" / "manifest.json").read(), parse_constant=reject)
   with pytest.raises(ValueError, match="not JSON-serialisable"):
     video_io.atomic_write_json(str(tmp_path / "x.json"), {"score": float("nan")})
+
+
+def test_the_log_filter_drops_orbax_failures_that_asyncio_reports_for_a_gathering_future():
+  """asyncio's record of a gathering future names no coroutine; its exception's traceback has orbax's frames."""
+  source = "def write():\n  raise ValueError('RESOURCE_EXHAUSTED: No space left on device')\n"
+  scope = {}  # a function whose frames say they are orbax's
+  exec(compile(source, "/venv/site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"), scope)
+  try:
+    scope["write"]()
+  except ValueError:
+    orbax_error = sys.exc_info()
+  try:
+    raise ValueError("elsewhere")
+  except ValueError:
+    other_error = sys.exc_info()
+  message = "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished exception=ValueError()>"
+  record = lambda name, exc_info: logging.LogRecord(  # noqa: E731
+      name, logging.ERROR, "base_events.py", 1771, message, None, exc_info
+  )
+  f = logs._OrbaxFailureFilter()  # pylint: disable=protected-access
+  assert not f.filter(record("asyncio", orbax_error))
+  assert f.filter(record("asyncio", other_error)) and f.filter(record("asyncio", None))
+  assert f.filter(record("myapp", orbax_error))  # only asyncio's reports of orbax's work, and orbax's own logs
 
 
 def test_the_stderr_filter_drops_only_closed_loop_tracebacks():
