@@ -436,9 +436,10 @@ def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> Non
   for key, value in (sample or {}).items():
     if value is None:
       continue
-    if key not in config.sample:
+    current = config.sample.get(key, {"memory_guidance": 0.0}.get(key))  # a field newer than the run's config
+    if current is None:
       raise ValueError(f"export: config.sample has no field {key!r}; fields: {sorted(config.sample)}")
-    config.sample[key] = type(config.sample[key])(value)
+    config.sample[key] = type(current)(value)
   os.makedirs(out_dir, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(os.path.abspath(out_dir), "params"), params, force=True)
@@ -525,7 +526,14 @@ def main(argv):
     )
   f = flags.FLAGS
   export_params(
-      f.workdir, f.out, sample={"steps": f.sample_steps, "shift": f.sample_shift, "guidance": f.sample_guidance}
+      f.workdir,
+      f.out,
+      sample={
+          "steps": f.sample_steps,
+          "shift": f.sample_shift,
+          "guidance": f.sample_guidance,
+          "memory_guidance": f.sample_memory_guidance,
+      },
   )
   print(f"Exported {flags.FLAGS.workdir} to {flags.FLAGS.out}")
 
@@ -538,5 +546,8 @@ if __name__ == "__main__":
   _flags.DEFINE_integer("sample_steps", None, "Default sampler steps of the export (default: as trained).")
   _flags.DEFINE_float("sample_shift", None, "Default sampling time shift of the export (default: as trained).")
   _flags.DEFINE_float("sample_guidance", None, "Default guidance scale of the export (default: as trained).")
+  _flags.DEFINE_float(
+      "sample_memory_guidance", None, "Default memory guidance scale of the export, 0 = off (default: as trained)."
+  )
   _flags.mark_flags_as_required(["workdir", "out"])
   logs.run(main, positional=True)

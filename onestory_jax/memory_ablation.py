@@ -1,7 +1,8 @@
 r"""Memory strategies compared on StoryWorld: the demo's headline comparison.
 
   python -m onestory_jax.memory_ablation [--workdir=DIR] --pattern=recall --num_stories=16 [--first_seed=S] \
-      [--memory=onestory,none,last_frame,recent,uniform,keyframes] [--out=DIR] [--steps=N] [--shift=S] [--guidance=G]
+      [--memory=onestory,none,last_frame,recent,uniform,keyframes] [--out=DIR] [--steps=N] [--shift=S] [--guidance=G] \
+      [--memory_guidance=G_M[,G_M...]]
 
 For each of ``num_stories`` StoryWorld stories of ``pattern`` (seeds 0, 1, ...), generates every shot once per memory
 strategy (:mod:`onestory_jax.memory_strategies`; default OneStory's Frame Selection and no memory) with the same
@@ -14,6 +15,9 @@ shot pairs grouped by the later shot of the pair (how well memory carries over l
 the character consistency of the same stories' ground truth and of the ground truth with every returning
 character recoloured at random (of any colour, or of its own colour name). Without ``--workdir`` the shipped
 demo checkpoint is used.
+
+``--memory_guidance`` with several scales compares each strategy at each scale (modes named ``onestory g_m=1.5``,
+...; ``none`` has no memory to guide by and runs once), all paired with the first mode.
 """
 
 from __future__ import annotations
@@ -118,13 +122,35 @@ def run(
     steps: int | None = None,
     shift: float | None = None,
     guidance: float | None = None,
+    memory_guidance: tuple[float, ...] | None = None,
     progress: bool = False,
 ) -> dict:
   """Runs the comparison (with a progress bar if ``progress``); ``memory`` lists the strategies
-  (:mod:`onestory_jax.memory_strategies`), the first of which is compared with each other one; ``steps`` /
-  ``shift`` / ``guidance`` default to the checkpoint config's ``sample`` fields."""
-  modes = tuple(dict.fromkeys(memory_strategies.canonical(m) for m in memory))
-  pipe = pipeline.OneStoryPipeline.from_pretrained(workdir, steps=steps, shift=shift, guidance=guidance)
+  (:mod:`onestory_jax.memory_strategies`), and ``memory_guidance`` the memory guidance scales to run each at; the
+  first mode is compared with each other one. ``steps`` / ``shift`` / ``guidance`` / ``memory_guidance`` default to
+  the checkpoint config's ``sample`` fields."""
+  strategies = tuple(dict.fromkeys(memory_strategies.canonical(m) for m in memory))
+  scales = tuple(dict.fromkeys(float(g) for g in memory_guidance)) if memory_guidance else (None,)
+  pipe = pipeline.OneStoryPipeline.from_pretrained(
+      workdir, steps=steps, shift=shift, guidance=guidance, memory_guidance=scales[0]
+  )
+  pipes = {scales[0]: pipe}
+  for g_m in scales[1:]:  # the same loaded model under another memory guidance
+    pipes[g_m] = pipeline.OneStoryPipeline(
+        pipe.system,
+        pipe.generator.params,
+        pipe.generator.enc,
+        steps=steps,
+        shift=shift,
+        guidance=guidance,
+        memory_guidance=g_m,
+        source=workdir,
+    )
+  runs = {}  # mode name -> (strategy, pipeline)
+  for strategy in strategies:
+    for g_m in scales if strategy != "none" else scales[:1]:
+      runs[strategy if len(scales) == 1 or strategy == "none" else f"{strategy} g_m={g_m:g}"] = (strategy, pipes[g_m])
+  modes = tuple(runs)
   system = pipe.system
   default = storyworld.StoryWorldConfig()  # the frame size of the run; StoryWorld's default story lengths
   cfg = storyworld.StoryWorldConfig.from_config(
@@ -139,8 +165,8 @@ def run(
   bar = logs.progress(len(stories), f"{pattern} stories x {len(modes)} memories", progress, unit="story")
   for i, s in enumerate(stories):
     spec = story_lib.parse_story(s, where=f"storyworld seed {first_seed + i}")
-    for mode in modes:
-      run_ = pipe.generate(spec.captions, seed=first_seed + i, memory=mode)
+    for mode, (strategy, mode_pipe) in runs.items():
+      run_ = mode_pipe.generate(spec.captions, seed=first_seed + i, memory=strategy)
       for j, shot in enumerate(run_.shots):
         chosen = shot.record["selected"]
         info = {
@@ -172,6 +198,7 @@ def run(
       "first_seed": first_seed,
       "memory": list(modes),
       **{f"sample_{k}": v for k, v in pipe.settings.items()},
+      "sample_memory_guidance": [p.settings["memory_guidance"] for p in pipes.values()],
       # Per mode: how often its best-ranked frame comes from an earlier shot that shows the recalled character.
       "top1_character_hit": {m: float(np.mean(v)) if v else None for m, v in top1_hits.items()},
       # Per-story C-Cons(first mode) - C-Cons(other mode), same seeds: mean, its standard error, stories that gain.
@@ -191,6 +218,13 @@ def run(
   }
 
 
+def _scales(values: list[str] | None) -> tuple[float, ...] | None:
+  try:
+    return tuple(float(g) for g in values) if values else None
+  except ValueError:
+    raise ValueError(f"--memory_guidance: expected numbers separated by commas, got {','.join(values)!r}") from None
+
+
 def main(argv):
   del argv
   compilation_cache.enable()
@@ -207,6 +241,7 @@ def main(argv):
               shift=f.shift,
               memory=tuple(f.memory),
               guidance=f.guidance,
+              memory_guidance=_scales(f.memory_guidance),
               progress=True,
           ),
           indent=2,
@@ -228,4 +263,10 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
   flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
   flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
+  flags.DEFINE_list(
+      "memory_guidance",
+      None,
+      "Memory guidance scales (0 = off; several: each strategy at each, paired with the first mode; default: "
+      "sample.memory_guidance).",
+  )
   logs.run(main)

@@ -57,11 +57,12 @@ class Condition:
   image: jax.Array  # [B, Li, Di] image tokens (zeros when absent)
   channels: jax.Array  # [B, F_lat, h, w, mask + C] I2V mask + first-frame latent channels
 
-  def guidance_pair(self) -> "Condition":
-    """Both halves of classifier-free guidance as one batch of ``2B``: rows ``[:B]`` carry the caption, rows
-    ``[B:]`` the empty caption, every other field is repeated; one DiT call then gives both velocities."""
-    doubled = jax.tree.map(lambda a: jnp.concatenate([a, a]), self)
-    return doubled.replace(text=jnp.concatenate([self.text, self.null_text]))
+
+def stack_rows(conditions: list[Condition]) -> Condition:
+  """Conditions of the same batch ``B`` as one batch of ``len(conditions) * B`` rows, in order: one DiT call then
+  gives the velocity under each (classifier-free and memory guidance, :func:`onestory_jax.sampler.guided_velocity`).
+  Fields that are None stay None."""
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *conditions)
 
 
 def make_tokenizer(config) -> tokenizer_lib.CaptionTokenizer:

@@ -78,6 +78,12 @@ def story_digest(captions: Sequence[str]) -> str:
   return hashlib.sha256(json.dumps(list(captions), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def recorded_settings(sampler_settings: dict) -> dict:
+  """A manifest's sampler settings, with the fields that manifests written before them lack at their old values
+  (no memory guidance)."""
+  return {"memory_guidance": 0.0, **sampler_settings}
+
+
 class OneStoryPipeline:
   """A loaded OneStory model and its sampler settings; makes :class:`GeneratedStory` objects."""
 
@@ -90,11 +96,13 @@ class OneStoryPipeline:
       steps: int | None = None,
       shift: float | None = None,
       guidance: float | None = None,
+      memory_guidance: float | None = None,
       source: str | None = None,
   ):
-    """Wraps a loaded model (see :meth:`from_pretrained`); sampler settings default to the config's ``sample``."""
+    """Wraps a loaded model (see :meth:`from_pretrained`); sampler settings default to the config's ``sample``
+    (``memory_guidance``: :func:`sampler.guided_velocity`; 0, off, for configs written before it)."""
     sm = system.config.sample
-    sampler.check_settings(steps=steps, shift=shift, guidance=guidance)
+    sampler.check_settings(steps=steps, shift=shift, guidance=guidance, memory_guidance=memory_guidance)
     self.system = system
     self.source = source
     self.generator = sampler.ShotGenerator(
@@ -104,25 +112,34 @@ class OneStoryPipeline:
         steps=sm.steps if steps is None else steps,
         shift=sm.shift if shift is None else shift,
         guidance=sm.guidance if guidance is None else guidance,
+        memory_guidance=sm.get("memory_guidance", 0.0) if memory_guidance is None else memory_guidance,
     )
 
   @classmethod
   def from_pretrained(
-      cls, path: str | None = None, *, steps: int | None = None, shift: float | None = None, guidance=None
+      cls,
+      path: str | None = None,
+      *,
+      steps: int | None = None,
+      shift: float | None = None,
+      guidance: float | None = None,
+      memory_guidance: float | None = None,
   ) -> "OneStoryPipeline":
     """Loads a training workdir (its latest readable checkpoint), an exported checkpoint (``checkpoints export``)
     or, with no ``path``, the demo checkpoint shipped in the package. Raises ValueError naming what is wrong."""
     from onestory_jax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax: only when loading)
 
-    sampler.check_settings(steps=steps, shift=shift, guidance=guidance)
+    sampler.check_settings(steps=steps, shift=shift, guidance=guidance, memory_guidance=memory_guidance)
     system, params, enc = checkpoints.load_for_sampling(path)
-    return cls(system, params, enc, steps=steps, shift=shift, guidance=guidance, source=path)
+    return cls(
+        system, params, enc, steps=steps, shift=shift, guidance=guidance, memory_guidance=memory_guidance, source=path
+    )
 
   @property
   def settings(self) -> dict:
     """The sampler settings that a manifest records (and that a story must keep to be continued)."""
     g = self.generator
-    return {"steps": g.steps, "shift": g.shift, "guidance": g.guidance}
+    return {"steps": g.steps, "shift": g.shift, "guidance": g.guidance, "memory_guidance": g.memory_guidance}
 
   def story(
       self,
@@ -193,10 +210,12 @@ class OneStoryPipeline:
     for key in ("seed", "memory", "sampler", "plan", "shots"):
       if key not in m:
         raise ValueError(f"{path}: not a story manifest (no {key!r}); was it written by an older version?")
-    if m["sampler"] != self.settings:
+    recorded = recorded_settings(m["sampler"])
+    if recorded != self.settings:
       raise ValueError(
-          f"{path}: the story was sampled with sampler settings {m['sampler']} but this pipeline uses "
-          f"{self.settings}; its shots would not continue the same story (pass the same --steps/--shift/--guidance)"
+          f"{path}: the story was sampled with sampler settings {recorded} but this pipeline uses "
+          f"{self.settings}; its shots would not continue the same story (pass the same "
+          "--steps/--shift/--guidance/--memory_guidance)"
       )
     image = None
     if m.get("start_image") is not None:

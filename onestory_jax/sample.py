@@ -1,7 +1,7 @@
 r"""Generates a multi-shot story with a trained OneStory model: a command line over :mod:`onestory_jax.pipeline`.
 
   python -m onestory_jax.sample --story=onestory_jax/assets/stories/recall.json --out=out/recall \
-      [--workdir=DIR] [--seed=N] [--memory=full|none] [--steps=N] [--guidance=G] [--shift=S]
+      [--workdir=DIR] [--seed=N] [--memory=full|none] [--steps=N] [--guidance=G] [--shift=S] [--memory_guidance=G_M]
   python -m onestory_jax.sample --out=out/recall --resume                 # continue an interrupted story
   python -m onestory_jax.sample --out=out/recall --regenerate=3 --seed=7 [--caption=TEXT] [--keep_later]
 
@@ -49,6 +49,12 @@ _MEMORY = flags.DEFINE_enum(
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the checkpoint config's sample.steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sample.guidance).")
 _SHIFT = flags.DEFINE_float("shift", None, "Sampling time shift (default: sample.shift).")
+_MEMORY_GUIDANCE = flags.DEFINE_float(
+    "memory_guidance",
+    None,
+    "Memory guidance scale g_m: v += g_m (v_cond - v_without_memory), on every shot that has a memory; 0 = off; "
+    "one more DiT row per step, so 1.5 times the sampling time (default: sample.memory_guidance, else 0).",
+)
 flags.mark_flags_as_required(["out"])
 
 
@@ -56,7 +62,9 @@ def main(argv):
   del argv  # logs.run: no positional arguments
   compilation_cache.enable()
   _check_flags()
-  sampler.check_settings(steps=_STEPS.value, shift=_SHIFT.value, guidance=_GUIDANCE.value)
+  sampler.check_settings(
+      steps=_STEPS.value, shift=_SHIFT.value, guidance=_GUIDANCE.value, memory_guidance=_MEMORY_GUIDANCE.value
+  )
   with locks.exclusive(_OUT.value, "--out"):  # before anything loads: a second writer stops at once
     run = _sample()
   total = sum(s.record["seconds"] for s in run.shots)
@@ -92,7 +100,11 @@ def _sample() -> pipeline.GeneratedStory:
   out = _OUT.value
   story = story_lib.load_story(_STORY.value) if _STORY.value else None  # a bad story stops before the model loads
   pipe = pipeline.OneStoryPipeline.from_pretrained(
-      _WORKDIR.value, steps=_STEPS.value, shift=_SHIFT.value, guidance=_GUIDANCE.value
+      _WORKDIR.value,
+      steps=_STEPS.value,
+      shift=_SHIFT.value,
+      guidance=_GUIDANCE.value,
+      memory_guidance=_MEMORY_GUIDANCE.value,
   )
   if _RESUME.value or _REGENERATE.value is not None:
     run = pipe.open(out)

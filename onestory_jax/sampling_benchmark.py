@@ -1,6 +1,6 @@
 r"""Times story sampling: the first shot in a fresh process with the compilation cache cold and warm, and every shot.
 
-  python -m onestory_jax.sampling_benchmark [--workdir=DIR] [--shots=10]
+  python -m onestory_jax.sampling_benchmark [--workdir=DIR] [--shots=10] [--memory_guidance=G_M]
 
 Runs itself twice in fresh processes that share one new, empty persistent compilation cache
 (:mod:`onestory_jax.compilation_cache`): the first process compiles the sampler's program and stores it, the second
@@ -11,6 +11,8 @@ figures, the first shot cold and warm, the median time of the steady shots (thos
 capacity of the shot before, :func:`onestory_jax.sampler.memory_capacity`) and the ratio of the last steady shot's
 time to the first's (flat means that the memory bank's growth does not slow sampling down), and the shots whose
 memory needed a new capacity, cold and warm (each compiles, or loads from the cache, one conditioning program).
+With memory guidance, shot 1 (the first with a memory) also compiles the step program with the no-memory row: it is
+reported on its own (``first_guided_shot``), not among the steady shots.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from onestory_jax import logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export; default: the shipped demo checkpoint.")
 _SHOTS = flags.DEFINE_integer("shots", 10, "Shots in the story.")
+_MEMORY_GUIDANCE = flags.DEFINE_float(
+    "memory_guidance", None, "Memory guidance scale (default: the checkpoint config's sample.memory_guidance)."
+)
 _CHILD = flags.DEFINE_bool("child", False, "Internal: time one process (the parent runs two).")
 
 
-def time_one_process(workdir: str | None, shots: int) -> dict:
+def time_one_process(workdir: str | None, shots: int, memory_guidance: float | None = None) -> dict:
   """Load and per-shot times in this process (the caller controls the compilation cache)."""
   start = time.perf_counter()
   from onestory_jax import checkpoints  # pylint: disable=g-import-not-at-top
@@ -47,7 +52,7 @@ def time_one_process(workdir: str | None, shots: int) -> dict:
   n = min(shots, 9)  # StoryWorld's longest story; longer runs repeat its captions
   cfg = storyworld.StoryWorldConfig.from_config(system.config.data, min_shots=n, max_shots=n)
   captions = [s["caption"] for s in storyworld.generate_story(4321, "recall", cfg, num_shots=n)["shots"]]
-  pipe = pipeline.OneStoryPipeline(system, params, enc)
+  pipe = pipeline.OneStoryPipeline(system, params, enc, memory_guidance=memory_guidance)
   story = pipe.story(seed=0)
   shot_s = []
   for i in range(shots):
@@ -62,12 +67,14 @@ def time_one_process(workdir: str | None, shots: int) -> dict:
 def main(argv):
   del argv
   if _CHILD.value:
-    print(json.dumps(time_one_process(_WORKDIR.value, _SHOTS.value)))
+    print(json.dumps(time_one_process(_WORKDIR.value, _SHOTS.value, _MEMORY_GUIDANCE.value)))
     return
   with tempfile.TemporaryDirectory() as cache:
     argv = [sys.executable, "-m", "onestory_jax.sampling_benchmark", "--child", f"--shots={_SHOTS.value}"]
     if _WORKDIR.value:
       argv.append(f"--workdir={_WORKDIR.value}")
+    if _MEMORY_GUIDANCE.value is not None:
+      argv.append(f"--memory_guidance={_MEMORY_GUIDANCE.value}")
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
     runs = {}
     for name in ("cold", "warm"):
@@ -80,7 +87,10 @@ def main(argv):
   shots, capacity = runs["warm"]["shot_s"], runs["warm"]["memory_capacity"]
   # A shot whose memory outgrows the bank's padded capacity compiles (cold) or loads (warm) the conditioning
   # program for the new capacity (sampler.memory_capacity: once per doubling); the others reuse what is compiled.
-  steady = [i for i in range(1, len(shots)) if capacity[i] == capacity[i - 1]]
+  # With memory guidance the first shot that has a memory (shot 1) also compiles (or loads) the step program with the
+  # no-memory row; shot 0 has no memory to guide by.
+  guided = 1 if runs["warm"]["memory_guidance"] and len(shots) > 1 else None
+  steady = [i for i in range(1, len(shots)) if capacity[i] == capacity[i - 1] and i != guided]
   grown = [i for i in range(1, len(shots)) if capacity[i] != capacity[i - 1]]
   out = {
       **runs,
@@ -92,6 +102,11 @@ def main(argv):
       "new_capacity_shots": {
           str(i): {"capacity": capacity[i], "cold_s": runs["cold"]["shot_s"][i], "warm_s": shots[i]} for i in grown
       },
+      "first_guided_shot": (
+          None
+          if guided is None
+          else {"shot": guided, "cold_s": runs["cold"]["shot_s"][guided], "warm_s": shots[guided]}
+      ),
   }
   print(json.dumps(out, indent=2))
 

@@ -1,6 +1,7 @@
 r"""OneStory studio: a local web app (Gradio) to write a story shot by shot and see the memory behind every shot.
 
-  python -m onestory_jax.studio [--workdir=DIR] [--port=7860] [--root=DIR] [--steps=N] [--guidance=G]
+  python -m onestory_jax.studio [--workdir=DIR] [--port=7860] [--root=DIR] [--steps=N] [--guidance=G] \
+      [--memory_guidance=G_M]
 
 The page (bound to 127.0.0.1) holds the plan of a story (a table of shots: caption, characters, environment, seed),
 the story settings (seed, memory, guidance, steps, an optional start image), the buttons *Generate next shot*,
@@ -89,7 +90,12 @@ class ShotView:
 
 
 def _settings_key(settings: dict) -> tuple:
-  return (int(settings["steps"]), float(settings["shift"]), float(settings["guidance"]))
+  return (
+      int(settings["steps"]),
+      float(settings["shift"]),
+      float(settings["guidance"]),
+      float(settings["memory_guidance"]),
+  )
 
 
 class Studio:
@@ -118,9 +124,11 @@ class Studio:
     return dict(self.pipe.settings)
 
   def pipeline(self, steps: int, guidance: float) -> pipeline_lib.OneStoryPipeline:
-    """The pipeline for these settings (``shift`` stays the loaded pipeline's), built on the loaded model."""
+    """The pipeline for these settings (``shift`` and ``memory_guidance`` stay the loaded pipeline's), built on the
+    loaded model."""
     sampler.check_settings(steps=steps, guidance=guidance)
-    key = (int(steps), float(self.pipe.settings["shift"]), float(guidance))
+    loaded = self.pipe.settings
+    key = (int(steps), float(loaded["shift"]), float(guidance), float(loaded["memory_guidance"]))
     with self._lock:
       pipe = self._pipes.get(key)
       if pipe is None:
@@ -132,6 +140,7 @@ class Studio:
             steps=key[0],
             shift=key[1],
             guidance=key[2],
+            memory_guidance=key[3],
             source=self.pipe.source,
         )
         base = _settings_key(self.pipe.settings)
@@ -1080,14 +1089,16 @@ def main(argv: Sequence[str]) -> None:
   logs.quiet_libraries()
   compilation_cache.enable()
   try:
-    sampler.check_settings(steps=f.steps, shift=f.shift, guidance=f.guidance)
+    sampler.check_settings(steps=f.steps, shift=f.shift, guidance=f.guidance, memory_guidance=f.memory_guidance)
     if not 0 < f.port < 65536:
       raise ValueError(f"--port must be in 1..65535, got {f.port}")
     try:
       import gradio  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
       raise ValueError(f'the studio needs gradio: pip install -e ".[studio]" ({e})') from e
-    pipe = pipeline_lib.OneStoryPipeline.from_pretrained(f.workdir, steps=f.steps, shift=f.shift, guidance=f.guidance)
+    pipe = pipeline_lib.OneStoryPipeline.from_pretrained(
+        f.workdir, steps=f.steps, shift=f.shift, guidance=f.guidance, memory_guidance=f.memory_guidance
+    )
     studio = Studio(pipe, f.root)
   except (ValueError, OSError) as e:
     logs.exit_with(e, 2, False)
@@ -1104,6 +1115,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("steps", None, "Sampler steps of a new story (default: the checkpoint config's).")
   flags.DEFINE_float("guidance", None, "Guidance scale of a new story (default: the checkpoint config's).")
   flags.DEFINE_float("shift", None, "Sampling time shift (default: the checkpoint config's).")
+  flags.DEFINE_float(
+      "memory_guidance", None, "Memory guidance scale of every story, 0 = off (default: the checkpoint config's)."
+  )
 
 
 if __name__ == "__main__":

@@ -413,6 +413,8 @@ def test_sampler_settings_and_story_files_are_checked_before_anything_runs(tmp_p
       (dict(steps=0), "--steps must be an integer >= 1, got 0"),
       (dict(shift=float("inf")), "--shift must be a finite number > 0"),
       (dict(shift=-1.0), "--shift must be a finite number > 0"),
+      (dict(memory_guidance=-0.5), "--memory_guidance must be a finite number >= 0"),
+      (dict(memory_guidance=float("nan")), "--memory_guidance must be a finite number >= 0"),
   ]:
     with pytest.raises(ValueError, match=re.escape(message)):
       sampler.check_settings(**flags)

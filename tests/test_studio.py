@@ -254,7 +254,12 @@ def test_pipelines_per_setting_share_the_model(studio):
   base = studio.pipe
   p = studio.pipeline(3, 2.0)
   assert p is studio.pipeline(3, 2.0) and p is not base
-  assert p.settings == {"steps": 3, "shift": base.settings["shift"], "guidance": 2.0}
+  assert p.settings == {
+      "steps": 3,
+      "shift": base.settings["shift"],
+      "guidance": 2.0,
+      "memory_guidance": base.settings["memory_guidance"],
+  }
   assert (
       p.system is base.system and p.generator.params is base.generator.params and p.generator.enc is base.generator.enc
   )

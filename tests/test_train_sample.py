@@ -121,9 +121,11 @@ def _story(tmp_path, n=3, pattern="recall"):
   return story_lib.load_story(str(path))
 
 
-def _generator(workdir, guidance=2.0):
+def _generator(workdir, guidance=2.0, memory_guidance=None):
   system, params, enc = checkpoints.load_for_sampling(workdir)
-  return pipeline.OneStoryPipeline(system, params, enc, steps=3, shift=1.0, guidance=guidance)
+  return pipeline.OneStoryPipeline(
+      system, params, enc, steps=3, shift=1.0, guidance=guidance, memory_guidance=memory_guidance
+  )
 
 
 def _sample(pipe, story, out, seed, memory="full"):
@@ -174,7 +176,7 @@ def test_sampling_is_reproducible_and_memory_matters(trained, tmp_path):
 
 def test_interrupted_story_resumes_where_it_stopped(trained, tmp_path, monkeypatch):
   workdir, _ = trained
-  gen = _generator(workdir)
+  gen = _generator(workdir, memory_guidance=0.0)
   story = _story(tmp_path)
   full = _sample(gen, story, str(tmp_path / "full"), seed=5)
   calls = {"n": 0}
@@ -196,6 +198,12 @@ def test_interrupted_story_resumes_where_it_stopped(trained, tmp_path, monkeypat
     _sample(gen, story, out, seed=5)
   with pytest.raises(ValueError, match="sampler"):  # other sampler settings would not continue the same story
     _generator(workdir, guidance=4.0).open(out)
+  with pytest.raises(ValueError, match="memory_guidance"):
+    _generator(workdir, memory_guidance=1.5).open(out)
+  # A manifest written before memory guidance existed records no such setting: it was off.
+  old = dict(partial, sampler={k: v for k, v in partial["sampler"].items() if k != "memory_guidance"})
+  assert partial["sampler"]["memory_guidance"] == 0.0
+  video_io.atomic_write_json(os.path.join(out, "manifest.json"), old)
   monkeypatch.setattr(sampler.ShotGenerator, "__call__", real_call)
   run = gen.open(out)
   assert len(run) == 2 and run.seed == 5 and [p["caption"] for p in run.pending] == story.captions[2:]
@@ -228,10 +236,12 @@ def test_export_then_sample_matches_workdir(trained, tmp_path):
 def test_export_sets_sampler_defaults_only(trained, tmp_path):
   workdir, _ = trained
   out = str(tmp_path / "export")
-  checkpoints.export_params(workdir, out, sample={"shift": 3, "guidance": None})
+  checkpoints.export_params(workdir, out, sample={"shift": 3, "guidance": None, "memory_guidance": 1})
   exported = checkpoints.load_for_sampling(out)[0].config
   trained_cfg = checkpoints.load_config_from_workdir(workdir)
   assert exported.sample.shift == 3.0 and isinstance(exported.sample.shift, float)
+  assert exported.sample.memory_guidance == 1.0 and isinstance(exported.sample.memory_guidance, float)
+  assert pipeline.OneStoryPipeline.from_pretrained(out).settings["memory_guidance"] == 1.0
   assert exported.sample.guidance == trained_cfg.sample.guidance
   assert exported.flow.timestep_shift == trained_cfg.flow.timestep_shift
   with pytest.raises(ValueError, match="no field 'cfg'"):
@@ -310,7 +320,9 @@ def test_memory_ablation_compares_every_strategy(trained):
   from onestory_jax import memory_strategies
 
   workdir, _ = trained
-  out = memory_ablation.run(workdir, "recall", num_stories=1, out=None, memory=memory_strategies.STRATEGIES, steps=2)
+  out = first = memory_ablation.run(
+      workdir, "recall", num_stories=1, out=None, memory=memory_strategies.STRATEGIES, steps=2
+  )
   for mode in memory_strategies.STRATEGIES:
     assert 0.0 <= out[mode]["character_consistency"] <= 1.0
     assert set(out[mode]) == set(memory_ablation.METRICS)
@@ -319,6 +331,18 @@ def test_memory_ablation_compares_every_strategy(trained):
   gain = out["character_consistency_gain"]["onestory - none"]
   assert gain["stories"] == 1 and gain["standard_error"] is None
   assert gain["stories_better"] + gain["stories_worse"] <= 1
+
+  # Several memory guidance scales: each strategy at each (none once), paired with the first mode, same seeds.
+  out = memory_ablation.run(
+      workdir, "recall", num_stories=1, out=None, memory=("onestory", "none"), steps=2, memory_guidance=(0.0, 2.0)
+  )
+  assert out["memory"] == ["onestory g_m=0", "onestory g_m=2", "none"]
+  assert out["sample_memory_guidance"] == [0.0, 2.0]
+  assert set(out["character_consistency_gain"]) == {"onestory g_m=0 - onestory g_m=2", "onestory g_m=0 - none"}
+  # g_m = 0 samples as without the setting: the same per-story scores as the first run's 'onestory'.
+  assert out["per_story"]["onestory g_m=0"] == first["per_story"]["onestory"]
+  assert out["per_story"]["none"] == first["per_story"]["none"]
+  assert out["per_story"]["onestory g_m=2"] != out["per_story"]["onestory g_m=0"]
 
 
 def test_memory_ablation_references_rank_as_expected():
