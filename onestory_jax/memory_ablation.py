@@ -135,17 +135,8 @@ def run(
       workdir, steps=steps, shift=shift, guidance=guidance, memory_guidance=scales[0]
   )
   pipes = {scales[0]: pipe}
-  for g_m in scales[1:]:  # the same loaded model under another memory guidance
-    pipes[g_m] = pipeline.OneStoryPipeline(
-        pipe.system,
-        pipe.generator.params,
-        pipe.generator.enc,
-        steps=steps,
-        shift=shift,
-        guidance=guidance,
-        memory_guidance=g_m,
-        source=workdir,
-    )
+  for g_m in scales[1:]:
+    pipes[g_m] = pipe.with_settings(memory_guidance=g_m)
   runs = {}  # mode name -> (strategy, pipeline)
   for strategy in strategies:
     for g_m in scales if strategy != "none" else scales[:1]:

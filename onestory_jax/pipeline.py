@@ -135,6 +135,12 @@ class OneStoryPipeline:
         system, params, enc, steps=steps, shift=shift, guidance=guidance, memory_guidance=memory_guidance, source=path
     )
 
+  def with_settings(self, **settings) -> "OneStoryPipeline":
+    """The same loaded model under other sampler settings (``steps``, ``shift``, ``guidance``, ``memory_guidance``;
+    the ones not given stay this pipeline's). Parameters and encoders are shared, not copied."""
+    g = self.generator
+    return OneStoryPipeline(self.system, g.params, g.enc, **{**self.settings, **settings}, source=self.source)
+
   @property
   def settings(self) -> dict:
     """The sampler settings that a manifest records (and that a story must keep to be continued)."""

@@ -127,22 +127,11 @@ class Studio:
     """The pipeline for these settings (``shift`` and ``memory_guidance`` stay the loaded pipeline's), built on the
     loaded model."""
     sampler.check_settings(steps=steps, guidance=guidance)
-    loaded = self.pipe.settings
-    key = (int(steps), float(loaded["shift"]), float(guidance), float(loaded["memory_guidance"]))
+    key = _settings_key({**self.pipe.settings, "steps": steps, "guidance": guidance})
     with self._lock:
       pipe = self._pipes.get(key)
       if pipe is None:
-        g = self.pipe.generator
-        pipe = pipeline_lib.OneStoryPipeline(
-            self.pipe.system,
-            g.params,
-            g.enc,
-            steps=key[0],
-            shift=key[1],
-            guidance=key[2],
-            memory_guidance=key[3],
-            source=self.pipe.source,
-        )
+        pipe = self.pipe.with_settings(steps=key[0], guidance=key[2])
         base = _settings_key(self.pipe.settings)
         while len(self._pipes) >= self.MAX_PIPELINES:  # oldest first; the loaded one stays
           del self._pipes[next(k for k in self._pipes if k != base)]
