@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 
 from onestory_jax import logs
 from onestory_jax import next_shot
+from onestory_jax import sampler
 from onestory_jax import sharding
 
 DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_checkpoint")
@@ -436,7 +437,7 @@ def export_params(workdir: str, out_dir: str, sample: dict | None = None) -> Non
   for key, value in (sample or {}).items():
     if value is None:
       continue
-    current = config.sample.get(key, {"memory_guidance": 0.0}.get(key))  # a field newer than the run's config
+    current = config.sample.get(key, sampler.ADDED_SETTINGS.get(key))  # or a field newer than the run's config
     if current is None:
       raise ValueError(f"export: config.sample has no field {key!r}; fields: {sorted(config.sample)}")
     config.sample[key] = type(current)(value)

@@ -188,7 +188,7 @@ def run(
       "num_stories": num_stories,
       "first_seed": first_seed,
       "memory": list(modes),
-      **{f"sample_{k}": v for k, v in pipe.settings.items()},
+      **{f"sample_{k}": v for k, v in pipe.settings.items() if k != "memory_guidance"},
       "sample_memory_guidance": [p.settings["memory_guidance"] for p in pipes.values()],
       # Per mode: how often its best-ranked frame comes from an earlier shot that shows the recalled character.
       "top1_character_hit": {m: float(np.mean(v)) if v else None for m, v in top1_hits.items()},

@@ -78,12 +78,6 @@ def story_digest(captions: Sequence[str]) -> str:
   return hashlib.sha256(json.dumps(list(captions), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recorded_settings(sampler_settings: dict) -> dict:
-  """A manifest's sampler settings, with the fields that manifests written before them lack at their old values
-  (no memory guidance)."""
-  return {"memory_guidance": 0.0, **sampler_settings}
-
-
 class OneStoryPipeline:
   """A loaded OneStory model and its sampler settings; makes :class:`GeneratedStory` objects."""
 
@@ -112,7 +106,11 @@ class OneStoryPipeline:
         steps=sm.steps if steps is None else steps,
         shift=sm.shift if shift is None else shift,
         guidance=sm.guidance if guidance is None else guidance,
-        memory_guidance=sm.get("memory_guidance", 0.0) if memory_guidance is None else memory_guidance,
+        memory_guidance=(
+            sm.get("memory_guidance", sampler.ADDED_SETTINGS["memory_guidance"])
+            if memory_guidance is None
+            else memory_guidance
+        ),
     )
 
   @classmethod
@@ -216,7 +214,7 @@ class OneStoryPipeline:
     for key in ("seed", "memory", "sampler", "plan", "shots"):
       if key not in m:
         raise ValueError(f"{path}: not a story manifest (no {key!r}); was it written by an older version?")
-    recorded = recorded_settings(m["sampler"])
+    recorded = {**sampler.ADDED_SETTINGS, **m["sampler"]}  # a manifest older than a setting was sampled without it
     if recorded != self.settings:
       raise ValueError(
           f"{path}: the story was sampled with sampler settings {recorded} but this pipeline uses "

@@ -22,6 +22,8 @@ from onestory_jax import video_io
 from onestory_jax.models import codec as codec_lib
 
 MEMORY_MODES = ("full", "none")  # of the training-time samples (write_training_samples)
+# Sampler settings newer than some saved configs and manifests, at the values those were sampled with.
+ADDED_SETTINGS = {"memory_guidance": 0.0}
 
 
 def check_settings(
@@ -227,7 +229,7 @@ def write_training_samples(trainer, params: Any, writer, step: int) -> None:
         steps=s.config.sample.steps,
         shift=s.config.sample.shift,
         guidance=s.config.sample.guidance,
-        memory_guidance=s.config.sample.get("memory_guidance", 0.0),
+        memory_guidance=s.config.sample.get("memory_guidance", ADDED_SETTINGS["memory_guidance"]),
     )
     trainer._sample_generator = gen  # pylint: disable=protected-access
   gen.params = params
