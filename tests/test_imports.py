@@ -116,6 +116,7 @@ def test_entry_modules_import_together():
       "data.build_cost",
       "data.curate",
       "data.curate_benchmark",
+      "data.records_benchmark",
       "sampling_benchmark",
   ]
   code = "\n".join(f"import onestory_jax.{m}" for m in modules) + "\nprint('ok')"
