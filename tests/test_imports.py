@@ -118,6 +118,7 @@ def test_entry_modules_import_together():
       "data.curate_benchmark",
       "data.records_benchmark",
       "sampling_benchmark",
+      "step_profile",
   ]
   code = "\n".join(f"import onestory_jax.{m}" for m in modules) + "\nprint('ok')"
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
