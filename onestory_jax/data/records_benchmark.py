@@ -21,10 +21,10 @@ its fingerprint and does nothing).
      (transformers ``Dinov2Model`` / ``CLIPVisionModel``, ``save_pretrained``; this needs torch and transformers,
      the ``test`` extra, once). The labels are therefore meaningless. The reader's throughput does not change: a
      label is a stored array either way.
-   - Only record-shaping settings decide the build. The training-only knobs of config.data (batch size, worker
-     count, shuffle, inflation probabilities, source) are pinned to fixed values for it, so another
-     ``--config.data.worker_count`` reuses the records. A change that shapes records (frame size, frames per shot,
-     text length, codec, encoders) or another ``--stories`` replaces the build.
+   - Only record-shaping settings decide the build (its fingerprint leaves out the training-only fields of
+     config.data, :data:`encoder.TRAINING_ONLY_DATA`), so another ``--config.data.worker_count`` reuses the
+     records. A change that shapes records (frame size, frames per shot, text length, codec, encoders) or another
+     ``--stories`` replaces the build.
 
 Then :func:`onestory_jax.benchmark.benchmark_train_step` runs twice, with the same config: on the records, and on
 the config's StoryWorld source. It prints one JSON line. For each side (``multishot``, ``storyworld``) it gives the
@@ -59,22 +59,6 @@ FPS = 16  # of the rendered videos and of curation (Wan's)
 SHOTS = (3, 4)  # per video
 SECONDS = (1.0, 2.0)  # per shot
 PSEUDO_LABELS = "from randomly initialised tiny DINOv2 and CLIP (meaningless labels; the reader's speed is the same)"
-# config.data fields that the build does not read: pinned in its config, so they do not change its fingerprint.
-TRAINING_ONLY = {
-    "source": "on_the_fly",
-    "records": "",
-    "tfds_data_dir": "",
-    "tfds_config": "",
-    "num_train_stories": 0,
-    "batch_size": 0,
-    "worker_count": 0,
-    "read_threads": 0,
-    "prefetch_buffer_size": 0,
-    "shuffle_seed": 0,
-    "p_inflate": 0.0,
-    "p_insert": 0.0,
-    "p_syn_second": 0.0,
-}
 
 
 def _videos(directory: str, stories: int, height: int, width: int) -> tuple[list[str], str]:
@@ -130,17 +114,6 @@ def _towers(directory: str) -> tuple[str, str]:
   return dinov2, clip
 
 
-def build_config(config: ml_collections.ConfigDict, pretrained: str) -> ml_collections.ConfigDict:
-  """The config the records are built with: ``config`` with an empty ``pretrained`` folder and the training-only
-  fields of config.data pinned (:data:`TRAINING_ONLY`)."""
-  out = ml_collections.ConfigDict(config.to_dict())
-  out.pretrained = pretrained
-  for key, value in TRAINING_ONLY.items():
-    if key in out.data:
-      out.data[key] = value
-  return out
-
-
 def prepare(workdir: str, stories: int, config: ml_collections.ConfigDict, progress: bool = False) -> dict:
   """Videos, curation and records of ``stories`` StoryWorld stories in ``workdir`` (reused when there); returns
   build's summary with ``seconds`` (this call's wall time) and ``rebuilt`` (whether the records were built now)."""
@@ -162,7 +135,7 @@ def prepare(workdir: str, stories: int, config: ml_collections.ConfigDict, progr
     os.makedirs(pretrained, exist_ok=True)
     summary = build_lib.build(
         manifest=os.path.join(curated, "manifest.jsonl"),
-        config=build_config(config, pretrained),
+        config=_with_pretrained(config, pretrained),
         out=os.path.join(workdir, "records"),
         name=str(config.get("variant", "records")),
         dinov2=dinov2,
@@ -171,6 +144,12 @@ def prepare(workdir: str, stories: int, config: ml_collections.ConfigDict, progr
         progress=progress,
     )
   return summary | {"seconds": time.perf_counter() - start, "rebuilt": not summary["already_built"]}
+
+
+def _with_pretrained(config: ml_collections.ConfigDict, pretrained: str) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.pretrained = pretrained
+  return out
 
 
 def _side(out: dict) -> dict:

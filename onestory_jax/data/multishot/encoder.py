@@ -138,15 +138,39 @@ def _dir_signature(path: str) -> dict[str, Any]:
   return {"files": files}
 
 
+# config.data fields that only training reads (where its data comes from, batching, workers, sampling odds): a build
+# does not read them, so they are left out of its fingerprint and changing them reuses a finished build.
+TRAINING_ONLY_DATA = frozenset(
+    {
+        "source",
+        "records",
+        "tfds_data_dir",
+        "tfds_config",
+        "num_train_stories",
+        "batch_size",
+        "worker_count",
+        "read_threads",
+        "prefetch_buffer_size",
+        "shuffle_seed",
+        "p_inflate",
+        "p_insert",
+        "p_syn_second",
+    }
+)
+
+
 def fingerprint(settings: BuildSettings) -> str:
-  """Hash of what decides a unit's arrays: the config sections that shape them, the weights (their configs, file
-  names and sizes), the pseudo-label towers, the augmentations, the stored dtype, the seed and the record format."""
+  """Hash of what decides a unit's arrays: the config sections that shape them (config.data without
+  :data:`TRAINING_ONLY_DATA`), the weights (their configs, file names and sizes), the pseudo-label towers, the
+  augmentations, the stored dtype, the seed and the record format."""
   c = settings.config
   dst = c.pretrained
+  config = {k: c[k].to_dict() for k in ("data", "codec", "text_encoder", "image_encoder")}
+  config["data"] = {k: v for k, v in config["data"].items() if k not in TRAINING_ONLY_DATA}
   parts = {
       "format": FORMAT,
       "layout": settings.layout.to_dict(),
-      "config": {k: c[k].to_dict() for k in ("data", "codec", "text_encoder", "image_encoder")},
+      "config": config,
       "frozen": list(c.optim.frozen),
       "weights": {
           name: [
