@@ -68,7 +68,8 @@ def test_a_traced_step_of_the_tiny_config_is_charged_to_its_parts():
   for part in ("DiT self-attention", "DiT FFN"):
     assert parts[part]["forward"] > 0 and parts[part]["backward"] > 0 and parts[part]["matmul"] > 0
   assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=1e-3)
-  assert out["traced_ops_ms"] == pytest.approx(sum(out["kinds"].values()), rel=1e-6)
+  # Each kind is rounded to the microsecond, so their sum may differ from the total by half of one per kind.
+  assert out["traced_ops_ms"] == pytest.approx(sum(out["kinds"].values()), abs=5e-4 * len(out["kinds"]) + 1e-9)
   assert out["step_time_ms"] > 0 and out["top"] and out["top"][0]["ms"] >= out["top"][-1]["ms"]
   # Almost every executed operation is found in the compiled HLO (the trainer's step is that program).
   assert out["ops_not_in_hlo"] <= 0.02 * len(out["top"]), out["ops_not_in_hlo"]
