@@ -6,6 +6,13 @@ shared by the xdist workers and by the entry points that tests start, and remove
 small programs again and again (a resumed run and a straight run of one config, each in its own process), and
 reading them back instead of compiling them cut the fault tests' time by about 40%. It never touches the user's
 cache; ``JAX_COMPILATION_CACHE_DIR=`` (empty) turns it off, and a set directory is used as it is.
+
+The suite's programs are small, and most of its time is spent compiling them, not running them: they are compiled
+with cheaper CPU code generation (:data:`CHEAP_CODEGEN`: LLVM's optimisation level 0 and XLA's loop
+emitters instead of its fusion emitters). XLA's HLO passes are unchanged, so are the programs; the machine code is
+less optimised. The tiny train step (one DiT block) compiled in 4.7 s against 15.7 s and ran in 86 ms against 20 ms,
+and the suite took 21.0 minutes against 23.4 with the first of the two flags alone. A set ``XLA_FLAGS`` is used as it
+is: ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` tests the default code generation.
 """
 
 import os
@@ -13,7 +20,9 @@ import shutil
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Cheaper CPU code generation for the suite's small programs (above): the same HLO, compiled about 3x faster.
+CHEAP_CODEGEN = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CHEAP_CODEGEN}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

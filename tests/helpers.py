@@ -4,6 +4,14 @@ import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """``XLA_FLAGS`` for a process that a test starts: this run's flags (conftest.py: its code generation), with
+  ``devices`` simulated CPU devices instead of the run's count (None: the one CPU device that a user has)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  return " ".join(flags + ([f"{DEVICE_COUNT_FLAG}={devices}"] if devices else []))
 
 
 def load_config(variant: str = "tiny", **overrides):

@@ -44,6 +44,7 @@ from onestory_jax.data.multishot import layout as layout_lib
 from onestory_jax.data.multishot import reader as reader_lib
 from onestory_jax.models import codec as codec_lib
 from onestory_jax.models.wan import umt5 as te
+from tests.helpers import xla_flags
 from tests.test_wan_smoke import FRAMES, HW, build_release, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -361,9 +362,7 @@ def test_training_on_records_resumes_exactly(trained):
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="")
-  env.pop("XLA_FLAGS", None)
-  return env
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="", XLA_FLAGS=xla_flags())
 
 
 def test_a_killed_build_resumes_without_redoing_finished_units(world, built, tmp_path):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.helpers import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING = "/nonexistent/onestory"
 
@@ -54,8 +56,7 @@ def results(tmp_path_factory):
   for i, (module, args, _) in enumerate(CASES):
     tmp = tmp_path_factory.mktemp(f"case{i}")
     args = [a.replace("=OUT", f"={tmp / 'out'}").replace("=W", f"={tmp / 'w'}") for a in args]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="")
-    env.pop("XLA_FLAGS", None)  # one device, as a user has
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="", XLA_FLAGS=xla_flags())  # one device
     procs.append(
         subprocess.Popen(
             [sys.executable, "-m", module, *args],

@@ -33,6 +33,7 @@ from onestory_jax import trainer as trainer_lib
 from onestory_jax import video_io
 from tests.helpers import ROOT
 from tests.helpers import load_config
+from tests.helpers import xla_flags
 
 STEPS = 20
 # No periodic checkpoint before the end: whatever the preempted run leaves is its preemption save.
@@ -131,7 +132,7 @@ def _two_process_train(workdir: str, logs: str, signal_after_step: int | None) -
           JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
           JAX_NUM_PROCESSES="2",
           JAX_PROCESS_ID=str(i),
-          XLA_FLAGS="--xla_force_host_platform_device_count=2",
+          XLA_FLAGS=xla_flags(2),
       )
       with open(os.path.join(logs, f"process_{i}.txt"), "w") as out:
         procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))

@@ -37,13 +37,6 @@ LAYOUTS = {
     "fsdp_tensor": (2, 2, 1, 2),
     "context": (2, 1, 4, 1),
 }
-# Cheaper CPU code generation for these small programs (the results are compared to ulps, not timed): compile
-# time falls from ~11 to ~5 CPU-seconds per layout, and compiling dominates this file.
-COMPILE_OPTIONS = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
-}
 
 
 def _config(shape):
@@ -104,7 +97,7 @@ def runs():
   trainers = {"one_device": reference, **{name: _build(shape) for name, shape in LAYOUTS.items()}}
   lowered = {name: _lower(tr, host_state, rng_data, batches) for name, tr in trainers.items()}
   with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles outside the GIL
-    compiled = dict(zip(lowered, pool.map(lambda l: l[0].compile(COMPILE_OPTIONS), lowered.values())))
+    compiled = dict(zip(lowered, pool.map(lambda l: l[0].compile(), lowered.values())))
   out = {name: _run(compiled[name], *lowered[name][1:]) for name in lowered}
   all_to_alls = {name: l[0].as_text().count("all_to_all") for name, l in lowered.items()}
   return out, trainers, all_to_alls

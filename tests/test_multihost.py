@@ -16,7 +16,7 @@ so the global mesh has 4.
 3. This pytest process (1 process, 8 devices, fsdp=8) restores run A's step 2: the same parameters, and the data
    stream continues with the samples the 2 processes would have loaded next.
 
-The processes use ``--xla_backend_optimization_level=0`` (half the compile time, same programs in both runs). Every
+The processes compile with the suite's cheaper code generation (conftest.py; same programs in both runs). Every
 launch has a deadline; on any failure or timeout all processes are killed and their log tails are shown.
 """
 
@@ -39,6 +39,7 @@ from onestory_jax import objective
 from onestory_jax import trainer as trainer_lib
 from onestory_jax.data import pipeline
 from tests.helpers import load_config
+from tests.helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
@@ -160,9 +161,7 @@ def _launch(workdir: str, record: str, mesh: str, dump_step: int = 0) -> None:
           JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
           JAX_NUM_PROCESSES=str(NUM_PROCESSES),
           JAX_PROCESS_ID=str(i),
-          XLA_FLAGS=(
-              f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} " "--xla_backend_optimization_level=0"
-          ),
+          XLA_FLAGS=xla_flags(DEVICES_PER_PROCESS),
       )
       env.pop("JAX_LOCAL_DEVICE_IDS", None)
       logs.append(os.path.join(record, f"log_{i}.txt"))
